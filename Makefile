@@ -1,0 +1,59 @@
+# Session Audit Service. `make run` starts everything; `make test` passes the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROTOS := $(sort $(wildcard proto/session_audit/v1/*.proto))
+GEN    := src/session_audit/v1
+DESC   := envoy/session_audit.pb
+PROTOC  = PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iproto \
+          -I$$($(BIN)/python -c 'import grpc_tools,os;print(os.path.join(os.path.dirname(grpc_tools.__file__),"_proto"))') \
+          -I$$($(BIN)/python -c 'import google.api.annotations_pb2 as m,os;print(os.path.dirname(os.path.dirname(os.path.dirname(m.__file__))))')
+
+.PHONY: all venv proto check-proto descriptor lint test run bench clean
+
+all: venv descriptor
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Regenerate the committed Python code from the protos.
+proto: $(STAMP)
+	rm -f $(GEN)/*_pb2*.py $(GEN)/*_pb2*.pyi
+	$(PROTOC) --python_out=src --grpc_python_out=src --mypy_out=src --mypy_grpc_out=src $(PROTOS)
+
+# Fails when the committed generated code is stale.
+check-proto: $(STAMP)
+	rm -rf .gen-check && mkdir -p .gen-check
+	$(PROTOC) --python_out=.gen-check --grpc_python_out=.gen-check --mypy_out=.gen-check \
+	          --mypy_grpc_out=.gen-check $(PROTOS)
+	diff -r -x __init__.py -x py.typed -x __pycache__ .gen-check/session_audit/v1 $(GEN) \
+	  || (echo "generated code is stale: run 'make proto' and commit" >&2; rm -rf .gen-check; exit 1)
+	rm -rf .gen-check
+
+$(DESC): $(PROTOS) $(STAMP)
+	$(PROTOC) --include_imports --include_source_info --descriptor_set_out=$(DESC) $(PROTOS)
+
+descriptor: $(DESC)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+test: $(STAMP) check-proto $(DESC) lint
+	$(BIN)/pytest
+
+run: $(STAMP) $(DESC)
+	$(BIN)/session-audit run
+
+bench: $(STAMP) $(DESC)
+	$(BIN)/python bench/bench_sessions.py $(BENCH_ARGS)
+
+clean:
+	rm -rf .gen-check $(DESC) .pytest_cache .mypy_cache .ruff_cache

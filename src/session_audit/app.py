@@ -1,0 +1,31 @@
+"""What every servicer shares: the pool, the configuration, and the per-call query timeout."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+
+from session_audit import auth
+from session_audit.config import Config
+
+
+@dataclass
+class App:
+    config: Config
+    pool: asyncpg.Pool
+
+    def timeout(self, context: grpc.aio.ServicerContext) -> float:
+        """Seconds a query may run: the caller's remaining deadline, else the default."""
+        remaining = context.time_remaining()
+        default = self.config.default_query_timeout
+        if remaining is None:
+            return default
+        return max(0.001, min(default, remaining))
+
+    async def caller(
+        self, context: grpc.aio.ServicerContext, roles: Collection[str], action: str
+    ) -> auth.Principal:
+        return await auth.authenticate(self.pool, context, roles, action, self.timeout(context))

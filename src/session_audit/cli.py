@@ -1,0 +1,231 @@
+"""`session-audit` command line: run, serve, migrate, seed, token create|list|revoke."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+
+import click
+
+from session_audit import auth, db, envoy, migrate, seed, server
+from session_audit.config import Config, ConfigError
+from session_audit.embedded import EmbeddedPostgres
+
+DEMO_SESSIONS = 3000
+
+
+def _config() -> Config:
+    try:
+        return Config.from_environ()
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def database(config: Config, *, keep_running: bool = True) -> Iterator[str]:
+    """DATABASE_URL if set, else the embedded cluster in the data folder."""
+    if config.database_url:
+        yield config.database_url
+        return
+    embedded = EmbeddedPostgres(config.data_dir)
+    dsn = embedded.start()
+    try:
+        yield dsn
+    finally:
+        if not keep_running:
+            embedded.stop()
+
+
+async def _migrate(dsn: str) -> list[str]:
+    conn = await db.connect(dsn)
+    try:
+        return await migrate.migrate(conn)
+    finally:
+        await conn.close()
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+def main(verbose: bool) -> None:
+    """Session Audit Service: the system of record for privileged sessions."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@main.command("migrate")
+def migrate_cmd() -> None:
+    """Apply pending schema migrations."""
+    with database(_config()) as dsn:
+        applied = asyncio.run(_migrate(dsn))
+    click.echo(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+
+
+@main.command("seed")
+@click.option("--sessions", "count", default=DEMO_SESSIONS, show_default=True, type=click.IntRange(1))
+@click.option("--if-empty", is_flag=True, help="Do nothing when sessions already exist.")
+def seed_cmd(count: int, if_empty: bool) -> None:
+    """Load demo orgs and sessions (with a progress bar)."""
+
+    async def go(dsn: str) -> None:
+        await _migrate(dsn)
+        conn = await db.connect(dsn)
+        try:
+            if if_empty and not await seed.is_empty(conn):
+                click.echo("sessions already present; nothing seeded", err=True)
+                return
+            result = await seed.seed(conn, count)
+            click.echo(f"seeded {result.written} sessions ({result.rejected} rejected)", err=True)
+        finally:
+            await conn.close()
+
+    with database(_config()) as dsn:
+        asyncio.run(go(dsn))
+
+
+@main.command("serve")
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Processes (SO_REUSEPORT).")
+def serve_cmd(workers: int | None) -> None:
+    """Run the gRPC server (GRPC_PORT on 127.0.0.1) until SIGTERM."""
+    config = _config()
+    if workers is not None:
+        config = replace(config, workers=workers)
+    logging.getLogger().setLevel(logging.INFO)
+    with database(config) as dsn:
+        asyncio.run(_migrate(dsn))
+        server.serve_workers(config, dsn)
+
+
+@main.group()
+def token() -> None:
+    """Manage API tokens."""
+
+
+@token.command("create")
+@click.option("--org", required=True, help="Org name (created if new).")
+@click.option("--role", required=True, type=click.Choice(auth.ROLES))
+@click.option("--email", required=True, help="Who the token is for; `user` tokens see this e-mail's sessions.")
+def token_create(org: str, role: str, email: str) -> None:
+    """Create a token and print only the token on stdout."""
+
+    async def go(dsn: str) -> str:
+        await _migrate(dsn)
+        conn = await db.connect(dsn)
+        try:
+            return await auth.create_token(conn, org, role, email)
+        finally:
+            await conn.close()
+
+    with database(_config()) as dsn:
+        try:
+            click.echo(asyncio.run(go(dsn)))
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+
+
+@token.command("list")
+def token_list() -> None:
+    """List tokens (never the secrets)."""
+
+    async def go(dsn: str) -> list[auth.TokenInfo]:
+        conn = await db.connect(dsn)
+        try:
+            return await auth.list_tokens(conn)
+        finally:
+            await conn.close()
+
+    with database(_config()) as dsn:
+        rows = asyncio.run(go(dsn))
+    click.echo(f"{'ID':>5}  {'PREFIX':<12} {'ORG':<12} {'ROLE':<8} {'EMAIL':<32} STATUS")
+    for t in rows:
+        status = f"revoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "active"
+        click.echo(f"{t.id:>5}  {t.prefix:<12} {t.org:<12} {t.role:<8} {t.email:<32} {status}")
+
+
+@token.command("revoke")
+@click.argument("ident")
+def token_revoke(ident: str) -> None:
+    """Revoke a token by id or prefix; it stops working at once."""
+
+    async def go(dsn: str) -> int:
+        conn = await db.connect(dsn)
+        try:
+            return await auth.revoke_token(conn, ident)
+        finally:
+            await conn.close()
+
+    with database(_config()) as dsn:
+        n = asyncio.run(go(dsn))
+    if n == 0:
+        raise click.ClickException(f"no active token with id or prefix {ident!r}")
+    click.echo(f"revoked {n} token(s)")
+
+
+@main.command("run")
+def run_cmd() -> None:
+    """Everything: database, migrations, demo data, gRPC server and Envoy. Ctrl-C stops all."""
+    config = _config()
+    logging.getLogger("session_audit").setLevel(logging.INFO)
+    embedded = None if config.database_url else EmbeddedPostgres(config.data_dir)
+    dsn = config.database_url or (embedded.start() if embedded else "")
+    proxy = None
+    try:
+
+        async def prepare() -> str:
+            await _migrate(dsn)
+            conn = await db.connect(dsn)
+            try:
+                if await seed.is_empty(conn):
+                    click.echo(f"loading {DEMO_SESSIONS} demo sessions…", err=True)
+                    await seed.seed(conn, DEMO_SESSIONS)
+                return await auth.create_token(conn, "acme", "admin", "admin@acme.example")
+            finally:
+                await conn.close()
+
+        admin = asyncio.run(prepare())
+
+        def ready(grpc_port: int) -> None:
+            nonlocal proxy
+            proxy = envoy.start(config.http_port, grpc_port, config.data_dir)
+            _print_banner(config, grpc_port, admin)
+
+        asyncio.run(server.serve(config, dsn, on_ready=ready))
+    finally:
+        if proxy is not None:
+            envoy.stop(proxy)
+        if embedded is not None:
+            embedded.stop()
+        click.echo("stopped.", err=True)
+
+
+def _print_banner(config: Config, grpc_port: int, admin: str) -> None:
+    http = f"http://127.0.0.1:{config.http_port}"
+    click.echo(
+        f"""
+Session Audit Service is up.
+  gRPC   127.0.0.1:{grpc_port}   (reflection on)
+  REST   {http}   (Envoy)
+  data   {config.database_url or config.data_dir}
+
+Admin token for org 'acme':
+  export TOKEN={admin}
+
+Try:
+  curl -s -H "authorization: Bearer $TOKEN" '{http}/api/sessions?limit=2'
+  curl -s -H "authorization: Bearer $TOKEN" '{http}/api/sessions?type=database&review.status=APPROVED&limit=5'
+  grpcurl -plaintext 127.0.0.1:{grpc_port} list
+  grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{{"limit": 2}}' \\
+      127.0.0.1:{grpc_port} session_audit.v1.SessionService/ListSessions
+
+More tokens: .venv/bin/session-audit token create --org acme --role auditor --email you@acme.example
+Ctrl-C stops everything.
+""",
+        err=False,
+    )
+    sys.stdout.flush()

@@ -1,0 +1,74 @@
+"""Configuration: one frozen dataclass built from an injectable environ."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """An environment variable is missing or malformed."""
+
+
+def _int(environ: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}: expected {lo}..{hi}, got {value}")
+    return value
+
+
+def project_root() -> Path:
+    """The checkout holding pyproject.toml (the package is installed editable)."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "pyproject.toml").exists():
+            return parent
+    return Path.cwd()
+
+
+@dataclass(frozen=True)
+class Config:
+    # Empty means: start the embedded PostgreSQL in data_dir.
+    database_url: str
+    data_dir: Path
+    grpc_host: str
+    grpc_port: int
+    http_port: int
+    workers: int
+    pool_min: int
+    pool_max: int
+    # Largest gRPC message accepted, in bytes.
+    max_request_bytes: int
+    # Bound on a query when the caller sent no deadline, in seconds.
+    default_query_timeout: float
+    # Seconds given to in-flight RPCs on SIGTERM.
+    shutdown_grace: float
+    # Seconds between database probes of the health service.
+    health_interval: float
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Config:
+        env = os.environ if environ is None else environ
+        root = project_root()
+        return cls(
+            database_url=env.get("DATABASE_URL", ""),
+            data_dir=Path(env.get("SESSION_AUDIT_DATA_DIR", str(root / ".data"))),
+            grpc_host="127.0.0.1",
+            grpc_port=_int(env, "GRPC_PORT", 50051, 0, 65535),
+            http_port=_int(env, "HTTP_PORT", 8080, 0, 65535),
+            workers=_int(env, "WORKERS", 1, 1, 64),
+            pool_min=_int(env, "DB_POOL_MIN", 2, 1, 100),
+            pool_max=_int(env, "DB_POOL_MAX", 10, 1, 500),
+            max_request_bytes=_int(env, "MAX_REQUEST_BYTES", 16 * 1024 * 1024, 1024, 1 << 30),
+            default_query_timeout=float(_int(env, "QUERY_TIMEOUT_SECONDS", 30, 1, 3600)),
+            shutdown_grace=float(_int(env, "SHUTDOWN_GRACE_SECONDS", 10, 0, 600)),
+            health_interval=float(_int(env, "HEALTH_INTERVAL_SECONDS", 2, 1, 60)),
+        )

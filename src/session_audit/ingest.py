@@ -1,0 +1,103 @@
+"""Ingest: validate reported sessions, then upsert them in one transaction.
+
+A batch (a unary request, or a whole client stream) is one transaction. Invalid items are
+rejected with their index and reason and the valid ones are stored; a server fault rolls the
+whole batch back. Items are written in chunks so a long stream never sits whole in memory.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import asyncpg
+
+from session_audit import sessions_store as store
+from session_audit.session_rows import IngestItem, ItemError, item_from_proto, merge_items
+from session_audit.v1 import sessions_pb2 as pb
+
+MAX_BATCH = 1000
+CHUNK = 5000
+MAX_REPORTED_REJECTIONS = 1000
+
+
+@dataclass
+class IngestResult:
+    accepted: int = 0
+    written: int = 0
+    unchanged: int = 0
+    rejected: int = 0
+    rejections: list[tuple[int, str, str]] = field(default_factory=list)
+
+    def reject(self, index: int, sid: str, reason: str) -> None:
+        self.rejected += 1
+        if len(self.rejections) < MAX_REPORTED_REJECTIONS:
+            self.rejections.append((index, sid[:80], reason))
+
+    def to_proto(self) -> pb.IngestSessionsResponse:
+        return pb.IngestSessionsResponse(
+            accepted=self.accepted,
+            written=self.written,
+            unchanged=self.unchanged,
+            rejected=self.rejected,
+            rejections=[pb.IngestRejection(index=i, id=s, reason=r) for i, s, r in self.rejections],
+        )
+
+
+class IngestBatch:
+    """Feed sessions with `add`; chunks are flushed to the open transaction as they fill."""
+
+    def __init__(self, conn: asyncpg.Connection, org_id: uuid.UUID, timeout: float) -> None:
+        self.conn = conn
+        self.org_id = org_id
+        self.timeout = timeout
+        self.now = datetime.now(UTC)
+        self.result = IngestResult()
+        self._next_index = 0
+        self._pending: dict[uuid.UUID, tuple[int, IngestItem]] = {}
+
+    async def add(self, session: pb.Session) -> None:
+        index = self._next_index
+        self._next_index += 1
+        try:
+            item = item_from_proto(session, self.org_id, self.now)
+        except ItemError as exc:
+            self.result.reject(index, session.id, str(exc))
+            return
+        self.result.accepted += 1
+        earlier = self._pending.get(item.id)
+        if earlier is not None:
+            # Two reports of one session in a chunk: fold the earlier into the later.
+            item = merge_items(earlier[1], item)
+        self._pending[item.id] = (index, item)
+        if len(self._pending) >= CHUNK:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        existing = await store.lock_existing(self.conn, list(pending), self.timeout)
+        records = []
+        for sid, (index, item) in pending.items():
+            old = existing.get(sid)
+            if old is not None:
+                reason = None
+                if old.org_id != self.org_id:
+                    reason = "id: already used by another session"
+                elif (item.end_date or old.end_date or item.start_date) < item.start_date:
+                    reason = "start_date: after the stored end_date"
+                if reason is not None:
+                    self.result.accepted -= 1
+                    self.result.reject(index, str(sid), reason)
+                    continue
+            records.append(item.record())
+        if records:
+            inserted, updated = await store.upsert(self.conn, records, self.timeout)
+            self.result.written += inserted + updated
+
+    async def finish(self) -> IngestResult:
+        await self.flush()
+        self.result.unchanged = self.result.accepted - self.result.written
+        return self.result

@@ -1,0 +1,162 @@
+"""grpc.aio server bootstrap: services, health, reflection, graceful shutdown, workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from session_audit import db
+from session_audit.app import App
+from session_audit.config import Config
+from session_audit.service_sessions import SessionService
+from session_audit.v1 import sessions_pb2, sessions_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Every service this server answers for, registered with health and reflection. Later surfaces
+# append their (descriptor, add_to_server, servicer factory) here.
+ServiceEntry = tuple[str, Callable[[Any, grpc.aio.Server], None], Callable[[App], Any]]
+SERVICES: list[ServiceEntry] = [
+    (
+        sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+        sessions_pb2_grpc.add_SessionServiceServicer_to_server,
+        SessionService,
+    ),
+]
+
+
+class Health:
+    """Reports NOT_SERVING while PostgreSQL is unreachable and SERVING once it answers again."""
+
+    def __init__(self, pool: asyncpg.Pool, names: list[str], interval: float) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self.pool = pool
+        self.names = ["", *names]
+        self.interval = interval
+        self.serving: bool | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def set(self, serving: bool) -> None:
+        if serving == self.serving:
+            return
+        self.serving = serving
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in self.names:
+            await self.servicer.set(name, status)
+        log.info("health: %s", "SERVING" if serving else "NOT_SERVING")
+
+    async def probe(self) -> bool:
+        try:
+            async with asyncio.timeout(max(1.0, self.interval)):
+                await self.pool.fetchval("SELECT 1")
+            return True
+        except Exception:
+            return False
+
+    async def _watch(self) -> None:
+        while True:
+            await self.set(await self.probe())
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.servicer.enter_graceful_shutdown()
+
+
+async def serve(
+    config: Config,
+    dsn: str,
+    *,
+    reuse_port: bool = False,
+    on_ready: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT (or `stop` is set), then drain in-flight RPCs."""
+    pool = await db.create_pool(dsn, config.pool_min, config.pool_max)
+    app = App(config, pool)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.max_request_bytes),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ],
+    )
+    names = []
+    for name, add, factory in SERVICES:
+        add(factory(app), server)
+        names.append(name)
+    checker = Health(pool, names, config.health_interval)
+    health_pb2_grpc.add_HealthServicer_to_server(checker.servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(f"{config.grpc_host}:{config.grpc_port}")
+    await checker.set(await checker.probe())
+    checker.start()
+    await server.start()
+    log.info("gRPC listening on %s:%d (pid %d)", config.grpc_host, port, os.getpid())
+    if on_ready is not None:
+        on_ready(port)
+
+    done = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, done.set)
+    await done.wait()
+    log.info("shutting down: refusing new RPCs, draining for %.0fs", config.shutdown_grace)
+    await checker.shutdown()
+    await server.stop(config.shutdown_grace)
+    await pool.close()
+
+
+def _worker(config: Config, dsn: str) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(serve(config, dsn, reuse_port=True))
+
+
+def serve_workers(config: Config, dsn: str) -> None:
+    """Several processes on one port (SO_REUSEPORT); the kernel spreads connections."""
+    if config.workers == 1:
+        asyncio.run(serve(config, dsn))
+        return
+    if config.grpc_port == 0:
+        raise SystemExit("GRPC_PORT: several workers need a fixed port, not 0")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker, args=(replace(config, workers=1), dsn), daemon=False)
+        for _ in range(config.workers)
+    ]
+    for p in procs:
+        p.start()
+
+    def forward(signum: int, _frame: Any) -> None:
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for p in procs:
+        p.join()

@@ -1,0 +1,251 @@
+"""Mapping between the Session message and its table row, and the ingest checks per item."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from google.protobuf import json_format
+
+from session_audit.sessions_store import INGEST_COLUMNS, JSON_COLUMNS
+from session_audit.v1 import sessions_pb2 as pb
+
+MAX_NAME = 256
+MAX_SCRIPT = 1 << 20
+MAX_JSON = 1 << 20
+# Byte sizes travel as double (a JSON number); integral and below 2^53 keeps them exact.
+MAX_EXACT = 2**53
+INFO_TYPE = re.compile(r"^[A-Z0-9_]{1,64}$")
+# Sessions may be reported with a clock a little ahead of ours, not from the future.
+FUTURE_SLACK = timedelta(days=1)
+
+_STATUS = pb.SessionStatus.Value
+_VERB = pb.SessionVerb.Value
+_IDENTITY = pb.IdentityType.Value
+_REVIEW_STATUS = pb.ReviewStatus.Value
+
+
+class ItemError(ValueError):
+    """One ingest item is invalid; the message names the field."""
+
+
+def _nul_free(name: str, value: str, max_len: int) -> str:
+    if len(value) > max_len:
+        raise ItemError(f"{name}: expected at most {max_len} characters, got {len(value)}")
+    if "\x00" in value:
+        raise ItemError(f"{name}: must not contain NUL characters")
+    return value
+
+
+def _size(name: str, value: float) -> int:
+    if value != value or value < 0 or value >= MAX_EXACT or value != int(value):
+        raise ItemError(f"{name}: expected a whole number of bytes 0..2^53, got {value}")
+    return int(value)
+
+
+def _json_text(name: str, value: Any) -> str:
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if len(text) > MAX_JSON:
+        raise ItemError(f"{name}: expected at most {MAX_JSON} bytes of JSON")
+    if "\\u0000" in text or "\x00" in text:
+        raise ItemError(f"{name}: must not contain NUL characters")
+    return text
+
+
+def _message_dict(msg: Any) -> dict[str, Any]:
+    out: dict[str, Any] = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    return out
+
+
+@dataclass(frozen=True)
+class IngestItem:
+    id: uuid.UUID
+    start_date: datetime
+    end_date: datetime | None
+    explicit_status: bool
+    values: dict[str, Any]
+
+    def record(self) -> tuple[Any, ...]:
+        return tuple(self.values[c] for c in INGEST_COLUMNS)
+
+
+def item_from_proto(s: pb.Session, org_id: uuid.UUID, now: datetime) -> IngestItem:
+    """Validate one reported session and turn it into column values (None = not sent)."""
+    try:
+        sid = uuid.UUID(s.id.strip())
+    except ValueError:
+        raise ItemError(f"id: expected a UUID, got {s.id[:80]!r}") from None
+    if s.org_id and s.org_id.strip().lower() != str(org_id):
+        raise ItemError("org_id: must be empty or the token's org")
+    if not s.HasField("start_date"):
+        raise ItemError("start_date: required")
+    start = s.start_date.ToDatetime(tzinfo=UTC)
+    if start > now + FUTURE_SLACK:
+        raise ItemError(f"start_date: in the future ({start.isoformat()})")
+    end = s.end_date.ToDatetime(tzinfo=UTC) if s.HasField("end_date") else None
+    if end is not None and end < start:
+        raise ItemError("end_date: before start_date")
+
+    explicit = s.HasField("status") and s.status != _STATUS.SESSION_STATUS_UNSPECIFIED
+    if explicit:
+        status = _STATUS.Name(s.status)
+        if status == "done" and end is None:
+            raise ItemError("end_date: required when status is done")
+        if status != "done" and end is not None:
+            raise ItemError(f"status: '{status}' contradicts end_date (use done)")
+    else:
+        status = "done" if end is not None else "open"
+
+    v: dict[str, Any] = dict.fromkeys(INGEST_COLUMNS)
+    v.update(id=sid, org_id=org_id, start_date=start, end_date=end, status=status)
+    if s.HasField("verb") and s.verb != _VERB.SESSION_VERB_UNSPECIFIED:
+        v["verb"] = _VERB.Name(s.verb)
+    if s.HasField("identity_type") and s.identity_type != _IDENTITY.IDENTITY_TYPE_UNSPECIFIED:
+        v["identity_type"] = _IDENTITY.Name(s.identity_type)
+    for col, value in (
+        ("user_id", s.user_id),
+        ("user_email", s.user),
+        ("user_name", s.user_name),
+        ("connection", s.connection),
+        ("connection_type", s.type),
+        ("connection_subtype", s.connection_subtype),
+        ("role_name", s.role_name),
+    ):
+        if value:
+            v[col] = _nul_free("user" if col == "user_email" else
+                               "type" if col == "connection_type" else col, value, MAX_NAME)
+    for col in ("resource_name", "machine_identity_id", "correlation_id", "session_batch_id"):
+        if s.HasField(col):
+            v[col] = _nul_free(col, getattr(s, col), MAX_NAME)
+    if s.HasField("exit_code"):
+        v["exit_code"] = s.exit_code
+    v["event_size"] = _size("event_size", s.event_size)
+    script_size = _size("script_size", s.script_size)
+    if s.HasField("script"):
+        v["script"] = _nul_free("script.data", s.script.data, MAX_SCRIPT)
+        script_size = script_size or len(s.script.data.encode())
+    v["script_size"] = script_size
+
+    if s.HasField("review"):
+        review = _message_dict(s.review)
+        v["review"] = _json_text("review", review)
+        if s.review.HasField("status"):
+            v["review_status"] = _REVIEW_STATUS.Name(s.review.status)
+        emails = {
+            g.reviewed_by.email.strip().lower()
+            for g in s.review.review_groups_data
+            if g.reviewed_by.email.strip()
+        }
+        v["review_approvers"] = sorted(emails) or None
+    if s.redactions:
+        seen: set[str] = set()
+        reds = []
+        for i, r in enumerate(s.redactions):
+            info = r.info_type.strip().upper()
+            if not INFO_TYPE.match(info):
+                raise ItemError(
+                    f"redactions[{i}].info_type: expected 1-64 of A-Z, 0-9 and _, got "
+                    f"{r.info_type[:80]!r}"
+                )
+            if info in seen:
+                raise ItemError(f"redactions[{i}].info_type: {info} appears twice")
+            seen.add(info)
+            if r.count < 0:
+                raise ItemError(f"redactions[{i}].count: expected >= 0, got {r.count}")
+            size = _size(f"redactions[{i}].transformed_bytes", r.transformed_bytes)
+            reds.append({"info_type": info, "count": r.count, "transformed_bytes": size})
+        v["redactions"] = _json_text("redactions", reds)
+    if s.HasField("ai_analysis"):
+        v["ai_analysis"] = _json_text("ai_analysis", _message_dict(s.ai_analysis))
+    if s.guardrails_info:
+        v["guardrails_info"] = _json_text(
+            "guardrails_info", [_message_dict(g) for g in s.guardrails_info]
+        )
+    if s.connection_tags:
+        v["connection_tags"] = _json_text("connection_tags", dict(s.connection_tags))
+    if s.labels:
+        v["labels"] = _json_text("labels", dict(s.labels))
+    for col in ("integrations_metadata", "metadata", "metrics"):
+        if s.HasField(col):
+            v[col] = _json_text(col, json_format.MessageToDict(getattr(s, col)))
+    if s.HasField("event_stream"):
+        v["event_stream"] = _json_text(
+            "event_stream", json_format.MessageToDict(s.event_stream)
+        )
+    return IngestItem(sid, start, end, explicit, v)
+
+
+def merge_items(old: IngestItem, new: IngestItem) -> IngestItem:
+    """Two reports of one session in a batch: the later one's sent fields win."""
+    values = dict(old.values)
+    for col, value in new.values.items():
+        if value is not None and not (col in ("event_size", "script_size") and value == 0):
+            values[col] = value
+    if new.end_date is None and old.end_date is not None:
+        values["status"] = old.values["status"]
+    return IngestItem(new.id, new.start_date, values["end_date"], new.explicit_status, values)
+
+
+def _set_json(target: Any, value: Any) -> None:
+    json_format.ParseDict(value, target, ignore_unknown_fields=True)
+
+
+def row_to_proto(r: Mapping[str, Any]) -> pb.Session:
+    s = pb.Session(
+        id=str(r["id"]),
+        org_id=str(r["org_id"]),
+        connection=r["connection"],
+        connection_subtype=r["connection_subtype"],
+        type=r["connection_type"],
+        user=r["user_email"],
+        user_id=r["user_id"],
+        user_name=r["user_name"],
+        role_name=r["role_name"],
+        event_size=float(r["event_size"]),
+        script_size=float(r["script_size"]),
+        status=_STATUS.Value(r["status"]),
+    )
+    s.start_date.FromDatetime(r["start_date"])
+    if r["end_date"] is not None:
+        s.end_date.FromDatetime(r["end_date"])
+    if r["verb"] is not None:
+        s.verb = _VERB.Value(r["verb"])
+    if r["identity_type"] is not None:
+        s.identity_type = _IDENTITY.Value(r["identity_type"])
+    for col in ("resource_name", "machine_identity_id", "correlation_id", "session_batch_id"):
+        if r[col] is not None:
+            setattr(s, col, r[col])
+    if r["exit_code"] is not None:
+        s.exit_code = r["exit_code"]
+    if r["review"] is not None:
+        _set_json(s.review, r["review"])
+    if r["ai_analysis"] is not None:
+        _set_json(s.ai_analysis, r["ai_analysis"])
+    for g in r["guardrails_info"] or ():
+        _set_json(s.guardrails_info.add(), g)
+    for red in r["redactions"] or ():
+        s.redactions.add(
+            info_type=red["info_type"],
+            count=red["count"],
+            transformed_bytes=float(red["transformed_bytes"]),
+        )
+    if r["connection_tags"]:
+        s.connection_tags.update(r["connection_tags"])
+    if r["labels"]:
+        s.labels.update(r["labels"])
+    for col in ("integrations_metadata", "metadata", "metrics"):
+        if r[col] is not None:
+            getattr(s, col).update(r[col])
+    if "script" in r and r["script"] is not None:
+        s.script.data = r["script"]
+    if "event_stream" in r and r["event_stream"] is not None:
+        s.event_stream.extend(r["event_stream"])
+    return s
+
+
+assert JSON_COLUMNS <= set(INGEST_COLUMNS)
