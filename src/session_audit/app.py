@@ -19,7 +19,7 @@ class App:
 
     def timeout(self, context: grpc.aio.ServicerContext) -> float:
         """Seconds a query may run: the caller's remaining deadline, else the default."""
-        remaining = context.time_remaining()
+        remaining: float | None = context.time_remaining()
         default = self.config.default_query_timeout
         if remaining is None:
             return default

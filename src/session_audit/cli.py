@@ -64,11 +64,15 @@ def migrate_cmd() -> None:
     """Apply pending schema migrations."""
     with database(_config()) as dsn:
         applied = asyncio.run(_migrate(dsn))
-    click.echo(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+    click.echo(
+        f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else "")
+    )
 
 
 @main.command("seed")
-@click.option("--sessions", "count", default=DEMO_SESSIONS, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--sessions", "count", default=DEMO_SESSIONS, show_default=True, type=click.IntRange(1)
+)
 @click.option("--if-empty", is_flag=True, help="Do nothing when sessions already exist.")
 def seed_cmd(count: int, if_empty: bool) -> None:
     """Load demo orgs and sessions (with a progress bar)."""
@@ -90,7 +94,9 @@ def seed_cmd(count: int, if_empty: bool) -> None:
 
 
 @main.command("serve")
-@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Processes (SO_REUSEPORT).")
+@click.option(
+    "--workers", type=click.IntRange(1, 64), default=None, help="Processes (SO_REUSEPORT)."
+)
 def serve_cmd(workers: int | None) -> None:
     """Run the gRPC server (GRPC_PORT on 127.0.0.1) until SIGTERM."""
     config = _config()
@@ -110,7 +116,9 @@ def token() -> None:
 @token.command("create")
 @click.option("--org", required=True, help="Org name (created if new).")
 @click.option("--role", required=True, type=click.Choice(auth.ROLES))
-@click.option("--email", required=True, help="Who the token is for; `user` tokens see this e-mail's sessions.")
+@click.option(
+    "--email", required=True, help="Who the token is for; `user` tokens see this e-mail's sessions."
+)
 def token_create(org: str, role: str, email: str) -> None:
     """Create a token and print only the token on stdout."""
 
@@ -218,7 +226,8 @@ Admin token for org 'acme':
 
 Try:
   curl -s -H "authorization: Bearer $TOKEN" '{http}/api/sessions?limit=2'
-  curl -s -H "authorization: Bearer $TOKEN" '{http}/api/sessions?type=database&review.status=APPROVED&limit=5'
+  curl -s -H "authorization: Bearer $TOKEN" \\
+      '{http}/api/sessions?type=database&review.status=APPROVED&limit=5'
   grpcurl -plaintext 127.0.0.1:{grpc_port} list
   grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{{"limit": 2}}' \\
       127.0.0.1:{grpc_port} session_audit.v1.SessionService/ListSessions
@@ -229,3 +238,7 @@ Ctrl-C stops everything.
         err=False,
     )
     sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

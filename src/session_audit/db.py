@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import asyncpg
+import asyncpg.pool
 
 SERVER_SETTINGS = {"jit": "off", "application_name": "session-audit"}
 
@@ -35,5 +35,5 @@ async def connect(dsn: str) -> asyncpg.Connection:
     return conn
 
 
-Record = asyncpg.Record
-Args = list[Any]
+# A connection, whether dedicated or borrowed from the pool.
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy

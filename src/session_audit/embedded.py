@@ -45,7 +45,9 @@ class EmbeddedPostgres:
         import pgserver
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = pgserver.get_server(self.pgdata, cleanup_mode=None)
+        self._server = pgserver.get_server(  # type: ignore[attr-defined]
+            self.pgdata, cleanup_mode=None
+        )
         self._socket_dir = str(self._server.get_postmaster_info().socket_dir)
         if self._apply_settings():
             self._restart()
@@ -61,7 +63,7 @@ class EmbeddedPostgres:
         return any(line.strip().isdigit() and int(line) > 0 for line in pending.splitlines())
 
     def _restart(self) -> None:
-        from pgserver._commands import pg_ctl
+        from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
 
         log.info("restarting embedded PostgreSQL to apply settings")
         pg_ctl(["-w", "restart"], pgdata=self.pgdata, user=self._server.system_user, timeout=60)
@@ -70,7 +72,7 @@ class EmbeddedPostgres:
     def pg_ctl(self, action: str) -> None:
         """Run `pg_ctl -w stop|start|restart` as the cluster's system user (tests use it to
         take the database away and bring it back)."""
-        from pgserver._commands import pg_ctl
+        from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
 
         if action == "stop":
             args = ["-w", "-m", "fast", "stop"]

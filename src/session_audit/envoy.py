@@ -55,7 +55,9 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-def start(http_port: int, grpc_port: int, workdir: Path, log_level: str = "warn") -> subprocess.Popen[bytes]:
+def start(
+    http_port: int, grpc_port: int, workdir: Path, log_level: str = "warn"
+) -> subprocess.Popen[bytes]:
     """Start Envoy in its own session (so it outlives no one but is not killed with a shell's
     process group) and wait until it listens."""
     workdir.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,8 @@ async def abort_for(context: grpc.aio.ServicerContext, rpc: str, exc: Exception)
         await context.abort(exc.code, exc.message)
     elif isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
         await context.abort(
-            grpc.StatusCode.DEADLINE_EXCEEDED, f"{rpc}: the query did not finish before the deadline"
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"{rpc}: the query did not finish before the deadline",
         )
     elif isinstance(exc, _UNAVAILABLE):
         log.warning("%s: database unavailable: %s", rpc, exc)

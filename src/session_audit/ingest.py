@@ -11,9 +11,8 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import asyncpg
-
 from session_audit import sessions_store as store
+from session_audit.db import Conn
 from session_audit.session_rows import IngestItem, ItemError, item_from_proto, merge_items
 from session_audit.v1 import sessions_pb2 as pb
 
@@ -48,7 +47,7 @@ class IngestResult:
 class IngestBatch:
     """Feed sessions with `add`; chunks are flushed to the open transaction as they fill."""
 
-    def __init__(self, conn: asyncpg.Connection, org_id: uuid.UUID, timeout: float) -> None:
+    def __init__(self, conn: Conn, org_id: uuid.UUID, timeout: float) -> None:
         self.conn = conn
         self.org_id = org_id
         self.timeout = timeout

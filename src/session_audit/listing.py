@@ -13,7 +13,15 @@ from session_audit import validate as v
 from session_audit.errors import InvalidArgument
 from session_audit.v1 import sessions_pb2
 
-REVIEW_STATUSES = ("PENDING", "APPROVED", "REJECTED", "REVOKED", "PROCESSING", "EXECUTED", "UNKNOWN")
+REVIEW_STATUSES = (
+    "PENDING",
+    "APPROVED",
+    "REJECTED",
+    "REVOKED",
+    "PROCESSING",
+    "EXECUTED",
+    "UNKNOWN",
+)
 COUNT_MODES = ("capped", "exact", "none")
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
@@ -76,7 +84,9 @@ def decode_cursor(filters: Filters, token: str) -> Cursor:
     if cursor.start_date.tzinfo is None:
         raise bad
     if fingerprint != filters.fingerprint():
-        raise InvalidArgument("page_token: was issued for different filters; start again without it")
+        raise InvalidArgument(
+            "page_token: was issued for different filters; start again without it"
+        )
     return cursor
 
 
@@ -88,7 +98,9 @@ def parse_list_request(req: sessions_pb2.ListSessionsRequest) -> ListQuery:
     jira = None
     if req.jira_issue_key:
         v.text("jira_issue_key", req.jira_issue_key, 4096)
-        keys = tuple(sorted({k.strip().lower() for k in req.jira_issue_key.split(",") if k.strip()}))
+        keys = tuple(
+            sorted({k.strip().lower() for k in req.jira_issue_key.split(",") if k.strip()})
+        )
         if not keys:
             raise InvalidArgument("jira_issue_key: expected one or more comma-separated keys")
         if len(keys) > MAX_JIRA_KEYS:
@@ -108,12 +120,16 @@ def parse_list_request(req: sessions_pb2.ListSessionsRequest) -> ListQuery:
         start=start,
         end=end,
     )
-    limit = v.int_range("limit", req.limit, 1, MAX_LIMIT) if req.HasField("limit") else DEFAULT_LIMIT
+    limit = (
+        v.int_range("limit", req.limit, 1, MAX_LIMIT) if req.HasField("limit") else DEFAULT_LIMIT
+    )
     offset = v.int_range("offset", req.offset, 0, MAX_OFFSET) if req.HasField("offset") else 0
     count = v.choice("count", req.count, COUNT_MODES) if req.count else "capped"
     cursor = None
     if req.page_token:
         if offset:
-            raise InvalidArgument("page_token: cannot be combined with offset; use one or the other")
+            raise InvalidArgument(
+                "page_token: cannot be combined with offset; use one or the other"
+            )
         cursor = decode_cursor(filters, req.page_token)
     return ListQuery(filters, limit, offset, count, cursor)

@@ -52,7 +52,15 @@ SCRIPTS = (
     "db.events.find({type: 'login'}).limit(20)",
     "kubectl get pods -n payments",
 )
-REVIEW_STATUSES = ("PENDING", "APPROVED", "REJECTED", "REVOKED", "PROCESSING", "EXECUTED", "UNKNOWN")
+REVIEW_STATUSES = (
+    "PENDING",
+    "APPROVED",
+    "REJECTED",
+    "REVOKED",
+    "PROCESSING",
+    "EXECUTED",
+    "UNKNOWN",
+)
 
 
 def _users(rng: random.Random, org: str, n: int) -> list[tuple[str, str, str]]:

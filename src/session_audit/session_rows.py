@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 from google.protobuf import json_format
 
 from session_audit.sessions_store import INGEST_COLUMNS, JSON_COLUMNS
@@ -117,10 +117,14 @@ def item_from_proto(s: pb.Session, org_id: uuid.UUID, now: datetime) -> IngestIt
         ("role_name", s.role_name),
     ):
         if value:
-            v[col] = _nul_free("user" if col == "user_email" else
-                               "type" if col == "connection_type" else col, value, MAX_NAME)
+            v[col] = _nul_free(
+                "user" if col == "user_email" else "type" if col == "connection_type" else col,
+                value,
+                MAX_NAME,
+            )
+    dyn: Any = s  # fields picked by name below
     for col in ("resource_name", "machine_identity_id", "correlation_id", "session_batch_id"):
-        if s.HasField(col):
+        if dyn.HasField(col):
             v[col] = _nul_free(col, getattr(s, col), MAX_NAME)
     if s.HasField("exit_code"):
         v["exit_code"] = s.exit_code
@@ -171,12 +175,10 @@ def item_from_proto(s: pb.Session, org_id: uuid.UUID, now: datetime) -> IngestIt
     if s.labels:
         v["labels"] = _json_text("labels", dict(s.labels))
     for col in ("integrations_metadata", "metadata", "metrics"):
-        if s.HasField(col):
+        if dyn.HasField(col):
             v[col] = _json_text(col, json_format.MessageToDict(getattr(s, col)))
     if s.HasField("event_stream"):
-        v["event_stream"] = _json_text(
-            "event_stream", json_format.MessageToDict(s.event_stream)
-        )
+        v["event_stream"] = _json_text("event_stream", json_format.MessageToDict(s.event_stream))
     return IngestItem(sid, start, end, explicit, v)
 
 
@@ -195,7 +197,7 @@ def _set_json(target: Any, value: Any) -> None:
     json_format.ParseDict(value, target, ignore_unknown_fields=True)
 
 
-def row_to_proto(r: Mapping[str, Any]) -> pb.Session:
+def row_to_proto(r: asyncpg.Record) -> pb.Session:
     s = pb.Session(
         id=str(r["id"]),
         org_id=str(r["org_id"]),

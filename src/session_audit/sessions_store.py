@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 
 from session_audit.auth import Principal
+from session_audit.db import Conn
 from session_audit.listing import COUNT_CAP, Filters, ListQuery
 from session_audit.sqlbuild import Params, Where
 
@@ -69,7 +70,10 @@ def _merged(col: str) -> str:
     if col == "status":
         # An update without end_date cannot reopen an ended session: end_date is kept, so the
         # status stays consistent with it.
-        return "CASE WHEN t.end_date IS NULL AND s.end_date IS NOT NULL THEN s.status ELSE t.status END"
+        return (
+            "CASE WHEN t.end_date IS NULL AND s.end_date IS NOT NULL"
+            " THEN s.status ELSE t.status END"
+        )
     if col in _ZERO_MEANS_ABSENT:
         return f"CASE WHEN t.{col} = 0 THEN s.{col} ELSE t.{col} END"
     return f"COALESCE(t.{col}, s.{col})"
@@ -143,9 +147,7 @@ class Page:
     total_is_capped: bool
 
 
-async def list_sessions(
-    conn: asyncpg.Connection, who: Principal, q: ListQuery, timeout: float
-) -> Page:
+async def list_sessions(conn: Conn, who: Principal, q: ListQuery, timeout: float) -> Page:
     where = filters_where(who.scope(Where(), "s"), q.filters)
     count_sql, count_args = where.sql(), list(where.args)
     if q.cursor is not None:
@@ -179,7 +181,7 @@ async def list_sessions(
 
 
 async def get_session(
-    conn: asyncpg.Connection | asyncpg.Pool, who: Principal, session_id: uuid.UUID, timeout: float
+    conn: Conn | asyncpg.Pool, who: Principal, session_id: uuid.UUID, timeout: float
 ) -> asyncpg.Record | None:
     scope = who.scope(Where(Params([session_id])), "s")
     row: asyncpg.Record | None = await conn.fetchrow(
@@ -196,15 +198,13 @@ class Existing:
 
 
 async def lock_existing(
-    conn: asyncpg.Connection, ids: Sequence[uuid.UUID], timeout: float
+    conn: Conn, ids: Sequence[uuid.UUID], timeout: float
 ) -> dict[uuid.UUID, Existing]:
     rows = await conn.fetch(LOCK_EXISTING, list(ids), timeout=timeout)
     return {r["id"]: Existing(r["org_id"], r["start_date"], r["end_date"]) for r in rows}
 
 
-async def upsert(
-    conn: asyncpg.Connection, records: Sequence[tuple[Any, ...]], timeout: float
-) -> tuple[int, int]:
+async def upsert(conn: Conn, records: Sequence[tuple[Any, ...]], timeout: float) -> tuple[int, int]:
     """Write staged rows (must run inside a transaction). Returns (inserted, updated)."""
     await conn.execute(CREATE_STAGING)
     await conn.execute(TRUNCATE_STAGING)

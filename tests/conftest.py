@@ -1,0 +1,50 @@
+"""Session-wide fixtures: PostgreSQL (DATABASE_URL's server, else an embedded cluster), the
+server process and Envoy, started once and shared; tests isolate themselves by org."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from session_audit import envoy
+from session_audit.embedded import EmbeddedPostgres
+from tests.support import Stack, _with_conn, run, start_stack
+
+
+def _fresh_database(url: str) -> tuple[str, str]:
+    """A new, empty database on DATABASE_URL's server, so tests never touch real data."""
+    name = f"session_audit_test_{uuid.uuid4().hex[:8]}"
+    run(_with_conn(url, f'CREATE DATABASE "{name}"'))
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name)), name
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def database(workdir: Path) -> Iterator[str]:
+    url = os.environ.get("DATABASE_URL", "")
+    if url:
+        dsn, name = _fresh_database(url)
+        yield dsn
+        run(_with_conn(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        return
+    embedded = EmbeddedPostgres(workdir / "pg")
+    yield embedded.start()
+    embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(database: str, workdir: Path) -> Iterator[Stack]:
+    s = start_stack(database, workdir)
+    yield s
+    envoy.stop(s.envoy_proc)
+    s.server.stop()

@@ -1,0 +1,168 @@
+"""Test harness: a real PostgreSQL, the real server in its own process, and real Envoy.
+
+`Stack` starts them once per test session (see conftest.py). Tests create their own orgs with
+unique names, so they never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import grpc
+import httpx
+
+from session_audit import auth, db, envoy, migrate
+from session_audit.v1 import sessions_pb2 as pb
+from session_audit.v1 import sessions_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+async def _with_conn(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await db.connect(dsn)
+    try:
+        rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+        return rows
+    finally:
+        await conn.close()
+
+
+def wait_grpc(target: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as ch:
+        grpc.channel_ready_future(ch).result(timeout=max(0.1, deadline - time.monotonic()))
+
+
+@dataclass
+class ServerProcess:
+    """`session-audit serve` in a child process against `dsn`."""
+
+    dsn: str
+    workdir: Path
+    env_extra: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServerProcess:
+        self.port = envoy.free_port()
+        env = {
+            **os.environ,
+            "DATABASE_URL": self.dsn,
+            "GRPC_PORT": str(self.port),
+            "HEALTH_INTERVAL_SECONDS": "1",
+            **self.env_extra,
+        }
+        log = open(self.workdir / f"server-{self.port}.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "session_audit.cli", "serve"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_grpc(self.target)
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+@dataclass
+class Stack:
+    dsn: str
+    server: ServerProcess
+    http_port: int
+    envoy_proc: subprocess.Popen[bytes]
+
+    @property
+    def grpc_target(self) -> str:
+        return self.server.target
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    # -- database helpers -------------------------------------------------------------------
+    def sql(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        return run(_with_conn(self.dsn, query, *args))
+
+    def token(self, org: str, role: str, email: str = "") -> str:
+        async def go() -> str:
+            conn = await db.connect(self.dsn)
+            try:
+                return await auth.create_token(conn, org, role, email or f"{role}@{org}.example")
+            finally:
+                await conn.close()
+
+        return run(go())
+
+    def new_org(self, prefix: str = "org") -> str:
+        return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+    # -- clients ------------------------------------------------------------------------------
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.grpc_target)
+
+    def stub(self) -> pb_grpc.SessionServiceStub:
+        return pb_grpc.SessionServiceStub(self.channel())
+
+    def rest(self, method: str, path: str, token: str | None = None, **kw: Any) -> httpx.Response:
+        headers = dict(kw.pop("headers", {}) or {})
+        if token is not None:
+            headers["authorization"] = f"Bearer {token}"
+        return httpx.request(method, self.http + path, headers=headers, timeout=60, **kw)
+
+    def ingest(self, token: str, sessions: Iterable[pb.Session]) -> pb.IngestSessionsResponse:
+        stub = self.stub()
+        reply: pb.IngestSessionsResponse = stub.IngestSessions(
+            pb.IngestSessionsRequest(sessions=list(sessions)),
+            metadata=[("authorization", f"Bearer {token}")],
+        )
+        return reply
+
+
+def start_stack(dsn: str, workdir: Path) -> Stack:
+    run(_migrate(dsn))
+    server = ServerProcess(dsn, workdir).start()
+    http_port = envoy.free_port()
+    proxy = envoy.start(http_port, server.port, workdir)
+    return Stack(dsn, server, http_port, proxy)
+
+
+async def _migrate(dsn: str) -> None:
+    conn = await db.connect(dsn)
+    try:
+        await migrate.migrate(conn)
+    finally:
+        await conn.close()
+
+
+def auth_md(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
