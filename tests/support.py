@@ -59,8 +59,8 @@ class ServerProcess:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> ServerProcess:
-        self.port = envoy.free_port()
+    def start(self, port: int | None = None) -> ServerProcess:
+        self.port = port or envoy.free_port()
         env = {
             **os.environ,
             "DATABASE_URL": self.dsn,
@@ -78,6 +78,14 @@ class ServerProcess:
         )
         wait_grpc(self.target)
         return self
+
+    def children(self) -> list[int]:
+        """PIDs of worker processes (when started with WORKERS > 1)."""
+        import psutil
+
+        assert self.proc is not None
+        children = psutil.Process(self.proc.pid).children()
+        return [c.pid for c in children if "spawn_main" in " ".join(c.cmdline())]
 
     @property
     def target(self) -> str:

@@ -76,6 +76,8 @@ def _merged(col: str) -> str:
         )
     if col in _ZERO_MEANS_ABSENT:
         return f"CASE WHEN t.{col} = 0 THEN s.{col} ELSE t.{col} END"
+    if col in _TEXT_DEFAULT_EMPTY:
+        return f"COALESCE(NULLIF(t.{col}, ''), s.{col})"
     return f"COALESCE(t.{col}, s.{col})"
 
 

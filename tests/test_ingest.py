@@ -1,0 +1,192 @@
+"""Ingest over REST and gRPC: upsert by id, idempotency, partly-bad batches, limits."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+
+from session_audit.v1 import sessions_pb2 as pb
+from tests.factories import T0, Spec, minutes
+from tests.support import Stack, auth_md
+
+
+@pytest.fixture()
+def org_admin(stack: Stack) -> tuple[str, str]:
+    org = stack.new_org("ing")
+    return org, stack.token(org, "admin")
+
+
+def rest_ingest(stack: Stack, token: str, sessions: list[dict[str, Any]]) -> dict[str, Any]:
+    r = stack.rest("POST", "/api/sessions/ingest", token, json={"sessions": sessions})
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def test_open_then_closed_report_updates_one_row(stack: Stack, org_admin: tuple[str, str]) -> None:
+    _, token = org_admin
+    sid = str(uuid.uuid4())
+    opened = {"id": sid, "start_date": "2026-02-01T10:00:00Z", "connection": "pg", "verb": "exec",
+              "user": "ana@x.example", "script": {"data": "SELECT 1"}}  # fmt: skip
+    first = rest_ingest(stack, token, [opened])
+    assert (first["accepted"], first["written"], first["unchanged"]) == (1, 1, 0)
+    got = stack.rest("GET", f"/api/sessions/{sid}", token).json()
+    assert got["status"] == "open" and "end_date" not in got
+
+    closed = {"id": sid, "start_date": "2026-02-01T10:00:00Z", "end_date": "2026-02-01T10:05:00Z",
+              "exit_code": 0, "metrics": {"event_size": 10},
+              "redactions": [{"info_type": "EMAIL_ADDRESS", "count": 2, "transformed_bytes": 30}]}  # fmt: skip
+    second = rest_ingest(stack, token, [closed])
+    assert (second["written"], second["unchanged"]) == (1, 0)
+    got = stack.rest("GET", f"/api/sessions/{sid}", token).json()
+    assert got["status"] == "done"
+    assert got["end_date"] == "2026-02-01T10:05:00Z"
+    assert got["exit_code"] == 0
+    # Fields the closing report did not send are kept.
+    assert got["connection"] == "pg" and got["script"] == {"data": "SELECT 1"}
+    assert got["redactions"] == [
+        {"info_type": "EMAIL_ADDRESS", "count": 2, "transformed_bytes": 30}
+    ]
+    # A late "open" report cannot reopen it.
+    rest_ingest(stack, token, [opened])
+    assert stack.rest("GET", f"/api/sessions/{sid}", token).json()["status"] == "done"
+
+
+def test_resending_a_batch_changes_nothing(stack: Stack, org_admin: tuple[str, str]) -> None:
+    _, token = org_admin
+    batch = [Spec(start=T0 + minutes(i), end=T0 + minutes(i + 1)).to_proto() for i in range(20)]
+    first = stack.ingest(token, batch)
+    assert (first.written, first.unchanged) == (20, 0)
+    ids = [s.id for s in batch]
+    before = stack.sql(
+        "SELECT id, updated_at, xmin::text AS x FROM sessions WHERE id = any($1::uuid[]) ORDER BY id",
+        ids,
+    )
+    again = stack.ingest(token, batch)
+    assert (again.accepted, again.written, again.unchanged) == (20, 0, 20)
+    after = stack.sql(
+        "SELECT id, updated_at, xmin::text AS x FROM sessions WHERE id = any($1::uuid[]) ORDER BY id",
+        ids,
+    )
+    assert [tuple(r) for r in before] == [tuple(r) for r in after]
+
+
+def test_partly_bad_batch_stores_the_valid_items(stack: Stack, org_admin: tuple[str, str]) -> None:
+    _, token = org_admin
+    good = [str(uuid.uuid4()) for _ in range(3)]
+    items: list[dict[str, Any]] = [
+        {"id": good[0], "start_date": "2026-02-01T10:00:00Z"},
+        {"id": "not-a-uuid", "start_date": "2026-02-01T10:00:00Z"},
+        {"id": good[1], "start_date": "2026-02-01T11:00:00Z"},
+        {"id": str(uuid.uuid4())},
+        {"id": str(uuid.uuid4()), "start_date": "2026-02-01T10:00:00Z",
+         "end_date": "2026-02-01T09:00:00Z"},
+        {"id": str(uuid.uuid4()), "start_date": "2026-02-01T10:00:00Z",
+         "redactions": [{"info_type": "bad type!", "count": 1}]},
+        {"id": str(uuid.uuid4()), "start_date": "2026-02-01T10:00:00Z", "status": "done"},
+        {"id": str(uuid.uuid4()), "start_date": "2099-01-01T00:00:00Z"},
+        {"id": str(uuid.uuid4()), "start_date": "2026-02-01T10:00:00Z", "connection": "a\u0000b"},
+        {"id": str(uuid.uuid4()), "start_date": "2026-02-01T10:00:00Z", "event_size": -1},
+        {"id": str(uuid.uuid4()), "start_date": "2026-02-01T10:00:00Z", "connection": "x" * 300},
+        {"id": str(uuid.uuid4()), "start_date": "2026-02-01T10:00:00Z",
+         "metadata": {"k": "nul\u0000"}},
+        {"id": good[2], "start_date": "2026-02-01T12:00:00Z", "connection": "'; DROP TABLE x;--"},
+    ]  # fmt: skip
+    body = rest_ingest(stack, token, items)
+    assert (body["accepted"], body["written"], body["rejected"]) == (3, 3, 10)
+    reasons = {r["index"]: r["reason"] for r in body["rejections"]}
+    assert sorted(reasons) == [1, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    expected_prefix = {1: "id:", 3: "start_date:", 4: "end_date:", 5: "redactions[0].info_type:",
+                       6: "end_date:", 7: "start_date:", 8: "connection:", 9: "event_size:",
+                       10: "connection:", 11: "metadata:"}  # fmt: skip
+    for index, prefix in expected_prefix.items():
+        assert reasons[index].startswith(prefix), (index, reasons[index])
+    stored = stack.sql("SELECT id::text, connection FROM sessions WHERE id = any($1::uuid[])", good)
+    assert {r["id"] for r in stored} == set(good)
+    assert "'; DROP TABLE x;--" in {r["connection"] for r in stored}
+
+
+def test_batch_limits(stack: Stack, org_admin: tuple[str, str]) -> None:
+    _, token = org_admin
+    r = stack.rest("POST", "/api/sessions/ingest", token, json={"sessions": []})
+    assert r.status_code == 400 and r.json()["message"].startswith("sessions:")
+    too_many = [{"id": str(uuid.uuid4()), "start_date": "2026-02-01T10:00:00Z"}] * 1001
+    r = stack.rest("POST", "/api/sessions/ingest", token, json={"sessions": too_many})
+    assert r.status_code == 400 and "at most 1000" in r.json()["message"]
+    r = stack.rest(
+        "POST", "/api/sessions/ingest", token, content=b"not json",
+        headers={"content-type": "application/json"},
+    )  # fmt: skip
+    assert r.status_code == 400 and r.json()["message"].startswith("body:")
+    r = stack.rest("POST", "/api/sessions/ingest", token, json={"sessions": [{"status": "weird"}]})
+    assert r.status_code == 400 and "status" in r.json()["message"]
+    r = stack.rest("POST", "/api/sessions/ingest", token, json={"sessions": [{"event_size": "x"}]})
+    assert r.status_code == 400 and "event_size" in r.json()["message"]
+    huge = b'{"sessions":[{"script":{"data":"' + b"a" * (9 * 1024 * 1024) + b'"}}]}'
+    r = stack.rest(
+        "POST", "/api/sessions/ingest", token, content=huge,
+        headers={"content-type": "application/json"},
+    )  # fmt: skip
+    assert r.status_code == 413 and set(r.json()) == {"message"}
+
+
+def test_grpc_message_over_the_limit_is_resource_exhausted(
+    stack: Stack, org_admin: tuple[str, str]
+) -> None:
+    _, token = org_admin
+    big = Spec(script="a" * (17 * 1024 * 1024)).to_proto()
+    with pytest.raises(grpc.RpcError) as err:
+        stack.stub().IngestSessions(
+            pb.IngestSessionsRequest(sessions=[big]), metadata=auth_md(token)
+        )
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_same_id_twice_in_a_batch_merges_in_order(stack: Stack, org_admin: tuple[str, str]) -> None:
+    _, token = org_admin
+    sid = str(uuid.uuid4())
+    body = rest_ingest(stack, token, [
+        {"id": sid, "start_date": "2026-02-01T10:00:00Z", "connection": "pg"},
+        {"id": sid, "start_date": "2026-02-01T10:00:00Z", "end_date": "2026-02-01T10:01:00Z"},
+    ])  # fmt: skip
+    assert (body["accepted"], body["written"]) == (2, 1)
+    got = stack.rest("GET", f"/api/sessions/{sid}", token).json()
+    assert (got["connection"], got["status"]) == ("pg", "done")
+
+
+def _chunks(specs: list[Spec], size: int) -> Iterator[pb.IngestSessionsRequest]:
+    for i in range(0, len(specs), size):
+        yield pb.IngestSessionsRequest(sessions=[s.to_proto() for s in specs[i : i + size]])
+
+
+def test_stream_ingest_is_one_transaction(stack: Stack, org_admin: tuple[str, str]) -> None:
+    _, token = org_admin
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    specs = [Spec(start=base + timedelta(seconds=i)) for i in range(12_000)]
+    specs[7000].id = "broken"
+    reply = stack.stub().StreamIngestSessions(_chunks(specs, 1000), metadata=auth_md(token))
+    assert (reply.accepted, reply.written, reply.rejected) == (11_999, 11_999, 1)
+    assert reply.rejections[0].index == 7000
+    total = stack.rest("GET", "/api/sessions", token, params={"count": "exact", "limit": 1})
+    assert total.json()["total"] == 11_999
+    capped = stack.rest("GET", "/api/sessions", token, params={"limit": 1}).json()
+    assert (capped["total"], capped["total_is_capped"]) == (10_000, True)
+
+    # A stream the client abandons half-way stores nothing.
+    fresh = [Spec(start=base + timedelta(seconds=i)) for i in range(3000)]
+
+    def abandoned() -> Iterator[pb.IngestSessionsRequest]:
+        yield from _chunks(fresh[:2000], 1000)
+        raise RuntimeError("client gives up")
+
+    with pytest.raises(grpc.RpcError):
+        stack.stub().StreamIngestSessions(abandoned(), metadata=auth_md(token))
+    ids = [s.id for s in fresh[:2000]]
+    assert (
+        stack.sql("SELECT count(*) AS n FROM sessions WHERE id = any($1::uuid[])", ids)[0]["n"] == 0
+    )

@@ -1,0 +1,106 @@
+"""Operating the server: health follows the database, SIGTERM drains, several workers."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from session_audit.embedded import EmbeddedPostgres
+from session_audit.envoy import free_port
+from session_audit.v1 import sessions_pb2 as pb
+from session_audit.v1 import sessions_pb2_grpc as pb_grpc
+from tests.factories import Spec
+from tests.support import ServerProcess, Stack, auth_md, run
+
+
+def health_status(target: str) -> int:
+    with grpc.insecure_channel(target) as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        status: int = reply.status
+        return status
+
+
+def wait_for(predicate: object, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.2)
+    raise AssertionError("condition not reached in time")
+
+
+def test_health_follows_the_database(tmp_path: Path) -> None:
+    from tests.support import _migrate
+
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    dsn = pg.start()
+    run(_migrate(dsn))
+    server = ServerProcess(dsn, tmp_path).start()
+    try:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health_status(server.target) == serving
+        pg.pg_ctl("stop")
+        wait_for(lambda: health_status(server.target) == not_serving)
+        pg.pg_ctl("start")
+        wait_for(lambda: health_status(server.target) == serving)
+        # The pool reconnects: a real call works again.
+        with grpc.insecure_channel(server.target) as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                pb_grpc.SessionServiceStub(ch).ListSessions(
+                    pb.ListSessionsRequest(), metadata=auth_md("sat_nope")
+                )
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        server.stop()
+        pg.stop()
+
+
+def test_sigterm_lets_inflight_rpcs_finish_and_refuses_new_ones(stack: Stack) -> None:
+    server = ServerProcess(stack.dsn, stack.server.workdir).start()
+    token = stack.token(stack.new_org("drain"), "ingest")
+    base = datetime(2026, 1, 5, tzinfo=UTC)
+    specs = [Spec(start=base + timedelta(seconds=i)) for i in range(200)]
+
+    def slow_stream() -> Iterator[pb.IngestSessionsRequest]:
+        yield pb.IngestSessionsRequest(sessions=[s.to_proto() for s in specs[:100]])
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.5)
+        yield pb.IngestSessionsRequest(sessions=[s.to_proto() for s in specs[100:]])
+
+    with grpc.insecure_channel(server.target) as ch:
+        reply = pb_grpc.SessionServiceStub(ch).StreamIngestSessions(
+            slow_stream(), metadata=auth_md(token), timeout=30
+        )
+    assert (reply.accepted, reply.written) == (200, 200)
+    with grpc.insecure_channel(server.target) as ch, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.SessionServiceStub(ch).ListSessions(
+            pb.ListSessionsRequest(), metadata=auth_md(token), timeout=3
+        )
+    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert server.stop() == 0
+
+
+def test_several_workers_share_one_port(stack: Stack) -> None:
+    # Workers need a fixed port to share.
+    server = ServerProcess(stack.dsn, stack.server.workdir, env_extra={"WORKERS": "2"})
+    server.start(free_port())
+    try:
+        token = stack.token(stack.new_org("workers"), "auditor")
+        with grpc.insecure_channel(server.target) as ch:
+            stub = pb_grpc.SessionServiceStub(ch)
+            for _ in range(10):
+                reply = stub.ListSessions(pb.ListSessionsRequest(), metadata=auth_md(token))
+                assert list(reply.data) == []
+        workers = server.children()
+        assert len(workers) == 2
+    finally:
+        assert server.stop() == 0
