@@ -16,6 +16,8 @@ from session_audit.config import Config
 class App:
     config: Config
     pool: asyncpg.Pool
+    # Connections without the JSON codec, for the ingest write path (see db.create_pool).
+    ingest_pool: asyncpg.Pool
 
     def timeout(self, context: grpc.aio.ServicerContext) -> float:
         """Seconds a query may run: the caller's remaining deadline, else the default."""

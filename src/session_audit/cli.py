@@ -79,7 +79,7 @@ def seed_cmd(count: int, if_empty: bool) -> None:
 
     async def go(dsn: str) -> None:
         await _migrate(dsn)
-        conn = await db.connect(dsn)
+        conn = await db.connect(dsn, json_codec=False)
         try:
             if if_empty and not await seed.is_empty(conn):
                 click.echo("sessions already present; nothing seeded", err=True)
@@ -187,7 +187,7 @@ def run_cmd() -> None:
 
         async def prepare() -> str:
             await _migrate(dsn)
-            conn = await db.connect(dsn)
+            conn = await db.connect(dsn, json_codec=False)
             try:
                 if await seed.is_empty(conn):
                     click.echo(f"loading {DEMO_SESSIONS} demo sessions…", err=True)

@@ -17,21 +17,26 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
-async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str, min_size: int = 2, max_size: int = 10, *, json_codec: bool = True
+) -> asyncpg.Pool:
+    """`json_codec=False` leaves json/jsonb as text both ways: ingest hands PostgreSQL the JSON
+    it already serialised (and checked) instead of paying for a second encoding."""
     pool: asyncpg.Pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
-        init=_init_connection,
+        init=_init_connection if json_codec else None,
         server_settings=SERVER_SETTINGS,
         command_timeout=None,
     )
     return pool
 
 
-async def connect(dsn: str) -> asyncpg.Connection:
+async def connect(dsn: str, *, json_codec: bool = True) -> asyncpg.Connection:
     conn: asyncpg.Connection = await asyncpg.connect(dsn, server_settings=SERVER_SETTINGS)
-    await _init_connection(conn)
+    if json_codec:
+        await _init_connection(conn)
     return conn
 
 

@@ -7,6 +7,8 @@ whole batch back. Items are written in chunks so a long stream never sits whole 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -55,6 +57,19 @@ class IngestBatch:
         self.result = IngestResult()
         self._next_index = 0
         self._pending: dict[uuid.UUID, tuple[int, IngestItem]] = {}
+        self._writer: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> IngestBatch:
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        # On failure the caller's transaction rolls back; a chunk still being written must
+        # not outlive it on the connection.
+        if exc is not None and self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(BaseException):
+                await self._writer
+            self._writer = None
 
     async def add(self, session: pb.Session) -> None:
         index = self._next_index
@@ -74,29 +89,45 @@ class IngestBatch:
             await self.flush()
 
     async def flush(self) -> None:
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, {}
+        """Hand the pending chunk to the writer and return: PostgreSQL stores chunk k while
+        Python validates chunk k+1 (chunks are still written one after another, in order)."""
+        await self._wait_writer()
+        if self._pending:
+            pending, self._pending = self._pending, {}
+            self._writer = asyncio.create_task(self._write(pending))
+
+    async def _wait_writer(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            await writer
+
+    async def _write(self, pending: dict[uuid.UUID, tuple[int, IngestItem]]) -> None:
         existing = await store.lock_existing(self.conn, list(pending), self.timeout)
-        records = []
+        fresh, known = [], []
         for sid, (index, item) in pending.items():
             old = existing.get(sid)
-            if old is not None:
-                reason = None
-                if old.org_id != self.org_id:
-                    reason = "id: already used by another session"
-                elif (item.end_date or old.end_date or item.start_date) < item.start_date:
-                    reason = "start_date: after the stored end_date"
-                if reason is not None:
-                    self.result.accepted -= 1
-                    self.result.reject(index, str(sid), reason)
-                    continue
-            records.append(item.record())
-        if records:
-            inserted, updated = await store.upsert(self.conn, records, self.timeout)
+            if old is None:
+                fresh.append(item.record())
+                continue
+            reason = None
+            if old.org_id != self.org_id:
+                reason = "id: already used by another session"
+            elif (item.end_date or old.end_date or item.start_date) < item.start_date:
+                reason = "start_date: after the stored end_date"
+            if reason is not None:
+                self.result.accepted -= 1
+                self.result.reject(index, str(sid), reason)
+            else:
+                known.append(item.record())
+        if fresh and await store.copy_new(self.conn, fresh, self.timeout):
+            self.result.written += len(fresh)
+            fresh = []
+        if fresh or known:
+            inserted, updated = await store.upsert(self.conn, fresh + known, self.timeout)
             self.result.written += inserted + updated
 
     async def finish(self) -> IngestResult:
         await self.flush()
+        await self._wait_writer()
         self.result.unchanged = self.result.accepted - self.result.written
         return self.result

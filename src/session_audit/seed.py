@@ -163,11 +163,11 @@ async def seed(
         for org, n in zip(ORGS, per_org, strict=True):
             org_id = await auth.ensure_org(conn, org)
             async with conn.transaction():
-                batch = IngestBatch(conn, org_id, timeout=600)
-                for s in demo_sessions(rng, org, n, now):
-                    await batch.add(s)
-                    bar.update()
-                result = await batch.finish()
+                async with IngestBatch(conn, org_id, timeout=600) as batch:
+                    for s in demo_sessions(rng, org, n, now):
+                        await batch.add(s)
+                        bar.update()
+                    result = await batch.finish()
             total.accepted += result.accepted
             total.written += result.written
             total.rejected += result.rejected

@@ -95,7 +95,8 @@ async def serve(
 ) -> None:
     """Run until SIGTERM/SIGINT (or `stop` is set), then drain in-flight RPCs."""
     pool = await db.create_pool(dsn, config.pool_min, config.pool_max)
-    app = App(config, pool)
+    ingest_pool = await db.create_pool(dsn, 1, max(2, config.pool_max // 2), json_codec=False)
+    app = App(config, pool, ingest_pool)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
@@ -129,6 +130,7 @@ async def serve(
     await checker.shutdown()
     await server.stop(config.shutdown_grace)
     await pool.close()
+    await ingest_pool.close()
 
 
 def _worker(config: Config, dsn: str) -> None:

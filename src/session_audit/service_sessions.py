@@ -79,11 +79,11 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 "split the batch or use StreamIngestSessions"
             )
         timeout = self.app.timeout(context)
-        async with self.app.pool.acquire() as conn, conn.transaction():
-            batch = IngestBatch(conn, who.org_id, timeout)
-            for session in request.sessions:
-                await batch.add(session)
-            result = await batch.finish()
+        async with self.app.ingest_pool.acquire() as conn, conn.transaction():
+            async with IngestBatch(conn, who.org_id, timeout) as batch:
+                for session in request.sessions:
+                    await batch.add(session)
+                result = await batch.finish()
         return result.to_proto()
 
     @rpc("StreamIngestSessions")
@@ -94,10 +94,10 @@ class SessionService(pb_grpc.SessionServiceServicer):
     ) -> pb.IngestSessionsResponse:
         who = await self.app.caller(context, WRITERS, "ingest sessions")
         timeout = self.app.timeout(context)
-        async with self.app.pool.acquire() as conn, conn.transaction():
-            batch = IngestBatch(conn, who.org_id, timeout)
-            async for chunk in request_iterator:
-                for session in chunk.sessions:
-                    await batch.add(session)
-            result = await batch.finish()
+        async with self.app.ingest_pool.acquire() as conn, conn.transaction():
+            async with IngestBatch(conn, who.org_id, timeout) as batch:
+                async for chunk in request_iterator:
+                    for session in chunk.sessions:
+                        await batch.add(session)
+                result = await batch.finish()
         return result.to_proto()

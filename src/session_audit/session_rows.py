@@ -10,12 +10,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 
 from session_audit.sessions_store import INGEST_COLUMNS, JSON_COLUMNS
 from session_audit.v1 import sessions_pb2 as pb
 
 MAX_NAME = 256
+SIZE_COLUMNS = ("event_size", "script_size")
 MAX_SCRIPT = 1 << 20
 MAX_JSON = 1 << 20
 # Byte sizes travel as double (a JSON number); integral and below 2^53 keeps them exact.
@@ -55,6 +56,18 @@ def _json_text(name: str, value: Any) -> str:
     if "\\u0000" in text or "\x00" in text:
         raise ItemError(f"{name}: must not contain NUL characters")
     return text
+
+
+def _plain(value: Any) -> Any:
+    """Struct/ListValue → plain JSON values, as json_format would print them (integral
+    numbers as integers), without its per-field reflection cost."""
+    if isinstance(value, struct_pb2.Struct):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, struct_pb2.ListValue):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and value.is_integer() and abs(value) < MAX_EXACT:
+        return int(value)
+    return value
 
 
 def _message_dict(msg: Any) -> dict[str, Any]:
@@ -107,21 +120,15 @@ def item_from_proto(s: pb.Session, org_id: uuid.UUID, now: datetime) -> IngestIt
         v["verb"] = _VERB.Name(s.verb)
     if s.HasField("identity_type") and s.identity_type != _IDENTITY.IDENTITY_TYPE_UNSPECIFIED:
         v["identity_type"] = _IDENTITY.Name(s.identity_type)
-    for col, value in (
-        ("user_id", s.user_id),
-        ("user_email", s.user),
-        ("user_name", s.user_name),
-        ("connection", s.connection),
-        ("connection_type", s.type),
-        ("connection_subtype", s.connection_subtype),
-        ("role_name", s.role_name),
-    ):
-        if value:
-            v[col] = _nul_free(
-                "user" if col == "user_email" else "type" if col == "connection_type" else col,
-                value,
-                MAX_NAME,
-            )
+    # Always sent ('' = not known): the table keeps '' for these, and a later report's ''
+    # does not overwrite what is stored (see sessions_store._merged).
+    v["user_id"] = _nul_free("user_id", s.user_id, MAX_NAME)
+    v["user_email"] = _nul_free("user", s.user, MAX_NAME)
+    v["user_name"] = _nul_free("user_name", s.user_name, MAX_NAME)
+    v["connection"] = _nul_free("connection", s.connection, MAX_NAME)
+    v["connection_type"] = _nul_free("type", s.type, MAX_NAME)
+    v["connection_subtype"] = _nul_free("connection_subtype", s.connection_subtype, MAX_NAME)
+    v["role_name"] = _nul_free("role_name", s.role_name, MAX_NAME)
     dyn: Any = s  # fields picked by name below
     for col in ("resource_name", "machine_identity_id", "correlation_id", "session_batch_id"):
         if dyn.HasField(col):
@@ -176,9 +183,9 @@ def item_from_proto(s: pb.Session, org_id: uuid.UUID, now: datetime) -> IngestIt
         v["labels"] = _json_text("labels", dict(s.labels))
     for col in ("integrations_metadata", "metadata", "metrics"):
         if dyn.HasField(col):
-            v[col] = _json_text(col, json_format.MessageToDict(getattr(s, col)))
+            v[col] = _json_text(col, _plain(getattr(s, col)))
     if s.HasField("event_stream"):
-        v["event_stream"] = _json_text("event_stream", json_format.MessageToDict(s.event_stream))
+        v["event_stream"] = _json_text("event_stream", _plain(s.event_stream))
     return IngestItem(sid, start, end, explicit, v)
 
 
@@ -186,15 +193,38 @@ def merge_items(old: IngestItem, new: IngestItem) -> IngestItem:
     """Two reports of one session in a batch: the later one's sent fields win."""
     values = dict(old.values)
     for col, value in new.values.items():
-        if value is not None and not (col in ("event_size", "script_size") and value == 0):
+        if value is not None and value != "" and not (col in SIZE_COLUMNS and value == 0):
             values[col] = value
     if new.end_date is None and old.end_date is not None:
         values["status"] = old.values["status"]
     return IngestItem(new.id, new.start_date, values["end_date"], new.explicit_status, values)
 
 
-def _set_json(target: Any, value: Any) -> None:
-    json_format.ParseDict(value, target, ignore_unknown_fields=True)
+def _set_json(target: Any, value: dict[str, Any]) -> None:
+    """Fill a message from the JSON we stored (our own MessageToDict output). A direct walk of
+    the descriptor: json_format.ParseDict's generality costs ~10x more per list page."""
+    fields = target.DESCRIPTOR.fields_by_name
+    for key, item in value.items():
+        f = fields.get(key)
+        if f is None:
+            continue
+        if f.message_type is not None:
+            if f.message_type.GetOptions().map_entry:
+                getattr(target, key).update(item)
+            elif f.message_type.full_name == "google.protobuf.Timestamp":
+                getattr(target, key).FromDatetime(datetime.fromisoformat(item))
+            elif f.is_repeated:
+                container = getattr(target, key)
+                for element in item:
+                    _set_json(container.add(), element)
+            else:
+                _set_json(getattr(target, key), item)
+        elif f.enum_type is not None:
+            setattr(target, key, f.enum_type.values_by_name[item].number)
+        elif f.is_repeated:
+            getattr(target, key).extend(item)
+        else:
+            setattr(target, key, item)
 
 
 def row_to_proto(r: asyncpg.Record) -> pb.Session:

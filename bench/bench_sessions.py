@@ -1,0 +1,266 @@
+"""Ingest and ListSessions benchmark (issue 2). Not a test: prints figures, asserts nothing.
+
+    make bench                                    # 1,000,000 sessions
+    .venv/bin/python bench/bench_sessions.py --sessions 200000
+
+One run, one machine: a fresh embedded PostgreSQL in .bench-data/ (or DATABASE_URL's server),
+the real server process and Envoy. It prints
+  * ingest rows/s: gRPC client stream and REST batches, next to asyncpg binary COPY of the same
+    rows into an identical table (same indexes), all starting empty;
+  * ListSessions p50/p99 and requests/s over gRPC and REST for the first page, a filtered page,
+    offset 5,000, the default (capped) count and a deep keyset cursor, next to the same SQL run
+    directly through asyncpg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import grpc
+import httpx
+from google.protobuf import json_format
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from session_audit import auth, db, envoy, listing, migrate  # noqa: E402
+from session_audit import sessions_store as store  # noqa: E402
+from session_audit.embedded import EmbeddedPostgres  # noqa: E402
+from session_audit.seed import demo_sessions  # noqa: E402
+from session_audit.session_rows import item_from_proto  # noqa: E402
+from session_audit.sessions_store import INGEST_COLUMNS  # noqa: E402
+from session_audit.v1 import sessions_pb2 as pb  # noqa: E402
+from session_audit.v1 import sessions_pb2_grpc as pb_grpc  # noqa: E402
+from tests.support import ServerProcess  # noqa: E402
+
+CHUNK = 1000
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.node()}: {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Python {platform.python_version()}"
+
+
+def pct(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+async def timed(fn: Callable[[], Awaitable[object]], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await fn()
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+async def throughput(fn: Callable[[], Awaitable[object]], seconds: float, workers: int) -> float:
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def loop() -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            await fn()
+            done += 1
+
+    t = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(workers)))
+    return done / (time.perf_counter() - t)
+
+
+def chunks(sessions: list[pb.Session]) -> Iterator[pb.IngestSessionsRequest]:
+    for i in range(0, len(sessions), CHUNK):
+        yield pb.IngestSessionsRequest(sessions=sessions[i : i + CHUNK])
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sessions", type=int, default=1_000_000)
+    ap.add_argument("--rest-sessions", type=int, default=100_000)
+    ap.add_argument("--requests", type=int, default=300, help="per case and surface")
+    ap.add_argument("--seconds", type=float, default=3.0, help="throughput window per case")
+    ap.add_argument("--workers", type=int, default=1, help="server processes")
+    ap.add_argument("--keep", action="store_true", help="keep .bench-data afterwards")
+    args = ap.parse_args()
+    n = args.sessions
+    data_dir = ROOT / ".bench-data"
+
+    print(f"machine  {machine()}")
+    print(f"data     {n:,} sessions (gRPC stream) + {args.rest_sessions:,} (REST), one year, 1 org")
+    url = os.environ.get("DATABASE_URL", "")
+    embedded = None
+    if not url:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        embedded = EmbeddedPostgres(data_dir)
+        url = embedded.start()
+    conn = await db.connect(url)
+    await migrate.migrate(conn)
+    org = f"bench-{uuid.uuid4().hex[:6]}"
+    token = await auth.create_token(conn, org, "admin", "bench@bench.example")
+    org_id = await conn.fetchval("SELECT id FROM orgs WHERE name = $1", org)
+
+    rng = random.Random(42)
+    now = datetime.now(UTC)
+    total = n + args.rest_sessions
+    sessions = list(tqdm(demo_sessions(rng, org, total, now, 365), total=total, desc="generate"))
+    grpc_part, rest_part = sessions[:n], sessions[n:]
+
+    # Raw COPY of the same rows into an identical, empty table.
+    records = [item_from_proto(s, org_id, now).record() for s in tqdm(grpc_part, desc="rows")]
+    await conn.execute("DROP TABLE IF EXISTS copy_baseline")
+    await conn.execute("CREATE TABLE copy_baseline (LIKE sessions INCLUDING ALL)")
+    raw = await asyncpg.connect(url)  # default codecs: jsonb accepts text
+    t = time.perf_counter()
+    for i in range(0, len(records), 50_000):
+        await raw.copy_records_to_table(
+            "copy_baseline", records=records[i : i + 50_000], columns=INGEST_COLUMNS
+        )
+    copy_rate = n / (time.perf_counter() - t)
+    await raw.execute("DROP TABLE copy_baseline")
+    await raw.close()
+    del records
+
+    srv = ServerProcess(url, data_dir, env_extra={"WORKERS": str(args.workers)})
+    srv.start(envoy.free_port() if args.workers > 1 else None)
+    http_port = envoy.free_port()
+    proxy = envoy.start(http_port, srv.port, data_dir)
+    md = (("authorization", f"Bearer {token}"),)
+    try:
+        channel = grpc.aio.insecure_channel(
+            srv.target, options=[("grpc.max_send_message_length", 64 << 20)]
+        )
+        stub = pb_grpc.SessionServiceStub(channel)
+
+        async def stream() -> pb.IngestSessionsResponse:
+            async def gen() -> object:
+                for c in chunks(grpc_part):
+                    yield c
+
+            reply: pb.IngestSessionsResponse = await stub.StreamIngestSessions(
+                gen(), metadata=md, timeout=3600
+            )
+            return reply
+
+        t = time.perf_counter()
+        reply = await stream()
+        grpc_rate = n / (time.perf_counter() - t)
+        assert reply.written == n, reply
+
+        bodies = [
+            json.dumps(
+                {"sessions": [json_format.MessageToDict(s, preserving_proto_field_name=True)
+                              for s in rest_part[i : i + CHUNK]]}
+            ).encode()
+            for i in range(0, len(rest_part), CHUNK)
+        ]  # fmt: skip
+        http = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{http_port}",
+            headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
+            timeout=600,
+        )
+        t = time.perf_counter()
+        for body in bodies:
+            r = await http.post("/api/sessions/ingest", content=body)
+            assert r.status_code == 200, r.text
+        rest_rate = len(rest_part) / (time.perf_counter() - t)
+        await conn.execute("VACUUM ANALYZE sessions")
+
+        print("\n== ingest (rows/s, starting from an empty table with all indexes)")
+        print(f"  asyncpg binary COPY (raw)    {copy_rate:>10,.0f}")
+        print(
+            f"  gRPC client stream           {grpc_rate:>10,.0f}   {grpc_rate / copy_rate:6.0%} of COPY"
+        )
+        print(
+            f"  REST batches of {CHUNK}         {rest_rate:>10,.0f}   {rest_rate / copy_rate:6.0%} of COPY"
+        )
+
+        who = auth.Principal(0, org_id, "admin", "bench@bench.example")
+        deep = await conn.fetchrow(
+            "SELECT start_date, id FROM sessions WHERE org_id = $1"
+            " ORDER BY start_date DESC, id DESC OFFSET 100000 LIMIT 1",
+            org_id,
+        )
+        base_filters = listing.Filters()
+        deep_token = listing.encode_cursor(base_filters, deep["start_date"], deep["id"])
+        cases: list[tuple[str, dict[str, str]]] = [
+            ("first page (count=none)", {"count": "none"}),
+            ("filtered page (connection+type)", {"connection": "pg-prod", "type": "database",
+                                                 "count": "none"}),
+            ("offset 5000 (count=none)", {"offset": "5000", "count": "none"}),
+            ("first page, default count", {}),
+            ("cursor at depth 100k", {"page_token": deep_token, "count": "none"}),
+        ]  # fmt: skip
+        pool = await db.create_pool(url, 2, 4)
+        print(f"\n== ListSessions, limit 20, {n + len(rest_part):,} sessions in the org")
+        print(f"  {'case':<34}{'surface':<8}{'p50 ms':>8}{'p99 ms':>8}{'req/s':>9}   target")
+        for name, params in cases:
+            req = pb.ListSessionsRequest(**{k: v for k, v in params.items() if k != "offset"})
+            if "offset" in params:
+                req.offset = int(params["offset"])
+            q = listing.parse_list_request(req)
+
+            async def direct(q: listing.ListQuery = q) -> object:
+                async with pool.acquire() as c:
+                    return await store.list_sessions(c, who, q, 30)
+
+            async def via_grpc(req: pb.ListSessionsRequest = req) -> object:
+                return await stub.ListSessions(req, metadata=md)
+
+            async def via_rest(params: dict[str, str] = params) -> object:
+                r = await http.get("/api/sessions", params=params)
+                assert r.status_code == 200, r.text
+                return r
+
+            rows = {}
+            for surface, fn in (("SQL", direct), ("gRPC", via_grpc), ("REST", via_rest)):
+                await timed(fn, 20)  # warm
+                lat = await timed(fn, args.requests)
+                rps = await throughput(fn, args.seconds, 4)
+                rows[surface] = (statistics.median(lat), pct(lat, 0.99), rps)
+            sql_p50 = rows["SQL"][0]
+            for surface, (p50, p99, rps) in rows.items():
+                verdict = ""
+                if surface != "SQL":
+                    limit = 2 * sql_p50 + 1
+                    verdict = f"≤ {limit:.2f} ms {'ok' if p50 <= limit else 'MISSED'}"
+                print(f"  {name:<34}{surface:<8}{p50:>8.2f}{p99:>8.2f}{rps:>9,.0f}   {verdict}")
+        await pool.close()
+        await http.aclose()
+        await channel.close()
+    finally:
+        envoy.stop(proxy)
+        srv.stop()
+        await conn.close()
+        if embedded is not None:
+            embedded.stop()
+            if not args.keep:
+                shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
