@@ -205,6 +205,7 @@ async def main() -> None:
             " ORDER BY start_date DESC, id DESC OFFSET 100000 LIMIT 1",
             org_id,
         )
+        assert deep is not None, "fewer than 100,000 sessions: use --sessions 110000 or more"
         base_filters = listing.Filters()
         deep_token = listing.encode_cursor(base_filters, deep["start_date"], deep["id"])
         cases: list[tuple[str, dict[str, str]]] = [
@@ -219,7 +220,12 @@ async def main() -> None:
         print(f"\n== ListSessions, limit 20, {n + len(rest_part):,} sessions in the org")
         print(f"  {'case':<34}{'surface':<8}{'p50 ms':>8}{'p99 ms':>8}{'req/s':>9}   target")
         for name, params in cases:
-            req = pb.ListSessionsRequest(**{k: v for k, v in params.items() if k != "offset"})
+            req = pb.ListSessionsRequest(
+                connection=params.get("connection", ""),
+                type=params.get("type", ""),
+                count=params.get("count", ""),
+                page_token=params.get("page_token", ""),
+            )
             if "offset" in params:
                 req.offset = int(params["offset"])
             q = listing.parse_list_request(req)
