@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
@@ -29,6 +30,17 @@ _STATUS = pb.SessionStatus.Value
 _VERB = pb.SessionVerb.Value
 _IDENTITY = pb.IdentityType.Value
 _REVIEW_STATUS = pb.ReviewStatus.Value
+
+
+def _names(enum: Any) -> dict[int, str]:
+    """Value number → name, without the 0 'unspecified' value."""
+    return {v.number: v.name for v in enum.DESCRIPTOR.values if v.number != 0}
+
+
+STATUS_NAMES = _names(_STATUS)
+VERB_NAMES = _names(_VERB)
+IDENTITY_NAMES = _names(_IDENTITY)
+REVIEW_STATUS_NAMES = _names(_REVIEW_STATUS)
 
 
 class ItemError(ValueError):
@@ -60,19 +72,59 @@ def _json_text(name: str, value: Any) -> str:
 
 def _plain(value: Any) -> Any:
     """Struct/ListValue → plain JSON values, as json_format would print them (integral
-    numbers as integers), without its per-field reflection cost."""
+    numbers as integers), reading the Value oneofs directly instead of through the
+    well-known-type wrappers."""
     if isinstance(value, struct_pb2.Struct):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, struct_pb2.ListValue):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and value.is_integer() and abs(value) < MAX_EXACT:
-        return int(value)
-    return value
+        return {k: _plain_value(v) for k, v in value.fields.items()}
+    return [_plain_value(v) for v in value.values]
+
+
+def _plain_value(v: struct_pb2.Value) -> Any:
+    kind = v.WhichOneof("kind")
+    if kind == "string_value":
+        return v.string_value
+    if kind == "number_value":
+        n = v.number_value
+        return int(n) if n.is_integer() and abs(n) < MAX_EXACT else n
+    if kind == "bool_value":
+        return v.bool_value
+    if kind == "struct_value":
+        return _plain(v.struct_value)
+    if kind == "list_value":
+        return _plain(v.list_value)
+    return None
 
 
 def _message_dict(msg: Any) -> dict[str, Any]:
-    out: dict[str, Any] = json_format.MessageToDict(msg, preserving_proto_field_name=True)
-    return out
+    """A message as json_format.MessageToDict(preserving_proto_field_name=True) would give it
+    for our messages (set fields only; enums by name; Timestamps as RFC 3339), by walking
+    ListFields() — several times cheaper, which matters at tens of thousands of rows/s."""
+    return {f.name: _field_value(f, value) for f, value in msg.ListFields()}
+
+
+def _field_value(f: Any, value: Any) -> Any:
+    kind = _field_kind(f)
+    if kind == "map":
+        return dict(value)
+    if kind == "timestamp":
+        return [v.ToJsonString() for v in value] if f.is_repeated else value.ToJsonString()
+    if kind == "message":
+        return [_message_dict(v) for v in value] if f.is_repeated else _message_dict(value)
+    if kind == "enum":
+        names = f.enum_type.values_by_number
+        return [names[v].name for v in value] if f.is_repeated else names[value].name
+    return list(value) if f.is_repeated else value
+
+
+@functools.cache
+def _field_kind(f: Any) -> str:
+    if f.message_type is not None:
+        if f.message_type.GetOptions().map_entry:
+            return "map"
+        if f.message_type.full_name == "google.protobuf.Timestamp":
+            return "timestamp"
+        return "message"
+    return "enum" if f.enum_type is not None else "scalar"
 
 
 @dataclass(frozen=True)
@@ -104,9 +156,9 @@ def item_from_proto(s: pb.Session, org_id: uuid.UUID, now: datetime) -> IngestIt
     if end is not None and end < start:
         raise ItemError("end_date: before start_date")
 
-    explicit = s.HasField("status") and s.status != _STATUS.SESSION_STATUS_UNSPECIFIED
+    explicit = s.status in STATUS_NAMES
     if explicit:
-        status = _STATUS.Name(s.status)
+        status = STATUS_NAMES[s.status]
         if status == "done" and end is None:
             raise ItemError("end_date: required when status is done")
         if status != "done" and end is not None:
@@ -116,10 +168,8 @@ def item_from_proto(s: pb.Session, org_id: uuid.UUID, now: datetime) -> IngestIt
 
     v: dict[str, Any] = dict.fromkeys(INGEST_COLUMNS)
     v.update(id=sid, org_id=org_id, start_date=start, end_date=end, status=status)
-    if s.HasField("verb") and s.verb != _VERB.SESSION_VERB_UNSPECIFIED:
-        v["verb"] = _VERB.Name(s.verb)
-    if s.HasField("identity_type") and s.identity_type != _IDENTITY.IDENTITY_TYPE_UNSPECIFIED:
-        v["identity_type"] = _IDENTITY.Name(s.identity_type)
+    v["verb"] = VERB_NAMES.get(s.verb)
+    v["identity_type"] = IDENTITY_NAMES.get(s.identity_type)
     # Always sent ('' = not known): the table keeps '' for these, and a later report's ''
     # does not overwrite what is stored (see sessions_store._merged).
     v["user_id"] = _nul_free("user_id", s.user_id, MAX_NAME)
@@ -145,8 +195,7 @@ def item_from_proto(s: pb.Session, org_id: uuid.UUID, now: datetime) -> IngestIt
     if s.HasField("review"):
         review = _message_dict(s.review)
         v["review"] = _json_text("review", review)
-        if s.review.HasField("status"):
-            v["review_status"] = _REVIEW_STATUS.Name(s.review.status)
+        v["review_status"] = REVIEW_STATUS_NAMES.get(s.review.status)
         emails = {
             g.reviewed_by.email.strip().lower()
             for g in s.review.review_groups_data
