@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 import grpc
@@ -18,6 +18,7 @@ class App:
     pool: asyncpg.Pool
     # Connections without the JSON codec, for the ingest write path (see db.create_pool).
     ingest_pool: asyncpg.Pool
+    tokens: auth.TokenCache = field(default_factory=auth.TokenCache)
 
     def timeout(self, context: grpc.aio.ServicerContext) -> float:
         """Seconds a query may run: the caller's remaining deadline, else the default."""
@@ -30,4 +31,6 @@ class App:
     async def caller(
         self, context: grpc.aio.ServicerContext, roles: Collection[str], action: str
     ) -> auth.Principal:
-        return await auth.authenticate(self.pool, context, roles, action, self.timeout(context))
+        return await auth.authenticate(
+            self.pool, context, roles, action, self.timeout(context), self.tokens
+        )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -99,18 +100,76 @@ def bearer(context: grpc.aio.ServicerContext) -> str:
     raise Unauthenticated("authorization: missing; send 'authorization: Bearer <token>'")
 
 
+CHANNEL = "session_audit_tokens"
+
+
+class TokenCache:
+    """Recent successful token lookups, so a request costs one query instead of two.
+
+    Safe only while we hear about every change: a trigger NOTIFYs on any write to api_tokens
+    and `clear()` runs on each notification; while the listening connection is down the
+    cache is disabled. A lookup that raced with a change (the generation moved while it ran)
+    is not cached. Entries also expire after `ttl` seconds.
+    """
+
+    def __init__(self, ttl: float = 30.0, size: int = 10_000) -> None:
+        self.ttl = ttl
+        self.size = size
+        self.enabled = False
+        self.generation = 0
+        self._entries: dict[bytes, tuple[float, Principal]] = {}
+
+    def get(self, key: bytes) -> Principal | None:
+        if not self.enabled:
+            return None
+        hit = self._entries.get(key)
+        if hit is None or hit[0] < time.monotonic():
+            return None
+        return hit[1]
+
+    def put(self, key: bytes, principal: Principal, generation: int) -> None:
+        if not self.enabled or generation != self.generation:
+            return
+        if len(self._entries) >= self.size:
+            self._entries.clear()
+        self._entries[key] = (time.monotonic() + self.ttl, principal)
+
+    def clear(self, *_: object) -> None:
+        self.generation += 1
+        self._entries.clear()
+
+    def disable(self, *_: object) -> None:
+        self.enabled = False
+        self.clear()
+
+    async def listen(self, dsn: str) -> asyncpg.Connection:
+        """Open the listening connection; the cache works while it lives."""
+        conn: asyncpg.Connection = await asyncpg.connect(dsn)
+        await conn.add_listener(CHANNEL, self.clear)
+        conn.add_termination_listener(self.disable)
+        self.clear()
+        self.enabled = True
+        return conn
+
+
 async def authenticate(
     pool: asyncpg.Pool,
     context: grpc.aio.ServicerContext,
     roles: Collection[str],
     action: str,
     timeout: float | None = None,
+    cache: TokenCache | None = None,
 ) -> Principal:
-    token = bearer(context)
-    row = await pool.fetchrow(LOOKUP, hash_token(token), timeout=timeout)
-    if row is None:
-        raise Unauthenticated("authorization: unknown or revoked token")
-    principal = Principal(row["id"], row["org_id"], row["role"], row["email"])
+    key = hash_token(bearer(context))
+    principal = cache.get(key) if cache is not None else None
+    if principal is None:
+        generation = cache.generation if cache is not None else 0
+        row = await pool.fetchrow(LOOKUP, key, timeout=timeout)
+        if row is None:
+            raise Unauthenticated("authorization: unknown or revoked token")
+        principal = Principal(row["id"], row["org_id"], row["role"], row["email"])
+        if cache is not None:
+            cache.put(key, principal, generation)
     principal.require(roles, action)
     return principal
 

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from session_audit import db
 from session_audit.app import App
+from session_audit.auth import TokenCache
 from session_audit.config import Config
 from session_audit.service_sessions import SessionService
 from session_audit.v1 import sessions_pb2, sessions_pb2_grpc
@@ -40,9 +41,21 @@ SERVICES: list[ServiceEntry] = [
 class Health:
     """Reports NOT_SERVING while PostgreSQL is unreachable and SERVING once it answers again."""
 
-    def __init__(self, pool: asyncpg.Pool, names: list[str], interval: float) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        names: list[str],
+        interval: float,
+        tokens: TokenCache | None = None,
+        dsn: str = "",
+    ) -> None:
         self.servicer = health.aio.HealthServicer()
         self.pool = pool
+        # The token cache's listening connection is (re)opened here whenever the database
+        # answers; until then the cache stays disabled.
+        self.tokens = tokens
+        self.dsn = dsn
+        self._listener: asyncpg.Connection | None = None
         self.names = ["", *names]
         self.interval = interval
         self.serving: bool | None = None
@@ -69,9 +82,20 @@ class Health:
         except Exception:
             return False
 
+    async def _keep_listening(self) -> None:
+        if self.tokens is None or (self._listener is not None and not self._listener.is_closed()):
+            return
+        try:
+            self._listener = await self.tokens.listen(self.dsn)
+        except Exception as exc:
+            log.warning("token cache disabled: cannot listen for token changes: %s", exc)
+
     async def _watch(self) -> None:
         while True:
-            await self.set(await self.probe())
+            serving = await self.probe()
+            if serving:
+                await self._keep_listening()
+            await self.set(serving)
             await asyncio.sleep(self.interval)
 
     def start(self) -> None:
@@ -83,6 +107,10 @@ class Health:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.servicer.enter_graceful_shutdown()
+        if self._listener is not None:
+            if self.tokens is not None:
+                self.tokens.disable()
+            await self._listener.close()
 
 
 async def serve(
@@ -107,7 +135,7 @@ async def serve(
     for name, add, factory in SERVICES:
         add(factory(app), server)
         names.append(name)
-    checker = Health(pool, names, config.health_interval)
+    checker = Health(pool, names, config.health_interval, app.tokens, dsn)
     health_pb2_grpc.add_HealthServicer_to_server(checker.servicer, server)
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from session_audit.sessions_store import INGEST_COLUMNS, JSON_COLUMNS
 from session_audit.v1 import sessions_pb2 as pb
