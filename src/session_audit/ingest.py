@@ -102,6 +102,13 @@ class IngestBatch:
             await writer
 
     async def _write(self, pending: dict[uuid.UUID, tuple[int, IngestItem]]) -> None:
+        # Most chunks are sessions never seen before: try the binary COPY first. It fails
+        # fast (savepoint rolled back) when any id is already stored; then the chunk takes
+        # the careful path.
+        if await store.copy_new(self.conn, [item.record() for _, item in pending.values()],
+                                self.timeout):  # fmt: skip
+            self.result.written += len(pending)
+            return
         existing = await store.lock_existing(self.conn, list(pending), self.timeout)
         fresh, known = [], []
         for sid, (index, item) in pending.items():
