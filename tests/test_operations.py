@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections.abc import Iterator
@@ -106,3 +107,44 @@ def test_several_workers_share_one_port(stack: Stack) -> None:
         assert len(workers) == 2
     finally:
         assert server.stop() == 0
+
+
+def test_a_call_past_its_deadline_leaves_no_query_running(stack: Stack) -> None:
+    token = stack.token(stack.new_org("deadline"), "auditor")
+
+    async def scenario() -> tuple[grpc.StatusCode, int]:
+        from session_audit import db
+
+        blocker = await db.connect(stack.dsn)
+        tx = blocker.transaction()
+        await tx.start()
+        # Every read of sessions now waits for this lock: the list query cannot finish.
+        await blocker.execute("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
+        try:
+
+            def call() -> grpc.StatusCode:
+                with grpc.insecure_channel(stack.grpc_target) as ch:
+                    try:
+                        pb_grpc.SessionServiceStub(ch).ListSessions(
+                            pb.ListSessionsRequest(), metadata=auth_md(token), timeout=1.0
+                        )
+                    except grpc.RpcError as err:
+                        return err.code()  # type: ignore[no-any-return]
+                return grpc.StatusCode.OK
+
+            code = await asyncio.to_thread(call)
+            await asyncio.sleep(1.0)
+            # The server cancelled its query when the deadline passed: nothing of ours waits.
+            waiting = await blocker.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = 'session-audit' AND state = 'active'"
+                " AND query ILIKE '%FROM sessions%' AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await tx.rollback()
+            await blocker.close()
+        return code, waiting
+
+    code, waiting = run(scenario())
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert waiting == 0
