@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import click
 
@@ -214,6 +215,8 @@ def run_cmd() -> None:
 
 def _print_banner(config: Config, grpc_port: int, admin: str) -> None:
     http = f"http://127.0.0.1:{config.http_port}"
+    grpcurl = Path(sys.executable).parent / "grpcurl"
+    cli = Path(sys.executable).parent / "session-audit"
     click.echo(
         f"""
 Session Audit Service is up.
@@ -228,11 +231,11 @@ Try:
   curl -s -H "authorization: Bearer $TOKEN" '{http}/api/sessions?limit=2'
   curl -s -H "authorization: Bearer $TOKEN" \\
       '{http}/api/sessions?type=database&review.status=APPROVED&limit=5'
-  grpcurl -plaintext 127.0.0.1:{grpc_port} list
-  grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{{"limit": 2}}' \\
+  {grpcurl} -plaintext 127.0.0.1:{grpc_port} list
+  {grpcurl} -plaintext -H "authorization: Bearer $TOKEN" -d '{{"limit": 2}}' \\
       127.0.0.1:{grpc_port} session_audit.v1.SessionService/ListSessions
 
-More tokens: .venv/bin/session-audit token create --org acme --role auditor --email you@acme.example
+More tokens: {cli} token create --org acme --role auditor --email you@acme.example
 Ctrl-C stops everything.
 """,
         err=False,
