@@ -241,7 +241,10 @@ def _syntax_error(param: str, text: str, exc: UnexpectedInput) -> InvalidArgumen
         expected = sorted(exc.expected)
         hint = ""
         if tok == "(":
-            hint = "; write attribute.operator(value)"
+            hint = (
+                "; terms are attribute.operator(value), and values holding parentheses or "
+                "commas must be URL-encoded (%28, %29, %2C)"
+            )
         elif ")" in str(tok) or tok == ")":
             hint = "; unbalanced parentheses"
         return InvalidArgument(

@@ -76,9 +76,12 @@ class PdfBuilder:
         usable = self.pdf.w - 2 * MARGIN
         fixed = [_WIDTHS.get(c.kind) for c in self.doc.columns]
         rest = usable - sum(w for w in fixed if w is not None)
-        flexible = sum(1 for w in fixed if w is None)
-        share = rest / flexible if flexible else 0.0
-        return [w if w is not None else share for w in fixed]
+        weights = sum(c.weight for c, w in zip(self.doc.columns, fixed, strict=True) if w is None)
+        unit = rest / weights if weights else 0.0
+        return [
+            w if w is not None else unit * c.weight
+            for c, w in zip(self.doc.columns, fixed, strict=True)
+        ]
 
     def _width(self, text: str) -> float:
         cw = self._cw

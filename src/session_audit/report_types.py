@@ -40,6 +40,8 @@ class Column:
     label: str
     # text | integer | time | boolean: alignment, and CSV formula neutralisation (text only).
     kind: str = "text"
+    # Relative width of a text column in the PDF.
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,10 @@ _INSERT = "INSERT INTO report_rows (report_id, n, cells)\n"
 SESSION_SUMMARY = ReportType(
     "session_summary", "Session summary", 11, "sessions",
     (
-        Column("id", "Session id"), Column("created_at", "Started", "time"),
+        Column("id", "Session id", weight=2.4), Column("created_at", "Started", "time"),
         Column("finished_at", "Finished", "time"), Column("duration_s", "Duration (s)", "integer"),
-        Column("user_email", "User e-mail"), Column("user_id", "User id"),
-        Column("connection", "Server"), Column("protocol", "Protocol"),
+        Column("user_email", "User e-mail", weight=1.8), Column("user_id", "User id", weight=1.6),
+        Column("connection", "Server", weight=1.4), Column("protocol", "Protocol"),
         Column("account", "Account"), Column("verb", "Verb"),
         Column("session_status", "Session status"), Column("status", "Approval status"),
         Column("retention_locked", "Retention locked", "boolean"),
@@ -275,7 +277,7 @@ USER_ACTIVITY = ReportType(
     (
         Column("at", "At", "time"), Column("actor", "Who"), Column("role", "Role"),
         Column("action", "Action"), Column("object_type", "Object"),
-        Column("object_id", "Object id"), Column("details", "Details"),
+        Column("object_id", "Object id"), Column("details", "Details", weight=4.0),
     ),
     _INSERT + f"""
 SELECT $1, row_number() OVER (ORDER BY a.at, a.id),
