@@ -407,3 +407,18 @@ def summary_ids(stack: Stack, token: str, query_filter: str, query_order: str = 
 
 def minutes(n: float) -> timedelta:
     return timedelta(minutes=n)
+
+
+def report_stub(stack: Stack) -> Any:
+    from session_audit.v1 import reports_pb2_grpc
+
+    return reports_pb2_grpc.ReportServiceStub(stack.channel())
+
+
+PREDEFINED = {
+    5: "System report", 6: "Account access report", 7: "Safe access report",
+    8: "Server access report", 9: "Session approvals by user",
+    10: "Session sharing invites by user", 11: "Session summary",
+    12: "Sessions by server report", 13: "User access report", 14: "User activity report",
+    15: "User privilege report", 16: "User report",
+}  # fmt: skip

@@ -62,7 +62,8 @@ class ReportDoc:
 def file_name(doc: ReportDoc, fmt: str) -> str:
     """ASCII letters, digits, '.', '_' and '-' only: safe in any header or file system."""
     folded = unicodedata.normalize("NFKD", doc.title).encode("ascii", "ignore").decode()
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", folded).strip("-.")[:60].strip("-.")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", folded)
+    slug = re.sub(r"[-.]{2,}", "-", slug).strip("-.")[:60].strip("-.")
     return f"{slug or 'report'}-{doc.id}.{fmt}"
 
 
