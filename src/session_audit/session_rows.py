@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from session_audit.sessions_store import INGEST_COLUMNS, JSON_COLUMNS
 from session_audit.v1 import sessions_pb2 as pb
@@ -41,6 +41,10 @@ STATUS_NAMES = _names(_STATUS)
 VERB_NAMES = _names(_VERB)
 IDENTITY_NAMES = _names(_IDENTITY)
 REVIEW_STATUS_NAMES = _names(_REVIEW_STATUS)
+# Name → number, for the read path (enum_type_wrapper.Value is a Python call per lookup).
+STATUS_NUMBERS = {name: _STATUS.Value(name) for name in STATUS_NAMES.values()}
+VERB_NUMBERS = {name: _VERB.Value(name) for name in VERB_NAMES.values()}
+IDENTITY_NUMBERS = {name: _IDENTITY.Value(name) for name in IDENTITY_NAMES.values()}
 
 
 class ItemError(ValueError):
@@ -249,31 +253,49 @@ def merge_items(old: IngestItem, new: IngestItem) -> IngestItem:
     return IngestItem(new.id, new.start_date, values["end_date"], new.explicit_status, values)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def set_timestamp(ts: timestamp_pb2.Timestamp, dt: datetime) -> None:
+    """Timestamp.FromDatetime in integer arithmetic: several times cheaper than the library's
+    utctimetuple/timegm route, and it runs a few times per listed session."""
+    d = dt - _EPOCH if dt.tzinfo is not None else dt - _EPOCH.replace(tzinfo=None)
+    ts.seconds = d.days * 86400 + d.seconds
+    ts.nanos = d.microseconds * 1000
+
+
+@functools.cache
+def _json_plan(descriptor: Any) -> dict[str, tuple[str, Any]]:
+    """Per message type, once: field name → (kind, field) for _set_json."""
+    return {f.name: (_field_kind(f), f) for f in descriptor.fields}
+
+
 def _set_json(target: Any, value: dict[str, Any]) -> None:
     """Fill a message from the JSON we stored (our own MessageToDict output). A direct walk of
     the descriptor: json_format.ParseDict's generality costs ~10x more per list page."""
-    fields = target.DESCRIPTOR.fields_by_name
+    plan = _json_plan(target.DESCRIPTOR)
     for key, item in value.items():
-        f = fields.get(key)
-        if f is None:
+        entry = plan.get(key)
+        if entry is None:
             continue
-        if f.message_type is not None:
-            if f.message_type.GetOptions().map_entry:
-                getattr(target, key).update(item)
-            elif f.message_type.full_name == "google.protobuf.Timestamp":
-                getattr(target, key).FromDatetime(datetime.fromisoformat(item))
-            elif f.is_repeated:
-                container = getattr(target, key)
-                for element in item:
-                    _set_json(container.add(), element)
+        kind, f = entry
+        if kind == "scalar":
+            if f.is_repeated:
+                getattr(target, key).extend(item)
             else:
-                _set_json(getattr(target, key), item)
-        elif f.enum_type is not None:
+                setattr(target, key, item)
+        elif kind == "enum":
             setattr(target, key, f.enum_type.values_by_name[item].number)
+        elif kind == "map":
+            getattr(target, key).update(item)
+        elif kind == "timestamp":
+            set_timestamp(getattr(target, key), datetime.fromisoformat(item))
         elif f.is_repeated:
-            getattr(target, key).extend(item)
+            container = getattr(target, key)
+            for element in item:
+                _set_json(container.add(), element)
         else:
-            setattr(target, key, item)
+            _set_json(getattr(target, key), item)
 
 
 def row_to_proto(r: asyncpg.Record) -> pb.Session:
@@ -289,15 +311,15 @@ def row_to_proto(r: asyncpg.Record) -> pb.Session:
         role_name=r["role_name"],
         event_size=float(r["event_size"]),
         script_size=float(r["script_size"]),
-        status=_STATUS.Value(r["status"]),
+        status=STATUS_NUMBERS[r["status"]],
     )
-    s.start_date.FromDatetime(r["start_date"])
+    set_timestamp(s.start_date, r["start_date"])
     if r["end_date"] is not None:
-        s.end_date.FromDatetime(r["end_date"])
+        set_timestamp(s.end_date, r["end_date"])
     if r["verb"] is not None:
-        s.verb = _VERB.Value(r["verb"])
+        s.verb = VERB_NUMBERS[r["verb"]]
     if r["identity_type"] is not None:
-        s.identity_type = _IDENTITY.Value(r["identity_type"])
+        s.identity_type = IDENTITY_NUMBERS[r["identity_type"]]
     for col in ("resource_name", "machine_identity_id", "correlation_id", "session_batch_id"):
         if r[col] is not None:
             setattr(s, col, r[col])
