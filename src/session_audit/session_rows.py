@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-import json
+import math
+import operator
 import re
 import uuid
 from dataclasses import dataclass
@@ -11,7 +12,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import orjson
 from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
 
 from session_audit.sessions_store import INGEST_COLUMNS, JSON_COLUMNS
 from session_audit.v1 import sessions_pb2 as pb
@@ -66,12 +69,71 @@ def _size(name: str, value: float) -> int:
 
 
 def _json_text(name: str, value: Any) -> str:
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    # orjson writes what json.dumps(separators=(",", ":"), ensure_ascii=False) writes, several
+    # times faster; non-finite numbers never get here (_BadValue).
+    text = orjson.dumps(value).decode()
     if len(text) > MAX_JSON:
         raise ItemError(f"{name}: expected at most {MAX_JSON} bytes of JSON")
     if "\\u0000" in text or "\x00" in text:
         raise ItemError(f"{name}: must not contain NUL characters")
     return text
+
+
+# Range of google.protobuf.Timestamp (0001-01-01 .. 9999-12-31), as the library checks it.
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+NON_FINITE = "expected a finite number (JSON has no NaN or Infinity)"
+BAD_TIME = "expected a time between 0001-01-01 and 9999-12-31 (nanos 0..999999999)"
+
+
+class _BadValue(Exception):
+    """A NaN/infinity or an out-of-range Timestamp met on the hot path, without a location;
+    `_bad_value_path` finds the field afterwards, only for such items."""
+
+
+def _valid_timestamp(ts: timestamp_pb2.Timestamp) -> bool:
+    return _MIN_SECONDS <= ts.seconds <= _MAX_SECONDS and 0 <= ts.nanos < 1_000_000_000
+
+
+def _timestamp(name: str, ts: timestamp_pb2.Timestamp) -> datetime:
+    """Timestamp.ToDatetime(tzinfo=UTC) in integer arithmetic, with the range check turned
+    into an ItemError naming the field."""
+    if not _valid_timestamp(ts):
+        raise ItemError(f"{name}: {BAD_TIME}, got seconds={ts.seconds} nanos={ts.nanos}")
+    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+
+
+def _bad_value_path(value: Any, path: str = "") -> tuple[str, str] | None:
+    """(dotted path, what was expected) of the first bad value in a message/Struct/ListValue."""
+    items: list[tuple[str, Any]]
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, NON_FINITE)
+    if isinstance(value, timestamp_pb2.Timestamp):
+        return None if _valid_timestamp(value) else (path, BAD_TIME)
+    if isinstance(value, struct_pb2.Value):
+        kind = value.WhichOneof("kind")
+        if kind == "number_value":
+            return None if math.isfinite(value.number_value) else (path, NON_FINITE)
+        inner = getattr(value, kind) if kind in ("struct_value", "list_value") else None
+        return None if inner is None else _bad_value_path(inner, path)
+    if isinstance(value, struct_pb2.Struct):
+        items = [(f"{path}.{k}", v) for k, v in value.fields.items()]
+    elif isinstance(value, struct_pb2.ListValue):
+        items = [(f"{path}[{i}]", v) for i, v in enumerate(value.values)]
+    elif isinstance(value, Message):
+        items = []
+        for f, v in value.ListFields():
+            name = f"{path}.{f.name}" if path else f.name
+            if f.is_repeated and _field_kind(f) != "map":
+                items += [(f"{name}[{i}]", e) for i, e in enumerate(v)]
+            else:
+                items.append((name, v))
+    else:
+        return None
+    for item_path, item in items:
+        found = _bad_value_path(item, item_path)
+        if found is not None:
+            return found
+    return None
 
 
 def _plain(value: Any) -> Any:
@@ -89,6 +151,8 @@ def _plain_value(v: struct_pb2.Value) -> Any:
         return v.string_value
     if kind == "number_value":
         n = v.number_value
+        if not math.isfinite(n):
+            raise _BadValue
         return int(n) if n.is_integer() and abs(n) < MAX_EXACT else n
     if kind == "bool_value":
         return v.bool_value
@@ -111,13 +175,23 @@ def _field_value(f: Any, value: Any) -> Any:
     if kind == "map":
         return dict(value)
     if kind == "timestamp":
-        return [v.ToJsonString() for v in value] if f.is_repeated else value.ToJsonString()
+        stamps = list(value) if f.is_repeated else [value]
+        if not all(map(_valid_timestamp, stamps)):
+            raise _BadValue
+        return [v.ToJsonString() for v in stamps] if f.is_repeated else value.ToJsonString()
     if kind == "message":
         return [_message_dict(v) for v in value] if f.is_repeated else _message_dict(value)
     if kind == "enum":
         names = f.enum_type.values_by_number
         return [names[v].name for v in value] if f.is_repeated else names[value].name
-    return list(value) if f.is_repeated else value
+    if f.is_repeated:
+        out = list(value)
+        if out and isinstance(out[0], float) and not all(map(math.isfinite, out)):
+            raise _BadValue
+        return out
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _BadValue
+    return value
 
 
 @functools.cache
@@ -131,6 +205,9 @@ def _field_kind(f: Any) -> str:
     return "enum" if f.enum_type is not None else "scalar"
 
 
+_RECORD = operator.itemgetter(*INGEST_COLUMNS)
+
+
 @dataclass(frozen=True)
 class IngestItem:
     id: uuid.UUID
@@ -140,11 +217,20 @@ class IngestItem:
     values: dict[str, Any]
 
     def record(self) -> tuple[Any, ...]:
-        return tuple(self.values[c] for c in INGEST_COLUMNS)
+        row: tuple[Any, ...] = _RECORD(self.values)
+        return row
 
 
 def item_from_proto(s: pb.Session, org_id: uuid.UUID, now: datetime) -> IngestItem:
     """Validate one reported session and turn it into column values (None = not sent)."""
+    try:
+        return _item_from_proto(s, org_id, now)
+    except _BadValue:
+        where, expected = _bad_value_path(s) or ("session", "valid values")
+        raise ItemError(f"{where}: {expected}") from None
+
+
+def _item_from_proto(s: pb.Session, org_id: uuid.UUID, now: datetime) -> IngestItem:
     try:
         sid = uuid.UUID(s.id.strip())
     except ValueError:
@@ -153,10 +239,10 @@ def item_from_proto(s: pb.Session, org_id: uuid.UUID, now: datetime) -> IngestIt
         raise ItemError("org_id: must be empty or the token's org")
     if not s.HasField("start_date"):
         raise ItemError("start_date: required")
-    start = s.start_date.ToDatetime(tzinfo=UTC)
+    start = _timestamp("start_date", s.start_date)
     if start > now + FUTURE_SLACK:
         raise ItemError(f"start_date: in the future ({start.isoformat()})")
-    end = s.end_date.ToDatetime(tzinfo=UTC) if s.HasField("end_date") else None
+    end = _timestamp("end_date", s.end_date) if s.HasField("end_date") else None
     if end is not None and end < start:
         raise ItemError("end_date: before start_date")
 
