@@ -86,7 +86,8 @@ BAD_TIME = "expected a time between 0001-01-01 and 9999-12-31 (nanos 0..99999999
 
 
 class _BadValue(Exception):
-    """A NaN/infinity or an out-of-range Timestamp met on the hot path, without a location;
+    """A NaN/infinity, an out-of-range Timestamp or an undefined enum number met on the hot
+    path, without a location;
     `_bad_value_path` finds the field afterwards, only for such items."""
 
 
@@ -123,6 +124,12 @@ def _bad_value_path(value: Any, path: str = "") -> tuple[str, str] | None:
         items = []
         for f, v in value.ListFields():
             name = f"{path}.{f.name}" if path else f.name
+            if f.enum_type is not None:
+                known = f.enum_type.values_by_number
+                if any(n not in known for n in (v if f.is_repeated else [v])):
+                    expected = ", ".join(e.name for e in f.enum_type.values if e.number)
+                    return name, f"expected one of {expected}"
+                continue
             if f.is_repeated and _field_kind(f) != "map":
                 items += [(f"{name}[{i}]", e) for i, e in enumerate(v)]
             else:
@@ -183,7 +190,10 @@ def _field_value(f: Any, value: Any) -> Any:
         return [_message_dict(v) for v in value] if f.is_repeated else _message_dict(value)
     if kind == "enum":
         names = f.enum_type.values_by_number
-        return [names[v].name for v in value] if f.is_repeated else names[value].name
+        numbers = list(value) if f.is_repeated else [value]
+        if not all(n in names for n in numbers):
+            raise _BadValue  # a number this contract does not define (proto3 enums are open)
+        return [names[v].name for v in numbers] if f.is_repeated else names[value].name
     if f.is_repeated:
         out = list(value)
         if out and isinstance(out[0], float) and not all(map(math.isfinite, out)):
@@ -246,6 +256,11 @@ def _item_from_proto(s: pb.Session, org_id: uuid.UUID, now: datetime) -> IngestI
     if end is not None and end < start:
         raise ItemError("end_date: before start_date")
 
+    for name, names in (("status", STATUS_NAMES), ("verb", VERB_NAMES),
+                        ("identity_type", IDENTITY_NAMES)):  # fmt: skip
+        number = getattr(s, name)
+        if number and number not in names:
+            raise ItemError(f"{name}: expected one of {', '.join(names.values())}, got {number}")
     explicit = s.status in STATUS_NAMES
     if explicit:
         status = STATUS_NAMES[s.status]
