@@ -190,10 +190,10 @@ def _field_value(f: Any, value: Any) -> Any:
         return [_message_dict(v) for v in value] if f.is_repeated else _message_dict(value)
     if kind == "enum":
         names = f.enum_type.values_by_number
-        numbers = list(value) if f.is_repeated else [value]
-        if not all(n in names for n in numbers):
-            raise _BadValue  # a number this contract does not define (proto3 enums are open)
-        return [names[v].name for v in numbers] if f.is_repeated else names[value].name
+        try:  # an undefined number (proto3 enums are open on the wire) is a KeyError
+            return [names[v].name for v in value] if f.is_repeated else names[value].name
+        except KeyError:
+            raise _BadValue from None
     if f.is_repeated:
         out = list(value)
         if out and isinstance(out[0], float) and not all(map(math.isfinite, out)):
