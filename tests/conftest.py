@@ -4,24 +4,14 @@ server process and Envoy, started once and shared; tests isolate themselves by o
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from session_audit import envoy
 from session_audit.embedded import EmbeddedPostgres
-from tests.support import Stack, _with_conn, run, start_stack
-
-
-def _fresh_database(url: str) -> tuple[str, str]:
-    """A new, empty database on DATABASE_URL's server, so tests never touch real data."""
-    name = f"session_audit_test_{uuid.uuid4().hex[:8]}"
-    run(_with_conn(url, f'CREATE DATABASE "{name}"'))
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path="/" + name)), name
+from tests.support import Stack, _with_conn, fresh_database, run, start_stack
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +23,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def database(workdir: Path) -> Iterator[str]:
     url = os.environ.get("DATABASE_URL", "")
     if url:
-        dsn, name = _fresh_database(url)
+        dsn, name = fresh_database(url)
         yield dsn
         run(_with_conn(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         return

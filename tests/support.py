@@ -17,6 +17,7 @@ from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
@@ -41,6 +42,14 @@ async def _with_conn(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         return rows
     finally:
         await conn.close()
+
+
+def fresh_database(url: str) -> tuple[str, str]:
+    """A new, empty database on `url`'s server: (its DSN, its name)."""
+    name = f"session_audit_test_{uuid.uuid4().hex[:8]}"
+    run(_with_conn(url, f'CREATE DATABASE "{name}"'))
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name)), name
 
 
 def wait_grpc(target: str, timeout: float = 30.0) -> None:

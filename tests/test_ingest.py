@@ -190,3 +190,45 @@ def test_stream_ingest_is_one_transaction(stack: Stack, org_admin: tuple[str, st
     assert (
         stack.sql("SELECT count(*) AS n FROM sessions WHERE id = any($1::uuid[])", ids)[0]["n"] == 0
     )
+
+
+def test_unrepresentable_values_reject_the_item_not_the_batch(
+    stack: Stack, org_admin: tuple[str, str]
+) -> None:
+    """JSON has no NaN or Infinity, PostgreSQL no year 10000, the contract no enum number 99; a
+    gRPC client can still send them (in a Struct, a double, a Timestamp, an open enum). Such an
+    item is rejected naming the field, and the rest of the batch is stored."""
+    _, token = org_admin
+    good = Spec(start=T0).to_proto()
+    in_metrics = Spec(start=T0).to_proto()
+    in_metrics.metrics.update({"data_masking": {"ratio": float("nan")}})
+    in_review = Spec(start=T0, review_status="APPROVED").to_proto()
+    in_review.review.access_duration = float("inf")
+    in_list = Spec(start=T0).to_proto()
+    in_list.metadata.update({"samples": [1, float("-inf")]})
+    far_start = Spec(start=T0).to_proto()
+    far_start.start_date.seconds = 10**13
+    bad_nanos = Spec(start=T0, end=T0 + minutes(1)).to_proto()
+    bad_nanos.end_date.nanos = -1
+    nested_time = Spec(start=T0, review_status="APPROVED").to_proto()
+    nested_time.review.created_at.seconds = -(10**13)
+    odd_verb = Spec(start=T0).to_proto()
+    odd_verb.verb = 99  # type: ignore[assignment]  # proto3 enums are open on the wire
+    odd_review = Spec(start=T0, review_status="APPROVED").to_proto()
+    odd_review.review.type = 42  # type: ignore[assignment]
+    batch = [good, in_metrics, in_review, in_list, far_start, bad_nanos, nested_time, odd_verb,
+             odd_review]  # fmt: skip
+    reply = stack.ingest(token, batch)
+    assert (reply.accepted, reply.written, reply.rejected) == (1, 1, 8)
+    reasons = {r.index: r.reason for r in reply.rejections}
+    assert reasons[1].startswith("metrics.data_masking.ratio: expected a finite number")
+    assert reasons[2].startswith("review.access_duration: expected a finite number")
+    assert reasons[3].startswith("metadata.samples[1]: expected a finite number")
+    assert reasons[4].startswith("start_date: expected a time between 0001-01-01 and 9999")
+    assert reasons[5].startswith("end_date: expected a time between")
+    assert reasons[6].startswith("review.created_at: expected a time between")
+    assert reasons[7] == "verb: expected one of connect, exec, got 99"
+    assert reasons[8] == "review.type: expected one of onetime, jit"
+    assert stack.rest("GET", f"/api/sessions/{good.id}", token).status_code == 200
+    for rejected in batch[1:]:
+        assert stack.rest("GET", f"/api/sessions/{rejected.id}", token).status_code == 404

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shlex
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
@@ -186,23 +187,25 @@ def run_cmd() -> None:
     proxy = None
     try:
 
-        async def prepare() -> str:
+        async def prepare() -> tuple[str, str]:
             await _migrate(dsn)
             conn = await db.connect(dsn, json_codec=False)
             try:
                 if await seed.is_empty(conn):
                     click.echo(f"loading {DEMO_SESSIONS} demo sessions…", err=True)
                     await seed.seed(conn, DEMO_SESSIONS)
-                return await auth.create_token(conn, "acme", "admin", "admin@acme.example")
+                org = await seed.showcase_org(conn)
+                email = f"admin@{org}.example"
+                return org, await auth.create_token(conn, org, "admin", email)
             finally:
                 await conn.close()
 
-        admin = asyncio.run(prepare())
+        org, admin = asyncio.run(prepare())
 
         def ready(grpc_port: int) -> None:
             nonlocal proxy
             proxy = envoy.start(config.http_port, grpc_port, config.data_dir)
-            _print_banner(config, grpc_port, admin)
+            _print_banner(config, grpc_port, org, admin)
 
         asyncio.run(server.serve(config, dsn, on_ready=ready))
     finally:
@@ -213,7 +216,7 @@ def run_cmd() -> None:
         click.echo("stopped.", err=True)
 
 
-def _print_banner(config: Config, grpc_port: int, admin: str) -> None:
+def _print_banner(config: Config, grpc_port: int, org: str, admin: str) -> None:
     http = f"http://127.0.0.1:{config.http_port}"
     grpcurl = Path(sys.executable).parent / "grpcurl"
     cli = Path(sys.executable).parent / "session-audit"
@@ -224,7 +227,7 @@ Session Audit Service is up.
   REST   {http}   (Envoy)
   data   {config.database_url or config.data_dir}
 
-Admin token for org 'acme':
+Admin token for org '{org}':
   export TOKEN={admin}
 
 Try:
@@ -244,7 +247,8 @@ Reports (API v2): list definitions, generate a report, wait until ready, downloa
       | grep -q '"status":"ready"'; do sleep 1; done
   curl -s -OJ -H "authorization: Bearer $TOKEN" "{http}/api/v2/report/$ID/html"
 
-More tokens: {cli} token create --org acme --role auditor --email you@acme.example
+More tokens: {cli} token create --org {shlex.quote(org)} --role auditor \\
+    --email {shlex.quote(f"you@{org}.example")}
 Ctrl-C stops everything.
 """,
         err=False,

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
-import json
-
 import asyncpg
 import asyncpg.pool
+import orjson
 
 SERVER_SETTINGS = {"jit": "off", "application_name": "session-audit"}
 
 
+def _json_encode(value: object) -> str:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
+    # orjson: decoding the jsonb columns of a listed page is ~4x cheaper than the json module.
     for typename in ("json", "jsonb"):
         await conn.set_type_codec(
-            typename, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+            typename, encoder=_json_encode, decoder=orjson.loads, schema="pg_catalog"
         )
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool release hook: asyncpg still rolls back an open transaction and drops listeners; we
+    skip its reset query (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL), a round trip on
+    every request. Rule that makes it safe: code on pooled connections keeps no session state —
+    `SET LOCAL`, `pg_advisory_xact_lock`, no session LISTEN (dedicated connections for that)."""
 
 
 async def create_pool(
@@ -29,6 +40,7 @@ async def create_pool(
         init=_init_connection if json_codec else None,
         server_settings=SERVER_SETTINGS,
         command_timeout=None,
+        reset=_keep_session,
     )
     return pool
 

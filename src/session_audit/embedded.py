@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,9 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (or attach to) the cluster; return a DSN for the service's database."""
+        # pgserver's platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); the
+        # fallback it takes is fine, and the warning would clutter `make run`'s banner.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
         import pgserver
 
         self.data_dir.mkdir(parents=True, exist_ok=True)

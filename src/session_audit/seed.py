@@ -151,6 +151,22 @@ async def is_empty(conn: asyncpg.Connection) -> bool:
     return not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM sessions)")
 
 
+# The org `run` prints a token for: the demo org when it has sessions, else the first org that
+# has any (a database loaded by other means), else the demo org. One index probe per org.
+SHOWCASE_ORG = """
+SELECT o.name
+  FROM orgs o
+ WHERE EXISTS (SELECT 1 FROM sessions s WHERE s.org_id = o.id)
+ ORDER BY o.name = $1 DESC, o.name
+ LIMIT 1
+"""
+
+
+async def showcase_org(conn: asyncpg.Connection) -> str:
+    name: str | None = await conn.fetchval(SHOWCASE_ORG, ORGS[0])
+    return name or ORGS[0]
+
+
 async def seed(
     conn: asyncpg.Connection, sessions: int, *, seed_value: int = 7, progress: bool = True
 ) -> IngestResult:

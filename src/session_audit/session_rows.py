@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-import json
+import math
+import operator
 import re
 import uuid
 from dataclasses import dataclass
@@ -11,7 +12,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-from google.protobuf import struct_pb2
+import orjson
+from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
 
 from session_audit.sessions_store import INGEST_COLUMNS, JSON_COLUMNS
 from session_audit.v1 import sessions_pb2 as pb
@@ -41,6 +44,10 @@ STATUS_NAMES = _names(_STATUS)
 VERB_NAMES = _names(_VERB)
 IDENTITY_NAMES = _names(_IDENTITY)
 REVIEW_STATUS_NAMES = _names(_REVIEW_STATUS)
+# Name → number, for the read path (enum_type_wrapper.Value is a Python call per lookup).
+STATUS_NUMBERS = {name: _STATUS.Value(name) for name in STATUS_NAMES.values()}
+VERB_NUMBERS = {name: _VERB.Value(name) for name in VERB_NAMES.values()}
+IDENTITY_NUMBERS = {name: _IDENTITY.Value(name) for name in IDENTITY_NAMES.values()}
 
 
 class ItemError(ValueError):
@@ -62,12 +69,78 @@ def _size(name: str, value: float) -> int:
 
 
 def _json_text(name: str, value: Any) -> str:
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    # orjson writes what json.dumps(separators=(",", ":"), ensure_ascii=False) writes, several
+    # times faster; non-finite numbers never get here (_BadValue).
+    text = orjson.dumps(value).decode()
     if len(text) > MAX_JSON:
         raise ItemError(f"{name}: expected at most {MAX_JSON} bytes of JSON")
     if "\\u0000" in text or "\x00" in text:
         raise ItemError(f"{name}: must not contain NUL characters")
     return text
+
+
+# Range of google.protobuf.Timestamp (0001-01-01 .. 9999-12-31), as the library checks it.
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+NON_FINITE = "expected a finite number (JSON has no NaN or Infinity)"
+BAD_TIME = "expected a time between 0001-01-01 and 9999-12-31 (nanos 0..999999999)"
+
+
+class _BadValue(Exception):
+    """A NaN/infinity, an out-of-range Timestamp or an undefined enum number met on the hot
+    path, without a location;
+    `_bad_value_path` finds the field afterwards, only for such items."""
+
+
+def _valid_timestamp(ts: timestamp_pb2.Timestamp) -> bool:
+    return _MIN_SECONDS <= ts.seconds <= _MAX_SECONDS and 0 <= ts.nanos < 1_000_000_000
+
+
+def _timestamp(name: str, ts: timestamp_pb2.Timestamp) -> datetime:
+    """Timestamp.ToDatetime(tzinfo=UTC) in integer arithmetic, with the range check turned
+    into an ItemError naming the field."""
+    if not _valid_timestamp(ts):
+        raise ItemError(f"{name}: {BAD_TIME}, got seconds={ts.seconds} nanos={ts.nanos}")
+    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+
+
+def _bad_value_path(value: Any, path: str = "") -> tuple[str, str] | None:
+    """(dotted path, what was expected) of the first bad value in a message/Struct/ListValue."""
+    items: list[tuple[str, Any]]
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, NON_FINITE)
+    if isinstance(value, timestamp_pb2.Timestamp):
+        return None if _valid_timestamp(value) else (path, BAD_TIME)
+    if isinstance(value, struct_pb2.Value):
+        kind = value.WhichOneof("kind")
+        if kind == "number_value":
+            return None if math.isfinite(value.number_value) else (path, NON_FINITE)
+        inner = getattr(value, kind) if kind in ("struct_value", "list_value") else None
+        return None if inner is None else _bad_value_path(inner, path)
+    if isinstance(value, struct_pb2.Struct):
+        items = [(f"{path}.{k}", v) for k, v in value.fields.items()]
+    elif isinstance(value, struct_pb2.ListValue):
+        items = [(f"{path}[{i}]", v) for i, v in enumerate(value.values)]
+    elif isinstance(value, Message):
+        items = []
+        for f, v in value.ListFields():
+            name = f"{path}.{f.name}" if path else f.name
+            if f.enum_type is not None:
+                known = f.enum_type.values_by_number
+                if any(n not in known for n in (v if f.is_repeated else [v])):
+                    expected = ", ".join(e.name for e in f.enum_type.values if e.number)
+                    return name, f"expected one of {expected}"
+                continue
+            if f.is_repeated and _field_kind(f) != "map":
+                items += [(f"{name}[{i}]", e) for i, e in enumerate(v)]
+            else:
+                items.append((name, v))
+    else:
+        return None
+    for item_path, item in items:
+        found = _bad_value_path(item, item_path)
+        if found is not None:
+            return found
+    return None
 
 
 def _plain(value: Any) -> Any:
@@ -85,6 +158,8 @@ def _plain_value(v: struct_pb2.Value) -> Any:
         return v.string_value
     if kind == "number_value":
         n = v.number_value
+        if not math.isfinite(n):
+            raise _BadValue
         return int(n) if n.is_integer() and abs(n) < MAX_EXACT else n
     if kind == "bool_value":
         return v.bool_value
@@ -107,13 +182,26 @@ def _field_value(f: Any, value: Any) -> Any:
     if kind == "map":
         return dict(value)
     if kind == "timestamp":
-        return [v.ToJsonString() for v in value] if f.is_repeated else value.ToJsonString()
+        stamps = list(value) if f.is_repeated else [value]
+        if not all(map(_valid_timestamp, stamps)):
+            raise _BadValue
+        return [v.ToJsonString() for v in stamps] if f.is_repeated else value.ToJsonString()
     if kind == "message":
         return [_message_dict(v) for v in value] if f.is_repeated else _message_dict(value)
     if kind == "enum":
         names = f.enum_type.values_by_number
-        return [names[v].name for v in value] if f.is_repeated else names[value].name
-    return list(value) if f.is_repeated else value
+        try:  # an undefined number (proto3 enums are open on the wire) is a KeyError
+            return [names[v].name for v in value] if f.is_repeated else names[value].name
+        except KeyError:
+            raise _BadValue from None
+    if f.is_repeated:
+        out = list(value)
+        if out and isinstance(out[0], float) and not all(map(math.isfinite, out)):
+            raise _BadValue
+        return out
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _BadValue
+    return value
 
 
 @functools.cache
@@ -127,6 +215,9 @@ def _field_kind(f: Any) -> str:
     return "enum" if f.enum_type is not None else "scalar"
 
 
+_RECORD = operator.itemgetter(*INGEST_COLUMNS)
+
+
 @dataclass(frozen=True)
 class IngestItem:
     id: uuid.UUID
@@ -136,11 +227,20 @@ class IngestItem:
     values: dict[str, Any]
 
     def record(self) -> tuple[Any, ...]:
-        return tuple(self.values[c] for c in INGEST_COLUMNS)
+        row: tuple[Any, ...] = _RECORD(self.values)
+        return row
 
 
 def item_from_proto(s: pb.Session, org_id: uuid.UUID, now: datetime) -> IngestItem:
     """Validate one reported session and turn it into column values (None = not sent)."""
+    try:
+        return _item_from_proto(s, org_id, now)
+    except _BadValue:
+        where, expected = _bad_value_path(s) or ("session", "valid values")
+        raise ItemError(f"{where}: {expected}") from None
+
+
+def _item_from_proto(s: pb.Session, org_id: uuid.UUID, now: datetime) -> IngestItem:
     try:
         sid = uuid.UUID(s.id.strip())
     except ValueError:
@@ -149,13 +249,18 @@ def item_from_proto(s: pb.Session, org_id: uuid.UUID, now: datetime) -> IngestIt
         raise ItemError("org_id: must be empty or the token's org")
     if not s.HasField("start_date"):
         raise ItemError("start_date: required")
-    start = s.start_date.ToDatetime(tzinfo=UTC)
+    start = _timestamp("start_date", s.start_date)
     if start > now + FUTURE_SLACK:
         raise ItemError(f"start_date: in the future ({start.isoformat()})")
-    end = s.end_date.ToDatetime(tzinfo=UTC) if s.HasField("end_date") else None
+    end = _timestamp("end_date", s.end_date) if s.HasField("end_date") else None
     if end is not None and end < start:
         raise ItemError("end_date: before start_date")
 
+    for name, names in (("status", STATUS_NAMES), ("verb", VERB_NAMES),
+                        ("identity_type", IDENTITY_NAMES)):  # fmt: skip
+        number = getattr(s, name)
+        if number and number not in names:
+            raise ItemError(f"{name}: expected one of {', '.join(names.values())}, got {number}")
     explicit = s.status in STATUS_NAMES
     if explicit:
         status = STATUS_NAMES[s.status]
@@ -249,31 +354,49 @@ def merge_items(old: IngestItem, new: IngestItem) -> IngestItem:
     return IngestItem(new.id, new.start_date, values["end_date"], new.explicit_status, values)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def set_timestamp(ts: timestamp_pb2.Timestamp, dt: datetime) -> None:
+    """Timestamp.FromDatetime in integer arithmetic: several times cheaper than the library's
+    utctimetuple/timegm route, and it runs a few times per listed session."""
+    d = dt - _EPOCH if dt.tzinfo is not None else dt - _EPOCH.replace(tzinfo=None)
+    ts.seconds = d.days * 86400 + d.seconds
+    ts.nanos = d.microseconds * 1000
+
+
+@functools.cache
+def _json_plan(descriptor: Any) -> dict[str, tuple[str, Any]]:
+    """Per message type, once: field name → (kind, field) for _set_json."""
+    return {f.name: (_field_kind(f), f) for f in descriptor.fields}
+
+
 def _set_json(target: Any, value: dict[str, Any]) -> None:
     """Fill a message from the JSON we stored (our own MessageToDict output). A direct walk of
     the descriptor: json_format.ParseDict's generality costs ~10x more per list page."""
-    fields = target.DESCRIPTOR.fields_by_name
+    plan = _json_plan(target.DESCRIPTOR)
     for key, item in value.items():
-        f = fields.get(key)
-        if f is None:
+        entry = plan.get(key)
+        if entry is None:
             continue
-        if f.message_type is not None:
-            if f.message_type.GetOptions().map_entry:
-                getattr(target, key).update(item)
-            elif f.message_type.full_name == "google.protobuf.Timestamp":
-                getattr(target, key).FromDatetime(datetime.fromisoformat(item))
-            elif f.is_repeated:
-                container = getattr(target, key)
-                for element in item:
-                    _set_json(container.add(), element)
+        kind, f = entry
+        if kind == "scalar":
+            if f.is_repeated:
+                getattr(target, key).extend(item)
             else:
-                _set_json(getattr(target, key), item)
-        elif f.enum_type is not None:
+                setattr(target, key, item)
+        elif kind == "enum":
             setattr(target, key, f.enum_type.values_by_name[item].number)
+        elif kind == "map":
+            getattr(target, key).update(item)
+        elif kind == "timestamp":
+            set_timestamp(getattr(target, key), datetime.fromisoformat(item))
         elif f.is_repeated:
-            getattr(target, key).extend(item)
+            container = getattr(target, key)
+            for element in item:
+                _set_json(container.add(), element)
         else:
-            setattr(target, key, item)
+            _set_json(getattr(target, key), item)
 
 
 def row_to_proto(r: asyncpg.Record) -> pb.Session:
@@ -289,15 +412,15 @@ def row_to_proto(r: asyncpg.Record) -> pb.Session:
         role_name=r["role_name"],
         event_size=float(r["event_size"]),
         script_size=float(r["script_size"]),
-        status=_STATUS.Value(r["status"]),
+        status=STATUS_NUMBERS[r["status"]],
     )
-    s.start_date.FromDatetime(r["start_date"])
+    set_timestamp(s.start_date, r["start_date"])
     if r["end_date"] is not None:
-        s.end_date.FromDatetime(r["end_date"])
+        set_timestamp(s.end_date, r["end_date"])
     if r["verb"] is not None:
-        s.verb = _VERB.Value(r["verb"])
+        s.verb = VERB_NUMBERS[r["verb"]]
     if r["identity_type"] is not None:
-        s.identity_type = _IDENTITY.Value(r["identity_type"])
+        s.identity_type = IDENTITY_NUMBERS[r["identity_type"]]
     for col in ("resource_name", "machine_identity_id", "correlation_id", "session_batch_id"):
         if r[col] is not None:
             setattr(s, col, r[col])

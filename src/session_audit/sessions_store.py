@@ -159,6 +159,10 @@ async def list_sessions(conn: Conn, who: Principal, q: ListQuery, timeout: float
         f" ORDER BY s.start_date DESC, s.id DESC"
         f" LIMIT {where.params(q.limit + 1)} OFFSET {where.params(q.offset)}"
     )
+    if q.count == "none":
+        # One statement is its own snapshot: no transaction round trips.
+        rows = await conn.fetch(page_sql, *where.args, timeout=timeout)
+        return Page(rows[: q.limit], len(rows) > q.limit, None, False)
     # One snapshot for the page and its total.
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         rows = await conn.fetch(page_sql, *where.args, timeout=timeout)
