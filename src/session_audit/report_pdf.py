@@ -29,6 +29,7 @@ MAX_LINES = 3
 MARGIN = 10.0
 _WIDTHS = {"time": 27.0, "integer": 15.0, "boolean": 14.0}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_WORDS = re.compile(r"\S+\s*|\s+")
 
 
 def _font_path(name: str) -> str:
@@ -88,32 +89,44 @@ class PdfBuilder:
         return float(sum(cw(c) for c in text))
 
     def _fit(self, text: str, width: float) -> list[str]:
-        """Lines of `text` within `width`: wrapped, at most MAX_LINES, the last cut with …"""
+        """Lines of `text` within `width`: wrapped at spaces (long words broken), at most
+        MAX_LINES, the last cut with … when more would follow."""
         text = _clean(text)
         room = width - 1.2
         if self._width(text) <= room:
             return [text]
         lines: list[str] = []
-        cw = self._cw
-        current: list[str] = []
-        used = 0.0
-        for ch in text:
-            w = cw(ch)
-            if used + w > room:
-                lines.append("".join(current))
-                if len(lines) == MAX_LINES:
-                    break
-                current, used = [], 0.0
-            current.append(ch)
-            used += w
-        else:
-            lines.append("".join(current))
+        current = ""
+        for word in _WORDS.findall(text):
+            if self._width(current + word) <= room:
+                current += word
+                continue
+            if current.strip():
+                lines.append(current.rstrip())
+            current = word
+            while self._width(current) > room:
+                cut = self._prefix(current, room)
+                lines.append(current[:cut])
+                current = current[cut:]
+            if len(lines) > MAX_LINES:
+                break
+        if current.strip():
+            lines.append(current.rstrip())
+        if len(lines) <= MAX_LINES:
             return lines
-        last = lines[-1]
+        last = lines[MAX_LINES - 1]
         while last and self._width(last + "…") > room:
             last = last[:-1]
-        lines[-1] = last + "…"
-        return lines
+        return [*lines[: MAX_LINES - 1], last + "…"]
+
+    def _prefix(self, text: str, room: float) -> int:
+        """How many leading characters of `text` fit in `room` (at least one)."""
+        used = 0.0
+        for i, ch in enumerate(text):
+            used += self._cw(ch)
+            if used > room:
+                return max(1, i)
+        return len(text)
 
     def _front_matter(self) -> None:
         pdf, doc = self.pdf, self.doc
