@@ -304,7 +304,6 @@ async def create_report(conn: Conn, me: Owner, r: NewReport, timeout: float) -> 
             "title": r.title, "defined_report_id": str(r.defined_report_id), "type": r.type,
             "query_filter": r.query_filter, "query_order": r.query_order,
         }, timeout)  # fmt: skip
-        await conn.execute("SELECT pg_notify('session_audit_reports', $1)", str(id_))
     return id_
 
 
