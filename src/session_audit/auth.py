@@ -53,6 +53,9 @@ SELECT t.id, o.name AS org, t.prefix, t.role, t.email, t.created_at, t.revoked_a
   JOIN orgs o ON o.id = t.org_id
  ORDER BY t.id
 """
+# Token changes are audited by a trigger (migration 0020); this names who made them.
+SET_ACTOR = "SELECT set_config('session_audit.actor', $1, true)"
+CLI_ACTOR = "session-audit cli"
 REVOKE_TOKEN = """
 UPDATE api_tokens SET revoked_at = now()
  WHERE (id::text = $1 OR prefix = $1) AND revoked_at IS NULL
@@ -188,6 +191,7 @@ async def create_token(conn: asyncpg.Connection, org: str, role: str, email: str
         raise ValueError(f"email: expected an e-mail address, got {email!r}")
     token = new_token()
     async with conn.transaction():
+        await conn.execute(SET_ACTOR, CLI_ACTOR)
         org_id = await ensure_org(conn, org.strip())
         prefix = token[: len(TOKEN_PREFIX) + 6]
         await conn.execute(INSERT_TOKEN, org_id, hash_token(token), prefix, role, email.strip())
@@ -211,4 +215,6 @@ async def list_tokens(conn: asyncpg.Connection) -> list[TokenInfo]:
 
 async def revoke_token(conn: asyncpg.Connection, ident: str) -> int:
     """Revoke by numeric id or by the printed prefix. Returns how many were revoked."""
-    return len(await conn.fetch(REVOKE_TOKEN, ident))
+    async with conn.transaction():
+        await conn.execute(SET_ACTOR, CLI_ACTOR)
+        return len(await conn.fetch(REVOKE_TOKEN, ident))

@@ -238,6 +238,15 @@ Try:
   {grpcurl} -plaintext -H "authorization: Bearer $TOKEN" -d '{{"limit": 2}}' \\
       127.0.0.1:{grpc_port} session_audit.v1.SessionService/ListSessions
 
+Reports (API v2): list definitions, generate a report, wait until ready, download it:
+  curl -s -H "authorization: Bearer $TOKEN" '{http}/api/v2/report/defined?limit=3'
+  ID=$(curl -s -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \\
+      -d '{{"criteria":[{{"field":"protocol","value":"ssh"}}]}}' '{http}/api/v2/report' \\
+      | sed -E 's/.*"id":"([0-9]+)".*/\\1/')
+  until curl -s -H "authorization: Bearer $TOKEN" "{http}/api/v2/report/$ID" \\
+      | grep -q '"status":"ready"'; do sleep 1; done
+  curl -s -OJ -H "authorization: Bearer $TOKEN" "{http}/api/v2/report/$ID/html"
+
 More tokens: {cli} token create --org {shlex.quote(org)} --role auditor \\
     --email {shlex.quote(f"you@{org}.example")}
 Ctrl-C stops everything.

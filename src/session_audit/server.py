@@ -21,8 +21,9 @@ from session_audit import db
 from session_audit.app import App
 from session_audit.auth import TokenCache
 from session_audit.config import Config
+from session_audit.service_reports import ReportService
 from session_audit.service_sessions import SessionService
-from session_audit.v1 import sessions_pb2, sessions_pb2_grpc
+from session_audit.v1 import reports_pb2, reports_pb2_grpc, sessions_pb2, sessions_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,11 @@ SERVICES: list[ServiceEntry] = [
         sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
         sessions_pb2_grpc.add_SessionServiceServicer_to_server,
         SessionService,
+    ),
+    (
+        reports_pb2.DESCRIPTOR.services_by_name["ReportService"].full_name,
+        reports_pb2_grpc.add_ReportServiceServicer_to_server,
+        ReportService,
     ),
 ]
 
@@ -132,9 +138,13 @@ async def serve(
         ],
     )
     names = []
+    # A servicer may carry `background_tasks` (start()/async stop()): run while serving.
+    background: list[Any] = []
     for name, add, factory in SERVICES:
-        add(factory(app), server)
+        servicer = factory(app)
+        add(servicer, server)
         names.append(name)
+        background += getattr(servicer, "background_tasks", [])
     checker = Health(pool, names, config.health_interval, app.tokens, dsn)
     health_pb2_grpc.add_HealthServicer_to_server(checker.servicer, server)
     reflection.enable_server_reflection(
@@ -145,6 +155,8 @@ async def serve(
     checker.start()
     await server.start()
     log.info("gRPC listening on %s:%d (pid %d)", config.grpc_host, port, os.getpid())
+    for task in background:
+        task.start()
     if on_ready is not None:
         on_ready(port)
 
@@ -157,6 +169,8 @@ async def serve(
     log.info("shutting down: refusing new RPCs, draining for %.0fs", config.shutdown_grace)
     await checker.shutdown()
     await server.stop(config.shutdown_grace)
+    for task in background:
+        await task.stop()
     await pool.close()
     await ingest_pool.close()
 
