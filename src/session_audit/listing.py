@@ -6,7 +6,7 @@ import base64
 import hashlib
 import json
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 
 from session_audit import validate as v
@@ -44,9 +44,10 @@ class Filters:
     end: datetime | None = None
 
     def fingerprint(self) -> str:
-        """Short digest of the filters; a cursor only continues the listing it came from."""
-        raw = json.dumps(asdict(self), default=str, sort_keys=True)
-        return hashlib.sha256(raw.encode()).hexdigest()[:12]
+        """Short digest of the filters; a cursor only continues the listing it came from.
+        The dataclass repr names every field with its value (str, tuple, datetime, None):
+        deterministic, and cheaper than json.dumps(asdict()) on every page."""
+        return hashlib.sha256(repr(self).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
