@@ -21,8 +21,9 @@ from session_audit import db
 from session_audit.app import App
 from session_audit.auth import TokenCache
 from session_audit.config import Config
+from session_audit.service_analytics import AnalyticsService
 from session_audit.service_sessions import SessionService
-from session_audit.v1 import sessions_pb2, sessions_pb2_grpc
+from session_audit.v1 import analytics_pb2, analytics_pb2_grpc, sessions_pb2, sessions_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,11 @@ SERVICES: list[ServiceEntry] = [
         sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
         sessions_pb2_grpc.add_SessionServiceServicer_to_server,
         SessionService,
+    ),
+    (
+        analytics_pb2.DESCRIPTOR.services_by_name["AnalyticsService"].full_name,
+        analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server,
+        AnalyticsService,
     ),
 ]
 
