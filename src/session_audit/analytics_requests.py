@@ -99,9 +99,17 @@ def parse_report(req: pb.SessionReportRequest, now: datetime) -> ReportQuery:
                 f"id: expected a session UUID, got {v.truncate(req.id)!r}"
             ) from None
     email = v.text("user_email", req.user_email.strip())
+    # Documented defaults: today and today + 1. A lone date keeps the window valid: start
+    # defaults to the earlier of today and the day before end_date, end to the later of
+    # tomorrow and the day after start_date.
     today = now.astimezone(zone).date()
-    first = tb.parse_day("start_date", req.start_date) or today
-    last = tb.parse_day("end_date", req.end_date) or today + timedelta(days=1)
+    one = timedelta(days=1)
+    first = tb.parse_day("start_date", req.start_date)
+    last = tb.parse_day("end_date", req.end_date)
+    if first is None:
+        first = today if last is None else min(today, last - one)
+    if last is None:
+        last = max(today + one, first + one)
     if first > last:
         raise InvalidArgument(
             f"start_date: must not be after end_date ({first.isoformat()} > {last.isoformat()})"

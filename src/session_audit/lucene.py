@@ -110,8 +110,11 @@ class _Converter:
         self.param = param
         self.zone = zone
 
-    def bad(self, item: Any, why: str) -> InvalidArgument:
-        return InvalidArgument(f"{self.param}: {truncate(str(item).strip(), 60)!r}: {why}")
+    def bad(self, item: Any, why: str, field: Field | None = None) -> InvalidArgument:
+        term = str(item).strip()
+        if field is not None:
+            term = f"{field.name}:{term}"
+        return InvalidArgument(f"{self.param}: {truncate(term, 60)!r}: {why}")
 
     def node(self, item: Any, field: Field | None) -> Node:
         if isinstance(item, tree.Group | tree.FieldGroup):
@@ -165,17 +168,16 @@ class _Converter:
         wild = not literal and _has_wildcard(raw)
         text = raw if literal else _unescape(raw)
         if f.kind in ("time",):
-            raise self.bad(
-                item, f"{f.name} takes a range, e.g. {f.name}:[2026-03-01 TO 2026-04-01}}"
-            )
+            example = f"{f.name}:[2026-03-01 TO 2026-04-01}}"
+            raise self.bad(item, f"{f.name} takes a range, e.g. {example}", f)
         if f.kind == "number":
             if wild:
-                raise self.bad(item, f"{f.name} is a number; wildcards do not apply")
-            return Match(f, "eq", self.number(item, text))
+                raise self.bad(item, f"{f.name} is a number; wildcards do not apply", f)
+            return Match(f, "eq", self.number(item, text, f))
         if f.kind == "uuid":
             if wild:
-                raise self.bad(item, "session ids cannot take wildcards")
-            return Match(f, "eq", self.uuid(item, text))
+                raise self.bad(item, "session ids cannot take wildcards", f)
+            return Match(f, "eq", self.uuid(item, text, f))
         if f.kind == "enum":
             return self.enum(item, f, raw if wild else text, wild)
         if f.kind == "ci_text":
@@ -183,7 +185,7 @@ class _Converter:
         else:
             pattern = raw if wild else text
         if len(text) > 256:
-            raise self.bad(item, "values are at most 256 characters")
+            raise self.bad(item, "values are at most 256 characters", f)
         if wild:
             return Match(f, "like", _like_pattern(pattern))
         return Match(f, "eq", pattern)
@@ -195,44 +197,44 @@ class _Converter:
         else:
             chosen = [v for v in f.values if v.lower() == raw.lower()]
         if not chosen:
-            raise self.bad(item, f"{f.name} is one of {', '.join(f.values)}")
+            raise self.bad(item, f"{f.name} is one of {', '.join(f.values)}", f)
         return Match(f, "in", tuple(chosen))
 
     def range(self, item: Any, f: Field, low: Any, high: Any, inc_lo: bool, inc_hi: bool) -> Match:
         if f.kind not in ("time", "number"):
-            raise self.bad(item, f"ranges apply to times and numbers, not to {f.name}")
+            raise self.bad(item, f"ranges apply to times and numbers, not to {f.name}", f)
 
         def bound(b: Any) -> Any:
             if b is None or (isinstance(b, tree.Word) and b.value == "*"):
                 return None
             if not isinstance(b, tree.Word | tree.Phrase):
-                raise self.bad(item, "range bounds must be plain values")
+                raise self.bad(item, "range bounds must be plain values", f)
             text = b.value[1:-1] if isinstance(b, tree.Phrase) else _unescape(b.value)
             if f.kind == "time":
                 return parse_instant(f"{self.param}: {f.name}", text, self.zone)
-            return self.number(item, text)
+            return self.number(item, text, f)
 
         lo, hi = bound(low), bound(high)
         if lo is None and hi is None:
             return Match(f, "exists")
         if lo is not None and hi is not None and lo > hi:
-            raise self.bad(item, "the range's low end is above its high end")
+            raise self.bad(item, "the range's low end is above its high end", f)
         return Match(f, "range", bounds=(lo, hi, inc_lo, inc_hi))
 
-    def number(self, item: Any, text: str) -> float:
+    def number(self, item: Any, text: str, f: Field) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise self.bad(item, "expected a number") from None
+            raise self.bad(item, "expected a number", f) from None
         if value != value or value in (float("inf"), float("-inf")) or abs(value) > 2**53:
-            raise self.bad(item, "expected a finite number up to 2^53")
+            raise self.bad(item, "expected a finite number up to 2^53", f)
         return value
 
-    def uuid(self, item: Any, text: str) -> str:
+    def uuid(self, item: Any, text: str, f: Field) -> str:
         try:
             return str(uuid.UUID(text))
         except ValueError:
-            raise self.bad(item, "expected a session UUID") from None
+            raise self.bad(item, "expected a session UUID", f) from None
 
 
 def _has_wildcard(raw: str) -> bool:
