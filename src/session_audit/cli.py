@@ -1,4 +1,5 @@
-"""`session-audit` command line: run, serve, migrate, seed, token create|list|revoke."""
+"""`session-audit` command line: run, serve, migrate, seed, token create|list|revoke,
+rollups rebuild."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from session_audit import auth, db, envoy, migrate, seed, server
+from session_audit import auth, db, envoy, migrate, rollups, seed, server
 from session_audit.config import Config, ConfigError
 from session_audit.embedded import EmbeddedPostgres
 
@@ -174,6 +175,37 @@ def token_revoke(ident: str) -> None:
     if n == 0:
         raise click.ClickException(f"no active token with id or prefix {ident!r}")
     click.echo(f"revoked {n} token(s)")
+
+
+@main.group("rollups")
+def rollups_group() -> None:
+    """Maintain the aggregation rollups."""
+
+
+@rollups_group.command("rebuild")
+@click.option("--org", "org_name", default=None, help="Only this org (by name); default: all.")
+def rollups_rebuild(org_name: str | None) -> None:
+    """Recompute the rollups from the sessions table (after a backfill with maintenance off).
+
+    Holds off ingest while it runs; reads continue on the old rollups until it commits."""
+
+    async def go(dsn: str) -> str:
+        await _migrate(dsn)
+        conn = await db.connect(dsn)
+        try:
+            org_id = None
+            if org_name is not None:
+                org_id = await conn.fetchval("SELECT id FROM orgs WHERE name = $1", org_name)
+                if org_id is None:
+                    raise click.ClickException(f"no org named {org_name!r}")
+            await rollups.rebuild(conn, org_id)
+            return org_name or "every org"
+        finally:
+            await conn.close()
+
+    with database(_config()) as dsn:
+        which = asyncio.run(go(dsn))
+    click.echo(f"rebuilt the rollups of {which}")
 
 
 @main.command("run")
