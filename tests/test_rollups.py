@@ -214,7 +214,9 @@ def test_the_planner_uses_a_rollup_when_one_carries_every_field(
     [
         ("connection", {}, store.REPORT_CONN),
         ("connection_type", {"connection": "pg", "verb": "exec"}, store.REPORT_CONN),
-        ("user_email", {"verb": "exec"}, store.REPORT_USER),
+        ("user_email", {}, store.REPORT_USER),
+        ("user_email", {"user_email": "ana@x.example"}, store.REPORT_USER),
+        ("user_email", {"verb": "exec"}, BASE),
         ("connection", {"user_email": "ana@x.example"}, BASE),
         ("user_email", {"connection": "pg"}, BASE),
         ("id", {}, BASE),

@@ -150,10 +150,12 @@ instants = st.datetimes(
 
 
 @settings(max_examples=300, deadline=None)
-@given(instants, instants)
-def test_pieces_tile_the_interval_with_aligned_rollup_grains(a: datetime, b: datetime) -> None:
+@given(instants, instants, st.sampled_from([tb.HOUR, tb.DAY]))
+def test_pieces_tile_the_interval_with_aligned_rollup_grains(
+    a: datetime, b: datetime, finest: int
+) -> None:
     lo, hi = min(a, b), max(a, b)
-    pieces = tb.decompose(lo, hi, 7)
+    pieces = tb.decompose(lo, hi, 7, finest)
     covered = sorted(pieces, key=lambda p: p.lo)
     cursor = lo
     for p in covered:
@@ -166,7 +168,8 @@ def test_pieces_tile_the_interval_with_aligned_rollup_grains(a: datetime, b: dat
         if p.grain == tb.MONTH:
             assert p.lo.day == p.hi.day == 1 and p.lo.time() == datetime.min.time()
         if p.grain == tb.RAW:
-            assert p.hi - p.lo < timedelta(hours=1)
+            assert p.hi - p.lo < (timedelta(hours=1) if finest == tb.HOUR else timedelta(days=1))
+        assert p.grain == tb.RAW or p.grain >= finest
     assert cursor == hi or (lo == hi and not pieces)
     assert sum(1 for p in pieces if p.grain == tb.RAW) <= 2
 
@@ -179,6 +182,15 @@ def test_pieces_from_the_beginning_of_time() -> None:
         (tb.HOUR, utc(2026, 3, 17), utc(2026, 3, 17, 5)),
         (tb.RAW, utc(2026, 3, 17, 5), utc(2026, 3, 17, 5, 30)),
     ]
-    assert tb.decompose(utc(2026, 1, 1), utc(2026, 2, 1), 0, rollups=False) == [
+    assert tb.decompose(utc(2026, 1, 1), utc(2026, 2, 1), 0, None) == [
         tb.Piece(tb.RAW, utc(2026, 1, 1), utc(2026, 2, 1), 0)
     ]
+    # Without hours, what is left of a day at each end is raw.
+    assert [(p.grain, p.lo, p.hi) for p in tb.decompose(
+        utc(2026, 1, 30, 5), utc(2026, 3, 2, 7), 0, tb.DAY)] == [
+        (tb.RAW, utc(2026, 1, 30, 5), utc(2026, 1, 31)),
+        (tb.DAY, utc(2026, 1, 31), utc(2026, 2, 1)),
+        (tb.MONTH, utc(2026, 2, 1), utc(2026, 3, 1)),
+        (tb.DAY, utc(2026, 3, 1), utc(2026, 3, 2)),
+        (tb.RAW, utc(2026, 3, 2), utc(2026, 3, 2, 7)),
+    ]  # fmt: skip

@@ -34,15 +34,23 @@ from session_audit.db import Conn
 from session_audit.fields import BASE, CUBE, FIELDS, USER
 from session_audit.lucene import Query, compile_q
 from session_audit.sqlbuild import Params, Where
-from session_audit.timebins import EPOCH, RAW, Piece, decompose
+from session_audit.timebins import EPOCH, HOUR, RAW, Piece, decompose
 
 ROLLUP_TABLES = {CUBE: "rollup_sessions", USER: "rollup_sessions_user"}
+# Dimension-less hourly counters: hour pieces of a count that filters and groups nothing.
+HOURLY_TABLE = "rollup_sessions_hourly"
 LOOK_BACK = timedelta(hours=24)
 BASELINE = -1  # bin index of the pieces before the range (sessions open at its start)
 
 # -- report sources ----------------------------------------------------------------------------
 REPORT_CONN, REPORT_USER = "redactions", "redactions_user"
 REPORT_TABLES = {REPORT_CONN: "rollup_redactions", REPORT_USER: "rollup_redactions_user"}
+REPORT_FINEST = {
+    BASE: None,
+    REPORT_CONN: rollups.REDACTIONS.finest,
+    REPORT_USER: rollups.REDACTIONS_USER.finest,
+}
+FINEST = {CUBE: rollups.SESSIONS.finest, USER: rollups.SESSIONS_USER.finest}
 # group_by → SQL per report source
 REPORT_GROUP = {
     "connection": {BASE: "s.connection", REPORT_CONN: "r.connection"},
@@ -53,7 +61,7 @@ REPORT_GROUP = {
 REPORT_FILTERS = {
     "connection": {BASE: "s.connection", REPORT_CONN: "r.connection"},
     "user_email": {BASE: "lower(s.user_email)", REPORT_USER: "r.user_key"},
-    "verb": {BASE: "coalesce(s.verb, '')", REPORT_CONN: "r.verb", REPORT_USER: "r.verb"},
+    "verb": {BASE: "coalesce(s.verb, '')", REPORT_CONN: "r.verb"},
     "id": {BASE: "s.id"},
 }
 
@@ -114,8 +122,16 @@ def _group_cols(values: list[str]) -> tuple[str, str]:
     return (", " + cols if cols else ""), positions
 
 
-def _rollup_part(spec: CountSpec, pieces: Sequence[Piece], p: Params) -> str:
-    table = ROLLUP_TABLES[spec.source]
+def _finest(spec: CountSpec) -> int | None:
+    """The finest rollup grain that can answer `spec` (None: the base table only)."""
+    if spec.source == BASE:
+        return None
+    if spec.q is None and not spec.groups:
+        return rollups.SESSIONS_HOURLY.finest
+    return FINEST[spec.source]
+
+
+def _rollup_part(spec: CountSpec, pieces: Sequence[Piece], p: Params, table: str) -> str:
     g, lo, hi, b = _arrays(pieces)
     cols, positions = _group_cols(_values_sql(spec, spec.source))
     ends = "sum(r.ends)::bigint" if spec.ends else "0::bigint"
@@ -196,16 +212,20 @@ async def count(
     """Sessions started (and ended) in each interval, per bin and group values; with
     `open_at`, also those open at that moment, as the starts of bin BASELINE."""
     use_rollups = spec.source != BASE
+    finest = _finest(spec)
     pieces: list[Piece] = []
     for lo, hi, b in intervals:
-        pieces += decompose(lo, hi, b, rollups=use_rollups)
+        pieces += decompose(lo, hi, b, finest)
     if open_at is not None and use_rollups:
-        pieces += decompose(EPOCH, open_at, BASELINE)
+        pieces += decompose(EPOCH, open_at, BASELINE, finest)
     p = Params()
     parts = []
-    rolled = [x for x in pieces if x.grain != RAW]
+    hours = [x for x in pieces if x.grain == HOUR]
+    if hours:
+        parts.append(_rollup_part(spec, hours, p, HOURLY_TABLE))
+    rolled = [x for x in pieces if x.grain not in (RAW, HOUR)]
     if rolled:
-        parts.append(_rollup_part(spec, rolled, p))
+        parts.append(_rollup_part(spec, rolled, p, ROLLUP_TABLES[spec.source]))
     parts += _base_parts(spec, [x for x in pieces if x.grain == RAW], p)
     if open_at is not None and not use_rollups:
         parts += _base_open_at(spec, open_at, p)
@@ -392,7 +412,7 @@ async def report(
     opts = opts or Options()
     usable = await _rollups_usable(conn, who, opts, timeout)
     source = report_plan(who, rq, usable)
-    pieces = decompose(rq.start, rq.end, 0, rollups=source != BASE)
+    pieces = decompose(rq.start, rq.end, 0, REPORT_FINEST[source])
     p = Params()
     parts = []
     rolled = [x for x in pieces if x.grain != RAW]

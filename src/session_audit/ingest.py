@@ -122,10 +122,11 @@ class IngestBatch:
         # fast (savepoint rolled back) when any id is already stored; then the chunk takes
         # the careful path.
         ids = list(pending)
-        if await store.copy_new(self.conn, [item.record() for _, item in pending.values()],
-                                self.timeout):  # fmt: skip
+        records = [item.record() for _, item in pending.values()]
+        if await store.copy_new(self.conn, records, self.timeout):
             self.result.written += len(pending)
-            await self._count_in(ids)
+            if self.maintain_rollups:
+                await self.deltas.add_records(records)
             return
         while True:
             # Lock what is stored; insert the rest by COPY. If a concurrent batch stored one of
@@ -134,14 +135,15 @@ class IngestBatch:
             # before its old contribution to the rollups is read.
             existing = await store.lock_existing(self.conn, ids, self.timeout)
             fresh, known, rejected = self._partition(pending, existing)
-            if not fresh or await store.copy_new(
-                self.conn, [item.record() for item in fresh.values()], self.timeout
-            ):
+            records = [item.record() for item in fresh.values()]
+            if not fresh or await store.copy_new(self.conn, records, self.timeout):
                 break
         for index, sid, reason in rejected:
             self.result.accepted -= 1
             self.result.reject(index, sid, reason)
         self.result.written += len(fresh)
+        if self.maintain_rollups:
+            await self.deltas.add_records(records)
         if known:
             if self.maintain_rollups:
                 await self.deltas.subtract(list(known))
@@ -149,7 +151,8 @@ class IngestBatch:
                 self.conn, [item.record() for item in known.values()], self.timeout
             )
             self.result.written += inserted + updated
-        await self._count_in([*fresh, *known])
+            if self.maintain_rollups:
+                await self.deltas.add(list(known))
 
     def _partition(
         self,
@@ -171,10 +174,6 @@ class IngestBatch:
             else:
                 known[sid] = item
         return fresh, known, rejected
-
-    async def _count_in(self, ids: list[uuid.UUID]) -> None:
-        if self.maintain_rollups:
-            await self.deltas.add(ids)
 
     async def finish(self) -> IngestResult:
         """Write what is pending and bring the rollups up to date; the caller commits."""

@@ -8,9 +8,10 @@ begins has 23 hours and one on which it ends 25. A local midnight that does not 
 zone whose DST starts at 00:00) starts at the first instant after the gap; an ambiguous one
 at its first occurrence.
 
-Pieces: rollups hold UTC hours, days and months. `decompose` cuts an interval into the largest
-aligned UTC pieces that fit (months inside, then days, then hours) and leaves the rest — less
-than an hour at either end — as raw pieces for the base table.
+Pieces: rollups hold UTC hours (some), days and months. `decompose` cuts an interval into the
+largest aligned UTC pieces that fit (months inside, then days, then hours when the rollup has
+them) and leaves the rest — less than an hour, or a day, at either end — as raw pieces for
+the base table.
 """
 
 from __future__ import annotations
@@ -252,33 +253,26 @@ def _ceil(t: datetime, grain: int) -> datetime:
     return datetime(nxt.year, nxt.month, 1, tzinfo=UTC)
 
 
-def decompose(lo: datetime, hi: datetime, bin_index: int, *, rollups: bool = True) -> list[Piece]:
-    """Cut [lo, hi) into aligned UTC months, days and hours, and raw remainders (under an
-    hour at each end). Without `rollups`, the whole interval is one raw piece."""
+def decompose(lo: datetime, hi: datetime, bin_index: int, finest: int | None = HOUR) -> list[Piece]:
+    """Cut [lo, hi) into aligned UTC months, days and (if `finest` is HOUR) hours, and raw
+    remainders at each end. With `finest` None, the whole interval is one raw piece."""
     if hi <= lo:
         return []
-    if not rollups:
+    if finest is None:
         return [Piece(RAW, lo, hi, bin_index)]
-    return _split(lo, hi, bin_index, MONTH)
+    return _split(lo, hi, bin_index, MONTH, finest)
 
 
-def _split(lo: datetime, hi: datetime, b: int, grain: int) -> list[Piece]:
+def _split(lo: datetime, hi: datetime, b: int, grain: int, finest: int) -> list[Piece]:
     """Pieces of [lo, hi): the `grain`-aligned middle, the sides split at finer grains."""
     if hi <= lo:
         return []
+    if grain < finest:
+        return [Piece(RAW, lo, hi, b)]
     inner_lo = _ceil(lo, grain)
     inner_hi = _floor(hi, grain)
     if inner_lo >= inner_hi:
-        return _split(lo, hi, b, grain - 1) if grain > HOUR else [Piece(RAW, lo, hi, b)]
-    finer = grain - 1
-    left = (
-        (_split(lo, inner_lo, b, finer) if finer >= HOUR else [Piece(RAW, lo, inner_lo, b)])
-        if lo < inner_lo
-        else []
-    )
-    right = (
-        (_split(inner_hi, hi, b, finer) if finer >= HOUR else [Piece(RAW, inner_hi, hi, b)])
-        if inner_hi < hi
-        else []
-    )
+        return _split(lo, hi, b, grain - 1, finest)
+    left = _split(lo, inner_lo, b, grain - 1, finest) if lo < inner_lo else []
+    right = _split(inner_hi, hi, b, grain - 1, finest) if inner_hi < hi else []
     return [*left, Piece(grain, inner_lo, inner_hi, b), *right]

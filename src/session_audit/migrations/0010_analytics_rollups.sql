@@ -2,15 +2,17 @@
 -- needs. See rollups.py for how rows are maintained and README "Aggregations" for why.
 --
 -- Every rollup row belongs to an org, a grain (1 = hour, 2 = day, 3 = month) and a bucket: the
--- UTC start of that hour/day/month. Dimensions that a session may lack are '' (never NULL), so
--- they can be part of the primary key that ON CONFLICT maintains.
+-- UTC start of that hour/day/month. Which grains a table keeps is in rollups.py: hours only
+-- where rows compress within an hour. Dimensions a session may lack are '' (never NULL), so
+-- they can be part of the primary key that ON CONFLICT maintains. Counters are updated in
+-- place by every ingest batch: fillfactor leaves room for HOT updates.
 
--- Histogram and statistics counters. `starts` counts sessions that started in the bucket,
--- `ends` sessions that ended in it (open sessions have no end yet). Sessions open at a moment T
--- are then sum(starts) - sum(ends) over every bucket before T.
+-- Histogram and statistics counters per day/month. `starts` counts sessions that started in
+-- the bucket, `ends` sessions that ended in it (open sessions have no end yet). Sessions open at
+-- a moment T are then sum(starts) - sum(ends) over every bucket before T.
 CREATE TABLE rollup_sessions (
     org_id              uuid        NOT NULL,
-    grain               smallint    NOT NULL CHECK (grain IN (1, 2, 3)),
+    grain               smallint    NOT NULL CHECK (grain IN (2, 3)),
     bucket              timestamptz NOT NULL,
     connection          text        NOT NULL,
     connection_type     text        NOT NULL,
@@ -22,18 +24,29 @@ CREATE TABLE rollup_sessions (
     ends                integer     NOT NULL,
     PRIMARY KEY (org_id, grain, bucket, connection, connection_type, connection_subtype, verb,
                  status, review_status)
-);
+) WITH (fillfactor = 80);
+
+-- The same counters per hour, without dimensions (one row per org and hour): hour bins, and
+-- the partial days of ranges not aligned to UTC days, when nothing is filtered or grouped.
+CREATE TABLE rollup_sessions_hourly (
+    org_id    uuid        NOT NULL,
+    grain     smallint    NOT NULL CHECK (grain = 1),
+    bucket    timestamptz NOT NULL,
+    starts    integer     NOT NULL,
+    ends      integer     NOT NULL,
+    PRIMARY KEY (org_id, grain, bucket)
+) WITH (fillfactor = 80);
 
 -- The same counters per user (lower-cased e-mail): `field=user` and `size` by user.
 CREATE TABLE rollup_sessions_user (
     org_id    uuid        NOT NULL,
-    grain     smallint    NOT NULL CHECK (grain IN (1, 2, 3)),
+    grain     smallint    NOT NULL CHECK (grain IN (2, 3)),
     bucket    timestamptz NOT NULL,
     user_key  text        NOT NULL,
     starts    integer     NOT NULL,
     ends      integer     NOT NULL,
     PRIMARY KEY (org_id, grain, bucket, user_key)
-);
+) WITH (fillfactor = 80);
 
 -- Session report sums per info type, bucketed by the session's END (a session belongs to a
 -- report window when it ended in it; open sessions are not reported yet). `sessions` counts
@@ -41,7 +54,7 @@ CREATE TABLE rollup_sessions_user (
 -- to zero) is told apart from one reporting zeros.
 CREATE TABLE rollup_redactions (
     org_id             uuid        NOT NULL,
-    grain              smallint    NOT NULL CHECK (grain IN (1, 2, 3)),
+    grain              smallint    NOT NULL CHECK (grain IN (2, 3)),
     bucket             timestamptz NOT NULL,
     connection         text        NOT NULL,
     connection_type    text        NOT NULL,
@@ -51,20 +64,19 @@ CREATE TABLE rollup_redactions (
     redact_total       bigint      NOT NULL,
     transformed_bytes  bigint      NOT NULL,
     PRIMARY KEY (org_id, grain, bucket, connection, connection_type, verb, info_type)
-);
+) WITH (fillfactor = 80);
 
 CREATE TABLE rollup_redactions_user (
     org_id             uuid        NOT NULL,
-    grain              smallint    NOT NULL CHECK (grain IN (1, 2, 3)),
+    grain              smallint    NOT NULL CHECK (grain IN (2, 3)),
     bucket             timestamptz NOT NULL,
     user_key           text        NOT NULL,
-    verb               text        NOT NULL,
     info_type          text        NOT NULL,
     sessions           integer     NOT NULL,
     redact_total       bigint      NOT NULL,
     transformed_bytes  bigint      NOT NULL,
-    PRIMARY KEY (org_id, grain, bucket, user_key, verb, info_type)
-);
+    PRIMARY KEY (org_id, grain, bucket, user_key, info_type)
+) WITH (fillfactor = 80);
 
 -- Orgs whose rollups are not current (sessions written with rollup maintenance off, e.g. a
 -- bulk backfill). Reads for these orgs use the base tables until `rollups rebuild` clears it.
@@ -84,8 +96,9 @@ CREATE INDEX sessions_org_long ON sessions (org_id, start_date)
     WHERE end_date IS NULL OR end_date - start_date > interval '24 hours';
 
 -- Any DELETE or TRUNCATE of sessions (retention, manual clean-up) takes the deleted sessions'
--- contributions out of the rollups in the same transaction. Ingest maintains inserts and
--- updates itself (rollups.py), set-based per chunk, which is far cheaper than triggers.
+-- contributions out of the rollups in the same transaction, with the same definitions as
+-- rollups.py (tests compare both with a rebuild). Ingest maintains inserts and updates itself,
+-- set-based per batch, which is far cheaper than triggers.
 CREATE FUNCTION rollups_forget_deleted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -95,12 +108,21 @@ BEGIN
            -sum(t.starts), -sum(t.ends)
       FROM deleted d
      CROSS JOIN LATERAL (VALUES (d.start_date, 1, 0), (d.end_date, 0, 1)) t(at, starts, ends)
-     CROSS JOIN (VALUES (1::smallint, 'hour'), (2::smallint, 'day'), (3::smallint, 'month'))
-           g(grain, unit)
+     CROSS JOIN (VALUES (2::smallint, 'day'), (3::smallint, 'month')) g(grain, unit)
      WHERE t.at IS NOT NULL
      GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9
      ORDER BY 1, 2, 3, 4, 5, 6, 7, 8, 9
     ON CONFLICT ON CONSTRAINT rollup_sessions_pkey DO UPDATE
+       SET starts = r.starts + EXCLUDED.starts, ends = r.ends + EXCLUDED.ends;
+
+    INSERT INTO rollup_sessions_hourly AS r
+    SELECT d.org_id, 1::smallint, date_trunc('hour', t.at, 'UTC'), -sum(t.starts), -sum(t.ends)
+      FROM deleted d
+     CROSS JOIN LATERAL (VALUES (d.start_date, 1, 0), (d.end_date, 0, 1)) t(at, starts, ends)
+     WHERE t.at IS NOT NULL
+     GROUP BY 1, 2, 3
+     ORDER BY 1, 2, 3
+    ON CONFLICT ON CONSTRAINT rollup_sessions_hourly_pkey DO UPDATE
        SET starts = r.starts + EXCLUDED.starts, ends = r.ends + EXCLUDED.ends;
 
     INSERT INTO rollup_sessions_user AS r
@@ -108,8 +130,7 @@ BEGIN
            -sum(t.starts), -sum(t.ends)
       FROM deleted d
      CROSS JOIN LATERAL (VALUES (d.start_date, 1, 0), (d.end_date, 0, 1)) t(at, starts, ends)
-     CROSS JOIN (VALUES (1::smallint, 'hour'), (2::smallint, 'day'), (3::smallint, 'month'))
-           g(grain, unit)
+     CROSS JOIN (VALUES (2::smallint, 'day'), (3::smallint, 'month')) g(grain, unit)
      WHERE t.at IS NOT NULL
      GROUP BY 1, 2, 3, 4
      ORDER BY 1, 2, 3, 4
@@ -122,8 +143,7 @@ BEGIN
            -sum((x ->> 'count')::bigint), -sum((x ->> 'transformed_bytes')::bigint)
       FROM deleted d
      CROSS JOIN LATERAL jsonb_array_elements(d.redactions) x
-     CROSS JOIN (VALUES (1::smallint, 'hour'), (2::smallint, 'day'), (3::smallint, 'month'))
-           g(grain, unit)
+     CROSS JOIN (VALUES (2::smallint, 'day'), (3::smallint, 'month')) g(grain, unit)
      WHERE d.end_date IS NOT NULL AND jsonb_typeof(d.redactions) = 'array'
      GROUP BY 1, 2, 3, 4, 5, 6, 7
      ORDER BY 1, 2, 3, 4, 5, 6, 7
@@ -134,15 +154,14 @@ BEGIN
 
     INSERT INTO rollup_redactions_user AS r
     SELECT d.org_id, g.grain, date_trunc(g.unit, d.end_date, 'UTC'), lower(d.user_email),
-           coalesce(d.verb, ''), x ->> 'info_type', -count(*),
+           x ->> 'info_type', -count(*),
            -sum((x ->> 'count')::bigint), -sum((x ->> 'transformed_bytes')::bigint)
       FROM deleted d
      CROSS JOIN LATERAL jsonb_array_elements(d.redactions) x
-     CROSS JOIN (VALUES (1::smallint, 'hour'), (2::smallint, 'day'), (3::smallint, 'month'))
-           g(grain, unit)
+     CROSS JOIN (VALUES (2::smallint, 'day'), (3::smallint, 'month')) g(grain, unit)
      WHERE d.end_date IS NOT NULL AND jsonb_typeof(d.redactions) = 'array'
-     GROUP BY 1, 2, 3, 4, 5, 6
-     ORDER BY 1, 2, 3, 4, 5, 6
+     GROUP BY 1, 2, 3, 4, 5
+     ORDER BY 1, 2, 3, 4, 5
     ON CONFLICT ON CONSTRAINT rollup_redactions_user_pkey DO UPDATE
        SET sessions = r.sessions + EXCLUDED.sessions,
            redact_total = r.redact_total + EXCLUDED.redact_total,
@@ -159,7 +178,8 @@ CREATE TRIGGER sessions_deleted_rollups
 CREATE FUNCTION rollups_forget_all() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    TRUNCATE rollup_sessions, rollup_sessions_user, rollup_redactions, rollup_redactions_user;
+    TRUNCATE rollup_sessions, rollup_sessions_hourly, rollup_sessions_user, rollup_redactions,
+             rollup_redactions_user;
     RETURN NULL;
 END;
 $$;
