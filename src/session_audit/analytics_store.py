@@ -37,8 +37,8 @@ from session_audit.sqlbuild import Params, Where
 from session_audit.timebins import EPOCH, HOUR, RAW, Piece, decompose
 
 ROLLUP_TABLES = {CUBE: "rollup_sessions", USER: "rollup_sessions_user"}
-# Dimension-less hourly counters: hour pieces of a count that filters and groups nothing.
-HOURLY_TABLE = "rollup_sessions_hourly"
+# Dimension-less counters: every piece of a count that filters and groups nothing.
+TOTAL_TABLE = "rollup_sessions_total"
 LOOK_BACK = timedelta(hours=24)
 BASELINE = -1  # bin index of the pieces before the range (sessions open at its start)
 
@@ -123,27 +123,41 @@ def _group_cols(values: list[str]) -> tuple[str, str]:
 
 
 def _finest(spec: CountSpec) -> int | None:
-    """The finest rollup grain that can answer `spec` (None: the base table only)."""
+    """The finest rollup grain that can answer `spec` (None: the base table only). A count
+    that filters and groups nothing reads the dimension-less totals, which keep hours."""
     if spec.source == BASE:
         return None
     if spec.q is None and not spec.groups:
-        return rollups.SESSIONS_HOURLY.finest
+        return rollups.SESSIONS_TOTAL.finest
     return FINEST[spec.source]
 
 
-def _rollup_part(spec: CountSpec, pieces: Sequence[Piece], p: Params, table: str) -> str:
-    g, lo, hi, b = _arrays(pieces)
+def _by_grain(pieces: Sequence[Piece]) -> dict[int, list[Piece]]:
+    out: dict[int, list[Piece]] = defaultdict(list)
+    for x in pieces:
+        out[x.grain].append(x)
+    return out
+
+
+def _rollup_parts(spec: CountSpec, pieces: Sequence[Piece], p: Params, table: str) -> list[str]:
+    """One part per grain, the grain a constant: pieces and rollup rows share no equality, so
+    each piece is a nested-loop index range scan (an equality on grain let the planner pick a
+    merge join that rescans every row of the org per piece)."""
     cols, positions = _group_cols(_values_sql(spec, spec.source))
     ends = "sum(r.ends)::bigint" if spec.ends else "0::bigint"
-    return (
-        f"SELECT p.bin{cols}, sum(r.starts)::bigint AS starts, {ends} AS ends"
-        f" FROM unnest({p(g)}::smallint[], {p(lo)}::timestamptz[], {p(hi)}::timestamptz[],"
-        f" {p(b)}::int[]) AS p(grain, lo, hi, bin)"
-        f" JOIN {table} r ON r.org_id = {p(spec.who.org_id)} AND r.grain = p.grain"
-        f" AND r.bucket >= p.lo AND r.bucket < p.hi"
-        f" WHERE {_filters(spec, spec.source, p)}"
-        f" GROUP BY {positions}"
-    )
+    out = []
+    for grain, group in sorted(_by_grain(pieces).items()):
+        _, lo, hi, b = _arrays(group)
+        out.append(
+            f"SELECT p.bin{cols}, sum(r.starts)::bigint AS starts, {ends} AS ends"
+            f" FROM unnest({p(lo)}::timestamptz[], {p(hi)}::timestamptz[], {p(b)}::int[])"
+            f" AS p(lo, hi, bin)"
+            f" JOIN {table} r ON r.org_id = {p(spec.who.org_id)} AND r.grain = {int(grain)}"
+            f" AND r.bucket >= p.lo AND r.bucket < p.hi"
+            f" WHERE {_filters(spec, spec.source, p)}"
+            f" GROUP BY {positions}"
+        )
+    return out
 
 
 def _base_parts(spec: CountSpec, pieces: Sequence[Piece], p: Params) -> list[str]:
@@ -220,12 +234,10 @@ async def count(
         pieces += decompose(EPOCH, open_at, BASELINE, finest)
     p = Params()
     parts = []
-    hours = [x for x in pieces if x.grain == HOUR]
-    if hours:
-        parts.append(_rollup_part(spec, hours, p, HOURLY_TABLE))
-    rolled = [x for x in pieces if x.grain not in (RAW, HOUR)]
+    rolled = [x for x in pieces if x.grain != RAW]
     if rolled:
-        parts.append(_rollup_part(spec, rolled, p, ROLLUP_TABLES[spec.source]))
+        table = TOTAL_TABLE if finest == HOUR else ROLLUP_TABLES[spec.source]
+        parts += _rollup_parts(spec, rolled, p, table)
     parts += _base_parts(spec, [x for x in pieces if x.grain == RAW], p)
     if open_at is not None and not use_rollups:
         parts += _base_open_at(spec, open_at, p)
@@ -416,16 +428,15 @@ async def report(
     p = Params()
     parts = []
     rolled = [x for x in pieces if x.grain != RAW]
-    if rolled:
-        g, lo, hi, _ = _arrays(rolled)
+    for grain, group in sorted(_by_grain(rolled).items()):
+        _, lo, hi, _ = _arrays(group)
         parts.append(
             f"SELECT {REPORT_GROUP[rq.group_by][source]} AS resource, r.info_type,"
             f" sum(r.sessions)::bigint, sum(r.redact_total)::bigint,"
             f" sum(r.transformed_bytes)::bigint"
-            f" FROM unnest({p(g)}::smallint[], {p(lo)}::timestamptz[], {p(hi)}::timestamptz[])"
-            f" AS p(grain, lo, hi)"
+            f" FROM unnest({p(lo)}::timestamptz[], {p(hi)}::timestamptz[]) AS p(lo, hi)"
             f" JOIN {REPORT_TABLES[source]} r ON r.org_id = {p(who.org_id)}"
-            f" AND r.grain = p.grain AND r.bucket >= p.lo AND r.bucket < p.hi"
+            f" AND r.grain = {int(grain)} AND r.bucket >= p.lo AND r.bucket < p.hi"
             f" WHERE {_report_where(rq, source, p)}"
             f" GROUP BY 1, 2"
         )

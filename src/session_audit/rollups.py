@@ -4,17 +4,18 @@ Five tables (migration 0010), with UTC buckets at the grains that pay for themse
 
     rollup_sessions         day, month   starts/ends per connection, type, protocol, verb,
                                          status, review status
-    rollup_sessions_hourly  hour         starts/ends, no dimensions (one row per org-hour)
+    rollup_sessions_total   hour, day,   starts/ends, no dimensions (one row per org and
+                            month        hour/day/month)
     rollup_sessions_user    day, month   starts/ends per user (lower-cased e-mail)
     rollup_redactions       day, month   report sums per connection, type, verb, info type
                                          (by end time)
     rollup_redactions_user  day, month   report sums per user, info type
 
 Rows with dimensions barely compress within an hour (about one row per session or two), so
-only the dimension-less counters keep hours: hour bins and the partial days of ranges not
-aligned to UTC days, when nothing is filtered or grouped. Otherwise such partial days come from
-the base table, a small slice. (Measured: hourly rows with dimensions cost a third of ingest's
-rate, most of it in the final upsert.)
+only the dimension-less totals keep hours: they answer histograms that filter and group
+nothing at any bin size and in any zone, from a handful of rows. Partial days of other
+answers (ranges not aligned to UTC days) come from the base table, a small slice. (Measured:
+hourly rows with dimensions cost a third of ingest's rate, most of it in the final upsert.)
 
 How ingest keeps them current, in the batch's own transaction:
 
@@ -128,13 +129,13 @@ SESSIONS = Family(
     lateral=_START_END,
     where="t.at IS NOT NULL",
 )
-SESSIONS_HOURLY = Family(
-    table="rollup_sessions_hourly",
+SESSIONS_TOTAL = Family(
+    table="rollup_sessions_total",
     dims=(),
     measures=(("starts", "t.st"), ("ends", "t.en")),
     lateral=_START_END,
     where="t.at IS NOT NULL",
-    grains=(HOUR,),
+    grains=(HOUR, DAY, MONTH),
 )
 SESSIONS_USER = Family(
     table="rollup_sessions_user",
@@ -163,7 +164,7 @@ REDACTIONS_USER = Family(
     lateral=_REDACTIONS,
     where="s.end_date IS NOT NULL AND jsonb_typeof(s.redactions) = 'array'",
 )
-FAMILIES = (SESSIONS, SESSIONS_HOURLY, SESSIONS_USER, REDACTIONS, REDACTIONS_USER)
+FAMILIES = (SESSIONS, SESSIONS_TOTAL, SESSIONS_USER, REDACTIONS, REDACTIONS_USER)
 
 
 def _delta_table(f: Family) -> str:

@@ -26,11 +26,11 @@ CREATE TABLE rollup_sessions (
                  status, review_status)
 ) WITH (fillfactor = 80);
 
--- The same counters per hour, without dimensions (one row per org and hour): hour bins, and
--- the partial days of ranges not aligned to UTC days, when nothing is filtered or grouped.
-CREATE TABLE rollup_sessions_hourly (
+-- The same counters without dimensions (one row per org and hour, day, month): histograms
+-- that filter and group nothing, at any bin size and in any time zone.
+CREATE TABLE rollup_sessions_total (
     org_id    uuid        NOT NULL,
-    grain     smallint    NOT NULL CHECK (grain = 1),
+    grain     smallint    NOT NULL CHECK (grain IN (1, 2, 3)),
     bucket    timestamptz NOT NULL,
     starts    integer     NOT NULL,
     ends      integer     NOT NULL,
@@ -115,14 +115,16 @@ BEGIN
     ON CONFLICT ON CONSTRAINT rollup_sessions_pkey DO UPDATE
        SET starts = r.starts + EXCLUDED.starts, ends = r.ends + EXCLUDED.ends;
 
-    INSERT INTO rollup_sessions_hourly AS r
-    SELECT d.org_id, 1::smallint, date_trunc('hour', t.at, 'UTC'), -sum(t.starts), -sum(t.ends)
+    INSERT INTO rollup_sessions_total AS r
+    SELECT d.org_id, g.grain, date_trunc(g.unit, t.at, 'UTC'), -sum(t.starts), -sum(t.ends)
       FROM deleted d
      CROSS JOIN LATERAL (VALUES (d.start_date, 1, 0), (d.end_date, 0, 1)) t(at, starts, ends)
+     CROSS JOIN (VALUES (1::smallint, 'hour'), (2::smallint, 'day'), (3::smallint, 'month'))
+           g(grain, unit)
      WHERE t.at IS NOT NULL
      GROUP BY 1, 2, 3
      ORDER BY 1, 2, 3
-    ON CONFLICT ON CONSTRAINT rollup_sessions_hourly_pkey DO UPDATE
+    ON CONFLICT ON CONSTRAINT rollup_sessions_total_pkey DO UPDATE
        SET starts = r.starts + EXCLUDED.starts, ends = r.ends + EXCLUDED.ends;
 
     INSERT INTO rollup_sessions_user AS r
@@ -178,7 +180,7 @@ CREATE TRIGGER sessions_deleted_rollups
 CREATE FUNCTION rollups_forget_all() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    TRUNCATE rollup_sessions, rollup_sessions_hourly, rollup_sessions_user, rollup_redactions,
+    TRUNCATE rollup_sessions, rollup_sessions_total, rollup_sessions_user, rollup_redactions,
              rollup_redactions_user;
     RETURN NULL;
 END;
