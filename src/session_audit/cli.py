@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -247,6 +248,8 @@ def run_cmd() -> None:
 
 def _print_banner(config: Config, grpc_port: int, admin: str) -> None:
     http = f"http://127.0.0.1:{config.http_port}"
+    today = datetime.now(UTC).date()
+    month_ago, tomorrow = today - timedelta(days=30), today + timedelta(days=1)
     grpcurl = Path(sys.executable).parent / "grpcurl"
     cli = Path(sys.executable).parent / "session-audit"
     click.echo(
@@ -263,6 +266,12 @@ Try:
   curl -s -H "authorization: Bearer $TOKEN" '{http}/api/sessions?limit=2'
   curl -s -H "authorization: Bearer $TOKEN" \\
       '{http}/api/sessions?type=database&review.status=APPROVED&limit=5'
+  curl -s -H "authorization: Bearer $TOKEN" \\
+      '{http}/api/reports/sessions?start_date={month_ago}&end_date={tomorrow}&group_by=connection'
+  curl -s -H "authorization: Bearer $TOKEN" \\
+      '{http}/api/audit/sessions/histogram?field=protocol&bin-size=day&size=3&start={month_ago}'
+  curl -s -H "authorization: Bearer $TOKEN" \\
+      '{http}/api/audit/sessions/stats?field=protocol&sub_fields=connection&size=5'
   {grpcurl} -plaintext 127.0.0.1:{grpc_port} list
   {grpcurl} -plaintext -H "authorization: Bearer $TOKEN" -d '{{"limit": 2}}' \\
       127.0.0.1:{grpc_port} session_audit.v1.SessionService/ListSessions
