@@ -441,32 +441,43 @@ async def report(
             f" GROUP BY 1, 2"
         )
     raw = [x for x in pieces if x.grain == RAW]
+    # A session reports each info type once (ingest checks it), so with group_by=id the base
+    # rows are already one per item: no grouping needed.
+    per_session = rq.group_by == "id"
     if raw:
         _, lo, hi, _ = _arrays(raw)
         scope = who.scope(Where(p), "s").sql()
+        measures = (
+            "1, (x ->> 'count')::bigint, (x ->> 'transformed_bytes')::bigint"
+            if per_session
+            else "count(*), sum((x ->> 'count')::bigint), sum((x ->> 'transformed_bytes')::bigint)"
+        )
         parts.append(
-            f"SELECT {REPORT_GROUP[rq.group_by][BASE]} AS resource, x ->> 'info_type',"
-            f" count(*), sum((x ->> 'count')::bigint), sum((x ->> 'transformed_bytes')::bigint)"
+            f"SELECT {REPORT_GROUP[rq.group_by][BASE]} AS resource, x ->> 'info_type' AS info_type,"
+            f" {measures}"
             f" FROM unnest({p(lo)}::timestamptz[], {p(hi)}::timestamptz[]) AS p(lo, hi)"
             f" JOIN sessions s ON s.end_date >= p.lo AND s.end_date < p.hi"
             f" CROSS JOIN LATERAL jsonb_array_elements(s.redactions) x"
             f" WHERE {scope} AND jsonb_typeof(s.redactions) = 'array'"
-            f" AND {_report_where(rq, BASE, p)}"
-            f" GROUP BY 1, 2"
+            f" AND {_report_where(rq, BASE, p)}" + ("" if per_session else " GROUP BY 1, 2")
         )
-    sums: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
-    if parts:
-        sql = " UNION ALL ".join(f"({part})" for part in parts)
-        for resource, info_type, sessions, redacted, transformed in await conn.fetch(
-            sql, *p.args, timeout=timeout
-        ):
-            acc = sums[(resource, info_type)]
-            acc[0] += sessions
-            acc[1] += redacted
-            acc[2] += transformed
-    items = [
-        (resource, info, acc[1], acc[2])
-        for (resource, info), acc in sorted(sums.items())
-        if acc[0] > 0
-    ]
+    if not parts:
+        return ReportResult([], source)
+    # Merged and ordered by PostgreSQL (byte order of UTF-8 = code point order); a row whose
+    # sessions all moved away (sums back to zero) is not an item.
+    order = ' ORDER BY resource COLLATE "C", info_type COLLATE "C"'
+    if len(parts) == 1 and per_session:
+        sql = f"SELECT * FROM ({parts[0]}) u{order}"
+    else:
+        union = " UNION ALL ".join(f"({part})" for part in parts)
+        sql = (
+            f"SELECT resource, info_type, sum(r)::bigint, sum(b)::bigint"
+            f" FROM ({union}) u(resource, info_type, n, r, b)"
+            f" GROUP BY 1, 2 HAVING sum(n) > 0{order}"
+        )
+    rows = await conn.fetch(sql, *p.args, timeout=timeout)
+    if len(parts) == 1 and per_session:
+        items = [(r[0], r[1], r[3], r[4]) for r in rows]
+    else:
+        items = [(r[0], r[1], r[2], r[3]) for r in rows]
     return ReportResult(items, source)
