@@ -1,9 +1,10 @@
 """SQL for the report, the histogram and the statistics. No protobuf here.
 
-Every answer is a sum over *pieces* of time (timebins.decompose): whole UTC months, days and
-hours are read from a rollup, the rest (under an hour at the ends of a range, or everything
-when no rollup can answer) from the sessions table. One statement per question: the rollup
-part and the base-table part are UNION ALL-ed, each piece joined to its index range.
+Every answer is a sum over *pieces* of time (timebins.decompose): whole UTC months, days (and
+hours, for the dimension-less totals) are read from a rollup, the rest (what is left at the
+ends of a range, or everything when no rollup can answer) from the sessions table. One
+statement per question: the rollup parts (one per grain) and the base-table parts are UNION
+ALL-ed, each piece joined to its index range.
 
 Which source answers (`plan`):
   * the base table for `user` tokens (their own sessions: a small slice, index-scanned), for
