@@ -595,3 +595,23 @@ def test_report_responses_match_the_published_contract(
         )
         assert r.status_code == 200, (p["name"], r.text)
         assert [e.message for e in ok.iter_errors(r.json())] == []
+
+
+def test_grpcurl_reaches_the_analytics_service(stack: Stack, report: dict[str, Any]) -> None:
+    import json
+
+    from tests.test_contract import grpcurl
+
+    target = stack.grpc_target
+    assert "session_audit.v1.AnalyticsService" in grpcurl("-plaintext", target, "list").stdout
+    described = grpcurl("-plaintext", target, "describe", "session_audit.v1.AnalyticsService")
+    assert "/api/reports/sessions" in described.stdout
+    assert "/api/audit/sessions/histogram" in described.stdout
+    called = grpcurl(
+        "-plaintext", "-H", f"authorization: Bearer {report['token']}",
+        "-d", json.dumps({**DAY2, "group_by": "connection_type"}),
+        target, "session_audit.v1.AnalyticsService/GetSessionReport",
+    )  # fmt: skip
+    assert called.returncode == 0, called.stderr
+    body = json.loads(called.stdout)
+    assert body["total_redact_count"] == 21, body
