@@ -10,7 +10,7 @@ PROTOC  = PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Ip
           -I$$($(BIN)/python -c 'import grpc_tools,os;print(os.path.join(os.path.dirname(grpc_tools.__file__),"_proto"))') \
           -I$$($(BIN)/python -c 'import google.api.annotations_pb2 as m,os;print(os.path.dirname(os.path.dirname(os.path.dirname(m.__file__))))')
 
-.PHONY: all venv proto check-proto descriptor lint test run bench bench-reports clean
+.PHONY: all venv proto check-proto descriptor lint test run bench bench-reports bench-analytics clean
 
 all: venv descriptor
 
@@ -58,6 +58,10 @@ bench: $(STAMP) $(DESC)
 # Reports: generation and downloads at 10k, 100k and 1M sessions (figures, not assertions).
 bench-reports: $(STAMP) $(DESC)
 	$(BIN)/python bench/bench_reports.py $(BENCH_ARGS)
+
+# Aggregations at 10M sessions; the data set is kept in .bench-data-analytics/ and reused.
+bench-analytics: $(STAMP) $(DESC)
+	$(BIN)/python bench/bench_analytics.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .gen-check $(DESC) .pytest_cache .mypy_cache .ruff_cache

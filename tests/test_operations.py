@@ -73,6 +73,9 @@ def test_sigterm_lets_inflight_rpcs_finish_and_refuses_new_ones(stack: Stack) ->
     def slow_stream() -> Iterator[pb.IngestSessionsRequest]:
         yield pb.IngestSessionsRequest(sessions=[s.to_proto() for s in specs[:100]])
         assert server.proc is not None
+        # Let the server pick the call up first: a call it has not dispatched yet when the
+        # signal lands is a new RPC, which shutdown rightly refuses (CANCELLED).
+        time.sleep(0.5)
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(1.5)
         yield pb.IngestSessionsRequest(sessions=[s.to_proto() for s in specs[100:]])

@@ -1,4 +1,5 @@
-"""`session-audit` command line: run, serve, migrate, seed, token create|list|revoke."""
+"""`session-audit` command line: run, serve, migrate, seed, token create|list|revoke,
+rollups rebuild."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import shlex
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
 
-from session_audit import auth, db, envoy, migrate, seed, server
+from session_audit import auth, db, envoy, migrate, rollups, seed, server
 from session_audit.config import Config, ConfigError
 from session_audit.embedded import EmbeddedPostgres
 
@@ -177,6 +179,37 @@ def token_revoke(ident: str) -> None:
     click.echo(f"revoked {n} token(s)")
 
 
+@main.group("rollups")
+def rollups_group() -> None:
+    """Maintain the aggregation rollups."""
+
+
+@rollups_group.command("rebuild")
+@click.option("--org", "org_name", default=None, help="Only this org (by name); default: all.")
+def rollups_rebuild(org_name: str | None) -> None:
+    """Recompute the rollups from the sessions table (after a backfill with maintenance off).
+
+    Holds off ingest while it runs; reads continue on the old rollups until it commits."""
+
+    async def go(dsn: str) -> str:
+        await _migrate(dsn)
+        conn = await db.connect(dsn)
+        try:
+            org_id = None
+            if org_name is not None:
+                org_id = await conn.fetchval("SELECT id FROM orgs WHERE name = $1", org_name)
+                if org_id is None:
+                    raise click.ClickException(f"no org named {org_name!r}")
+            await rollups.rebuild(conn, org_id)
+            return org_name or "every org"
+        finally:
+            await conn.close()
+
+    with database(_config()) as dsn:
+        which = asyncio.run(go(dsn))
+    click.echo(f"rebuilt the rollups of {which}")
+
+
 @main.command("run")
 def run_cmd() -> None:
     """Everything: database, migrations, demo data, gRPC server and Envoy. Ctrl-C stops all."""
@@ -218,6 +251,8 @@ def run_cmd() -> None:
 
 def _print_banner(config: Config, grpc_port: int, org: str, admin: str) -> None:
     http = f"http://127.0.0.1:{config.http_port}"
+    today = datetime.now(UTC).date()
+    month_ago, tomorrow = today - timedelta(days=30), today + timedelta(days=1)
     grpcurl = Path(sys.executable).parent / "grpcurl"
     cli = Path(sys.executable).parent / "session-audit"
     click.echo(
@@ -234,6 +269,12 @@ Try:
   curl -s -H "authorization: Bearer $TOKEN" '{http}/api/sessions?limit=2'
   curl -s -H "authorization: Bearer $TOKEN" \\
       '{http}/api/sessions?type=database&review.status=APPROVED&limit=5'
+  curl -s -H "authorization: Bearer $TOKEN" \\
+      '{http}/api/reports/sessions?start_date={month_ago}&end_date={tomorrow}&group_by=connection'
+  curl -s -H "authorization: Bearer $TOKEN" \\
+      '{http}/api/audit/sessions/histogram?field=protocol&bin-size=day&size=3&start={month_ago}'
+  curl -s -H "authorization: Bearer $TOKEN" \\
+      '{http}/api/audit/sessions/stats?field=protocol&sub_fields=connection&size=5'
   {grpcurl} -plaintext 127.0.0.1:{grpc_port} list
   {grpcurl} -plaintext -H "authorization: Bearer $TOKEN" -d '{{"limit": 2}}' \\
       127.0.0.1:{grpc_port} session_audit.v1.SessionService/ListSessions

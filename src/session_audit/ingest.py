@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from session_audit import rollups
 from session_audit import sessions_store as store
 from session_audit.db import Conn
 from session_audit.session_rows import IngestItem, ItemError, item_from_proto, merge_items
@@ -20,7 +21,10 @@ from session_audit.v1 import sessions_pb2 as pb
 
 MAX_BATCH = 1000
 CHUNK = 5000
+YIELD_EVERY = 128
 MAX_REPORTED_REJECTIONS = 1000
+# (index in the batch, id as sent, reason)
+Rejection = tuple[int, str, str]
 
 
 @dataclass
@@ -47,12 +51,20 @@ class IngestResult:
 
 
 class IngestBatch:
-    """Feed sessions with `add`; chunks are flushed to the open transaction as they fill."""
+    """Feed sessions with `add`; chunks are flushed to the open transaction as they fill.
 
-    def __init__(self, conn: Conn, org_id: uuid.UUID, timeout: float) -> None:
+    With `maintain_rollups` (the default) every chunk's contribution to the rollups is
+    captured as it is written and folded in by `finish` (see rollups.py). Without it the org
+    is marked stale, so reads use the base tables until `session-audit rollups rebuild`."""
+
+    def __init__(
+        self, conn: Conn, org_id: uuid.UUID, timeout: float, *, maintain_rollups: bool = True
+    ) -> None:
         self.conn = conn
         self.org_id = org_id
         self.timeout = timeout
+        self.maintain_rollups = maintain_rollups
+        self.deltas = rollups.Deltas(conn, timeout)
         self.now = datetime.now(UTC)
         self.result = IngestResult()
         self._next_index = 0
@@ -87,6 +99,10 @@ class IngestBatch:
         self._pending[item.id] = (index, item)
         if len(self._pending) >= CHUNK:
             await self.flush()
+        elif index % YIELD_EVERY == 0 and self._writer is not None:
+            # Let the writer send its next statement: a chunk's write is several round trips
+            # (COPY, rollup capture), and they only advance when this loop yields.
+            await asyncio.sleep(0)
 
     async def flush(self) -> None:
         """Hand the pending chunk to the writer and return: PostgreSQL stores chunk k while
@@ -105,36 +121,67 @@ class IngestBatch:
         # Most chunks are sessions never seen before: try the binary COPY first. It fails
         # fast (savepoint rolled back) when any id is already stored; then the chunk takes
         # the careful path.
-        if await store.copy_new(self.conn, [item.record() for _, item in pending.values()],
-                                self.timeout):  # fmt: skip
+        ids = list(pending)
+        records = [item.record() for _, item in pending.values()]
+        if await store.copy_new(self.conn, records, self.timeout):
             self.result.written += len(pending)
+            if self.maintain_rollups:
+                await self.deltas.add_records(records)
             return
-        existing = await store.lock_existing(self.conn, list(pending), self.timeout)
-        fresh, known = [], []
+        while True:
+            # Lock what is stored; insert the rest by COPY. If a concurrent batch stored one of
+            # "the rest" meanwhile, the COPY fails (after waiting for that batch to commit)
+            # and the next round finds and locks it: every stored row we overwrite is locked
+            # before its old contribution to the rollups is read.
+            existing = await store.lock_existing(self.conn, ids, self.timeout)
+            fresh, known, rejected = self._partition(pending, existing)
+            records = [item.record() for item in fresh.values()]
+            if not fresh or await store.copy_new(self.conn, records, self.timeout):
+                break
+        for index, sid, reason in rejected:
+            self.result.accepted -= 1
+            self.result.reject(index, sid, reason)
+        self.result.written += len(fresh)
+        if self.maintain_rollups:
+            await self.deltas.add_records(records)
+        if known:
+            if self.maintain_rollups:
+                await self.deltas.subtract(list(known))
+            inserted, updated = await store.upsert(
+                self.conn, [item.record() for item in known.values()], self.timeout
+            )
+            self.result.written += inserted + updated
+            if self.maintain_rollups:
+                await self.deltas.add(list(known))
+
+    def _partition(
+        self,
+        pending: dict[uuid.UUID, tuple[int, IngestItem]],
+        existing: dict[uuid.UUID, store.Existing],
+    ) -> tuple[dict[uuid.UUID, IngestItem], dict[uuid.UUID, IngestItem], list[Rejection]]:
+        """Split a chunk into new sessions, stored ones to merge, and rejected reports."""
+        fresh: dict[uuid.UUID, IngestItem] = {}
+        known: dict[uuid.UUID, IngestItem] = {}
+        rejected: list[Rejection] = []
         for sid, (index, item) in pending.items():
             old = existing.get(sid)
             if old is None:
-                fresh.append(item.record())
-                continue
-            reason = None
-            if old.org_id != self.org_id:
-                reason = "id: already used by another session"
+                fresh[sid] = item
+            elif old.org_id != self.org_id:
+                rejected.append((index, str(sid), "id: already used by another session"))
             elif (item.end_date or old.end_date or item.start_date) < item.start_date:
-                reason = "start_date: after the stored end_date"
-            if reason is not None:
-                self.result.accepted -= 1
-                self.result.reject(index, str(sid), reason)
+                rejected.append((index, str(sid), "start_date: after the stored end_date"))
             else:
-                known.append(item.record())
-        if fresh and await store.copy_new(self.conn, fresh, self.timeout):
-            self.result.written += len(fresh)
-            fresh = []
-        if fresh or known:
-            inserted, updated = await store.upsert(self.conn, fresh + known, self.timeout)
-            self.result.written += inserted + updated
+                known[sid] = item
+        return fresh, known, rejected
 
     async def finish(self) -> IngestResult:
+        """Write what is pending and bring the rollups up to date; the caller commits."""
         await self.flush()
         await self._wait_writer()
+        if self.maintain_rollups:
+            await self.deltas.apply()
+        elif self.result.written:
+            await rollups.mark_stale(self.conn, self.org_id, self.timeout)
         self.result.unchanged = self.result.accepted - self.result.written
         return self.result

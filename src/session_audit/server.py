@@ -21,9 +21,17 @@ from session_audit import db
 from session_audit.app import App
 from session_audit.auth import TokenCache
 from session_audit.config import Config
+from session_audit.service_analytics import AnalyticsService
 from session_audit.service_reports import ReportService
 from session_audit.service_sessions import SessionService
-from session_audit.v1 import reports_pb2, reports_pb2_grpc, sessions_pb2, sessions_pb2_grpc
+from session_audit.v1 import (
+    analytics_pb2,
+    analytics_pb2_grpc,
+    reports_pb2,
+    reports_pb2_grpc,
+    sessions_pb2,
+    sessions_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,11 @@ SERVICES: list[ServiceEntry] = [
         reports_pb2.DESCRIPTOR.services_by_name["ReportService"].full_name,
         reports_pb2_grpc.add_ReportServiceServicer_to_server,
         ReportService,
+    ),
+    (
+        analytics_pb2.DESCRIPTOR.services_by_name["AnalyticsService"].full_name,
+        analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server,
+        AnalyticsService,
     ),
 ]
 

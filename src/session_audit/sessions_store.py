@@ -53,10 +53,12 @@ CREATE_STAGING = (
 )
 TRUNCATE_STAGING = "TRUNCATE ingest_staging"
 
+# Rows are locked in id order, so two batches updating overlapping sessions cannot deadlock.
 LOCK_EXISTING = """
 SELECT id, org_id, start_date, end_date
   FROM sessions
  WHERE id = any($1::uuid[])
+ ORDER BY id
    FOR UPDATE
 """
 

@@ -1,0 +1,622 @@
+"""Report, histogram and statistics through Envoy (REST) and gRPC, on fixtures whose answers
+were worked out by hand (comments show the arithmetic)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+
+from session_audit.v1 import analytics_pb2 as apb
+from session_audit.v1 import analytics_pb2_grpc as apb_grpc
+from tests.factories import Spec
+from tests.support import Stack, auth_md
+
+REPORT = "/api/reports/sessions"
+HISTOGRAM = "/api/audit/sessions/histogram"
+STATS = "/api/audit/sessions/stats"
+ANA, BO, CY = "ana@acme.example", "bo@acme.example", "cy@acme.example"
+
+
+def at(day: int, hour: int, minute: int = 0, month: int = 3) -> datetime:
+    return datetime(2026, month, day, hour, minute, tzinfo=UTC)
+
+
+def get(stack: Stack, path: str, token: str, **params: Any) -> dict[str, Any]:
+    r = stack.rest("GET", path, token, params=params)
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def items(body: dict[str, Any]) -> list[tuple[str, str, int, int]]:
+    return [
+        (i["resource"], i["info_type"], i["redact_total"], i["transformed_bytes"])
+        for i in body["items"]
+    ]
+
+
+# -- the issue's worked example ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three(stack: Stack) -> str:
+    """ssh 14:30-16:10, rdp from 15:10 still open, ssh 16:05-16:20."""
+    token = stack.token(stack.new_org("three"), "admin")
+    stack.ingest(token, [
+        Spec(start=at(2, 14, 30), end=at(2, 16, 10), subtype="ssh", connection="bastion",
+             type="custom", verb="connect").to_proto(),
+        Spec(start=at(2, 15, 10), subtype="rdp", connection="win", type="application",
+             verb="connect").to_proto(),
+        Spec(start=at(2, 16, 5), end=at(2, 16, 20), subtype="ssh", connection="bastion",
+             type="custom", verb="connect").to_proto(),
+    ])  # fmt: skip
+    return token
+
+
+def test_three_sessions_hourly_from_14_to_17(stack: Stack, three: str) -> None:
+    body = get(stack, HISTOGRAM, three, field="protocol", **{"bin-size": "hour"},
+               start="2026-03-02T14:00:00Z", end="2026-03-02T17:00:00Z")  # fmt: skip
+    assert body["key"] == "histogram"
+    buckets = body["body"]["buckets"]
+    assert [b["id"] for b in buckets] == [
+        "2026-03-02T14:00:00.000Z",
+        "2026-03-02T15:00:00.000Z",
+        "2026-03-02T16:00:00.000Z",
+    ]
+    assert [b["start_count"] for b in buckets] == [1, 1, 1]
+    assert [b["active_count"] for b in buckets] == [1, 2, 3]
+    meta = body["meta"]
+    assert meta == {
+        "bin_size": "hour",
+        "field": "protocol",
+        "href": "/api/audit/sessions/histogram",
+        "parent": "/api/audit/sessions",
+        "remaining_seconds": meta["remaining_seconds"],
+        "time_zone": "Etc/UTC",
+        "start": "2026-03-02T14:00:00.000Z",
+        "end": "2026-03-02T17:00:00.000Z",
+    }
+    assert 0 < meta["remaining_seconds"] <= 60
+
+
+def test_three_sessions_over_grpc_with_size_and_q(stack: Stack, three: str) -> None:
+    stub = apb_grpc.AnalyticsServiceStub(stack.channel())
+    req = apb.HistogramRequest(field="protocol", bin_size="hour", start="2026-03-02T14:00Z",
+                               end="2026-03-02T17:00Z", size=1)  # fmt: skip
+    reply = stub.GetSessionHistogram(req, metadata=auth_md(three))
+    # ssh started twice, rdp once: ssh is the top value; only ssh sessions are counted.
+    assert [(b.start_count, b.active_count) for b in reply.body.buckets] == [(1, 1), (0, 1), (1, 2)]
+    assert [[(v.value, v.start_count, v.active_count) for v in b.values]
+            for b in reply.body.buckets] == [[("ssh", 1, 1)], [("ssh", 0, 1)], [("ssh", 1, 2)]]  # fmt: skip
+    assert reply.meta.size == 1
+    req = apb.HistogramRequest(field="protocol", bin_size="hour", start="2026-03-02T14:00Z",
+                               end="2026-03-02T17:00Z", q="NOT protocol:ssh")  # fmt: skip
+    reply = stub.GetSessionHistogram(req, metadata=auth_md(three))
+    assert [(b.start_count, b.active_count) for b in reply.body.buckets] == [(0, 0), (1, 1), (0, 1)]
+
+
+def test_minute_bins_and_partial_edge_buckets(stack: Stack, three: str) -> None:
+    # 16:09:30 → 16:12:00 by minute: the first bucket starts at 16:09 but counts from 16:09:30.
+    body = get(stack, HISTOGRAM, three, field="verb", **{"bin-size": "minute"},
+               start="2026-03-02T16:09:30Z", end="2026-03-02T16:12:00Z")  # fmt: skip
+    buckets = body["body"]["buckets"]
+    assert [b["id"] for b in buckets] == [
+        "2026-03-02T16:09:00.000Z",
+        "2026-03-02T16:10:00.000Z",
+        "2026-03-02T16:11:00.000Z",
+    ]
+    # Open during 16:09-16:10: all three. 16:10-16:11: the first ended exactly at 16:10, which
+    # is not before the bin's start, so it still counts. 16:11-16:12: rdp and the last ssh.
+    assert [b["active_count"] for b in buckets] == [3, 3, 2]
+    assert [b["start_count"] for b in buckets] == [0, 0, 0]
+
+
+# -- calendar bins in a time zone --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def berlin(stack: Stack) -> str:
+    token = stack.token(stack.new_org("berlin"), "admin")
+    stack.ingest(token, [
+        # 00:30 CET on the 29th, for an hour.
+        Spec(start=at(28, 23, 30), end=at(29, 0, 30)).to_proto(),
+        # 23:59 CEST on the 29th, ending exactly when the 30th begins (22:00Z).
+        Spec(start=datetime(2026, 3, 29, 21, 59, tzinfo=UTC), end=at(29, 22)).to_proto(),
+        # 00:30 CEST on the 30th, still open.
+        Spec(start=at(29, 22, 30)).to_proto(),
+    ])  # fmt: skip
+    return token
+
+
+def test_day_bins_follow_berlin_dst(stack: Stack, berlin: str) -> None:
+    body = get(stack, HISTOGRAM, berlin, field="protocol", **{"bin-size": "day"},
+               start="2026-03-28", end="2026-03-31", time_zone="Europe/Berlin")  # fmt: skip
+    buckets = body["body"]["buckets"]
+    assert [b["id"] for b in buckets] == [
+        "2026-03-28T00:00:00.000+01:00",
+        "2026-03-29T00:00:00.000+01:00",  # 23 hours long
+        "2026-03-30T00:00:00.000+02:00",
+    ]
+    assert [b["start_count"] for b in buckets] == [0, 2, 1]
+    assert [b["active_count"] for b in buckets] == [0, 2, 2]
+    assert body["meta"]["time_zone"] == "Europe/Berlin"
+    assert body["meta"]["start"] == "2026-03-28T00:00:00.000+01:00"
+    assert body["meta"]["end"] == "2026-03-31T00:00:00.000+02:00"
+    # The same sessions in UTC days: both 23:30Z and 21:59Z starts fall on other days.
+    body = get(stack, HISTOGRAM, berlin, field="protocol", **{"bin-size": "day"},
+               start="2026-03-28", end="2026-03-31")  # fmt: skip
+    assert [b["start_count"] for b in body["body"]["buckets"]] == [1, 2, 0]
+    assert [b["active_count"] for b in body["body"]["buckets"]] == [1, 3, 1]
+
+
+def test_week_and_month_bins(stack: Stack, berlin: str) -> None:
+    body = get(stack, HISTOGRAM, berlin, field="status", **{"bin-size": "week"},
+               start="2026-03-25T00:00:00Z", end="2026-04-08T00:00:00Z")  # fmt: skip
+    assert [b["id"] for b in body["body"]["buckets"]] == [
+        "2026-03-23T00:00:00.000Z",
+        "2026-03-30T00:00:00.000Z",
+        "2026-04-06T00:00:00.000Z",
+    ]
+    assert [b["start_count"] for b in body["body"]["buckets"]] == [3, 0, 0]
+    assert [b["active_count"] for b in body["body"]["buckets"]] == [3, 1, 1]
+    body = get(stack, HISTOGRAM, berlin, field="status", start="2026-02-15", end="2026-04-15")
+    assert body["meta"]["bin_size"] == "month"
+    assert [b["id"][:10] for b in body["body"]["buckets"]] == [
+        "2026-02-01",
+        "2026-03-01",
+        "2026-04-01",
+    ]
+    assert [b["start_count"] for b in body["body"]["buckets"]] == [0, 3, 0]
+
+
+def test_default_range_is_the_month_before_now(stack: Stack, berlin: str) -> None:
+    before = datetime.now(UTC)
+    meta = get(stack, HISTOGRAM, berlin, field="status")["meta"]
+    end = datetime.fromisoformat(meta["end"])
+    assert before - timedelta(seconds=1) <= end <= datetime.now(UTC) + timedelta(seconds=1)
+    start = datetime.fromisoformat(meta["start"])
+    assert timedelta(days=28) <= end - start <= timedelta(days=31)
+    assert (start.day, start.hour, start.minute) == (min(end.day, start.day), end.hour, end.minute)
+
+
+# -- top values, ties, statistics --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def protocols(stack: Stack) -> tuple[str, str]:
+    org = stack.new_org("top")
+    token = stack.token(org, "admin")
+    day = at(5, 9)
+    specs = [
+        Spec(start=day, end=day + timedelta(hours=1), subtype="ssh", connection="bastion", email=ANA),
+        Spec(start=day + timedelta(hours=2), subtype="ssh", connection="jump", email=BO),
+        Spec(start=day + timedelta(hours=1), end=day + timedelta(hours=2), subtype="rdp",
+             connection="win", email=ANA),
+        Spec(start=day + timedelta(hours=3), end=day + timedelta(days=1, hours=3), subtype="rdp",
+             connection="win", email=CY),
+        Spec(start=day + timedelta(hours=4), end=day + timedelta(hours=5), subtype="postgres",
+             connection="pg-prod", email=ANA),
+    ]  # fmt: skip
+    stack.ingest(token, [s.to_proto() for s in specs])
+    return token, stack.token(org, "user", ANA)
+
+
+def test_size_keeps_the_top_values_ties_broken_by_value(
+    stack: Stack, protocols: tuple[str, str]
+) -> None:
+    token, _ = protocols
+    body = get(stack, HISTOGRAM, token, field="protocol", **{"bin-size": "day"}, size=2,
+               start="2026-03-05", end="2026-03-07")  # fmt: skip
+    # ssh 2, rdp 2, postgres 1: the two tied values win; rdp before ssh (by value).
+    buckets = body["body"]["buckets"]
+    assert [[v["value"] for v in b["values"]] for b in buckets] == [["rdp", "ssh"], ["rdp", "ssh"]]
+    assert [(b["start_count"], b["active_count"]) for b in buckets] == [(4, 4), (0, 2)]
+    assert [[(v["start_count"], v["active_count"]) for v in b["values"]] for b in buckets] == [
+        [(2, 2), (2, 2)],
+        # Day 2: the rdp session ending on the 6th, and ssh still open.
+        [(0, 1), (0, 1)],
+    ]
+    one = get(stack, HISTOGRAM, token, field="protocol", **{"bin-size": "day"}, size=1,
+              start="2026-03-05", end="2026-03-07")  # fmt: skip
+    assert [v["value"] for v in one["body"]["buckets"][0]["values"]] == ["rdp"]
+
+
+def test_stats_counts_percentages_and_sub_field(stack: Stack, protocols: tuple[str, str]) -> None:
+    token, ana = protocols
+    body = get(stack, STATS, token, field="protocol", sub_fields="connection", size=2,
+               start="2026-03-05", end="2026-03-06")  # fmt: skip
+    assert body["key"] == "stats"
+    assert body["body"] == {
+        "total": 5,
+        "values": [
+            {"value": "rdp", "count": 2, "percent": 40, "sub_other_count": 0,
+             "sub_values": [{"value": "win", "count": 2, "percent": 100}]},
+            {"value": "ssh", "count": 2, "percent": 40, "sub_other_count": 0,
+             "sub_values": [{"value": "bastion", "count": 1, "percent": 50},
+                            {"value": "jump", "count": 1, "percent": 50}]},
+        ],
+        "other_count": 1,
+    }  # fmt: skip
+    assert body["meta"]["sub_fields"] == "connection" and body["meta"]["size"] == 2
+    # A user token counts only their own sessions: ana has ssh, rdp and postgres.
+    mine = get(stack, STATS, ana, field="protocol", start="2026-03-05", end="2026-03-06")
+    assert mine["body"]["total"] == 3
+    assert [(v["value"], v["count"]) for v in mine["body"]["values"]] == [
+        ("postgres", 1), ("rdp", 1), ("ssh", 1)
+    ]  # fmt: skip
+    by_user = get(stack, STATS, token, field="user", size=1, start="2026-03-05", end="2026-03-06")
+    assert [(v["value"], v["count"], v["percent"]) for v in by_user["body"]["values"]] == [
+        (ANA, 3, 60)
+    ]
+    assert by_user["body"]["other_count"] == 2
+
+
+# -- session report ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def report(stack: Stack) -> dict[str, Any]:
+    org = stack.new_org("report")
+    token = stack.token(org, "admin")
+    a = Spec(
+        start=at(2, 10),
+        end=at(2, 10, 30),
+        email=ANA,
+        connection="pg-prod",
+        verb="exec",
+        redactions=(("EMAIL_ADDRESS", 3, 60), ("PHONE_NUMBER", 2, 20)),
+    )
+    b = Spec(
+        start=at(2, 11),
+        end=at(2, 11, 5),
+        email=BO,
+        connection="pg-prod",
+        verb="connect",
+        redactions=(("EMAIL_ADDRESS", 1, 10),),
+    )
+    c = Spec(
+        start=at(2, 12),
+        end=at(2, 12, 10),
+        email=ANA,
+        connection="bastion",
+        type="custom",
+        subtype="ssh",
+        verb="connect",
+        redactions=(("EMAIL_ADDRESS", 5, 100),),
+    )
+    # Open: not reported yet.
+    d = Spec(start=at(2, 13), email=CY, redactions=(("EMAIL_ADDRESS", 7, 70),))
+    # Started on the 1st, ended on the 2nd: reported on the 2nd.
+    e = Spec(
+        start=at(1, 23),
+        end=at(2, 0, 30),
+        email="ANA@acme.example",
+        redactions=(("IBAN_CODE", 4, 40),),
+    )
+    # Ended 23:30Z on the 2nd: the 2nd in UTC, the 3rd in Berlin.
+    g = Spec(
+        start=at(2, 23),
+        end=at(2, 23, 30),
+        email=BO,
+        connection="pg-stg",
+        redactions=(("PHONE_NUMBER", 6, 66),),
+    )
+    specs = [a, b, c, d, e, g]
+    stack.ingest(token, [s.to_proto() for s in specs])
+    other = stack.token(stack.new_org("report-other"), "admin")
+    stack.ingest(other, [Spec(start=at(2, 10), end=at(2, 11),
+                              redactions=(("EMAIL_ADDRESS", 100, 1000),)).to_proto()])  # fmt: skip
+    return {"token": token, "ana": stack.token(org, "user", ANA), "a": a,
+            "ingest": stack.token(org, "ingest"), "auditor": stack.token(org, "auditor")}  # fmt: skip
+
+
+DAY2 = {"start_date": "2026-03-02", "end_date": "2026-03-03"}
+
+
+def test_report_by_connection_worked_by_hand(stack: Stack, report: dict[str, Any]) -> None:
+    body = get(stack, REPORT, report["token"], **DAY2)
+    assert items(body) == [
+        ("bastion", "EMAIL_ADDRESS", 5, 100),
+        ("pg-prod", "EMAIL_ADDRESS", 3 + 1, 60 + 10),
+        ("pg-prod", "IBAN_CODE", 4, 40),
+        ("pg-prod", "PHONE_NUMBER", 2, 20),
+        ("pg-stg", "PHONE_NUMBER", 6, 66),
+    ]
+    # Totals are the items' sums: a's 80 bytes count once (60 + 20), not once per info type.
+    assert body["total_redact_count"] == 5 + 4 + 4 + 2 + 6
+    assert body["total_transformed_bytes"] == 100 + 70 + 40 + 20 + 66
+    assert get(stack, REPORT, report["auditor"], **DAY2) == body
+
+
+def test_report_other_group_bys_and_filters(stack: Stack, report: dict[str, Any]) -> None:
+    token, a = report["token"], report["a"]
+    assert items(get(stack, REPORT, token, group_by="connection_type", **DAY2)) == [
+        ("custom", "EMAIL_ADDRESS", 5, 100),
+        ("database", "EMAIL_ADDRESS", 4, 70),
+        ("database", "IBAN_CODE", 4, 40),
+        ("database", "PHONE_NUMBER", 8, 86),
+    ]
+    assert items(get(stack, REPORT, token, group_by="user_email", **DAY2)) == [
+        (ANA, "EMAIL_ADDRESS", 8, 160),
+        (ANA, "IBAN_CODE", 4, 40),  # ANA@… and ana@… are one user
+        (ANA, "PHONE_NUMBER", 2, 20),
+        (BO, "EMAIL_ADDRESS", 1, 10),
+        (BO, "PHONE_NUMBER", 6, 66),
+    ]
+    assert items(get(stack, REPORT, token, group_by="id", id=a.id.upper(), **DAY2)) == [
+        (a.id, "EMAIL_ADDRESS", 3, 60),
+        (a.id, "PHONE_NUMBER", 2, 20),
+    ]
+    assert items(get(stack, REPORT, token, verb="exec", **DAY2)) == [
+        ("pg-prod", "EMAIL_ADDRESS", 3, 60),
+        ("pg-prod", "IBAN_CODE", 4, 40),
+        ("pg-prod", "PHONE_NUMBER", 2, 20),
+        ("pg-stg", "PHONE_NUMBER", 6, 66),
+    ]
+    assert items(get(stack, REPORT, token, connection_name="bastion", **DAY2)) == [
+        ("bastion", "EMAIL_ADDRESS", 5, 100)
+    ]
+    assert items(get(stack, REPORT, token, user_email="Bo@Acme.Example", group_by="user_email",
+                     **DAY2)) == [(BO, "EMAIL_ADDRESS", 1, 10), (BO, "PHONE_NUMBER", 6, 66)]  # fmt: skip
+    assert items(get(stack, REPORT, token, connection_name="pg-prod", group_by="user_email",
+                     **DAY2)) == [(ANA, "EMAIL_ADDRESS", 3, 60), (ANA, "IBAN_CODE", 4, 40),
+                                  (ANA, "PHONE_NUMBER", 2, 20), (BO, "EMAIL_ADDRESS", 1, 10)]  # fmt: skip
+
+
+def test_report_days_in_a_time_zone(stack: Stack, report: dict[str, Any]) -> None:
+    # Berlin's 2 March is [1 March 23:00Z, 2 March 23:00Z): g (ended 23:30Z) belongs to the 3rd.
+    body = get(stack, REPORT, report["token"], time_zone="Europe/Berlin", **DAY2)
+    assert ("pg-stg", "PHONE_NUMBER", 6, 66) not in items(body)
+    assert body["total_redact_count"] == 15 and body["total_transformed_bytes"] == 230
+    nxt = get(stack, REPORT, report["token"], time_zone="Europe/Berlin",
+              start_date="2026-03-03", end_date="2026-03-04")  # fmt: skip
+    assert items(nxt) == [("pg-stg", "PHONE_NUMBER", 6, 66)]
+
+
+def test_report_user_token_sees_own_sessions_only(stack: Stack, report: dict[str, Any]) -> None:
+    assert items(get(stack, REPORT, report["ana"], **DAY2)) == [
+        ("bastion", "EMAIL_ADDRESS", 5, 100),
+        ("pg-prod", "EMAIL_ADDRESS", 3, 60),
+        ("pg-prod", "IBAN_CODE", 4, 40),
+        ("pg-prod", "PHONE_NUMBER", 2, 20),
+    ]
+    r = stack.rest("GET", REPORT, report["ingest"], params=DAY2)
+    assert r.status_code == 403 and set(r.json()) == {"message"}
+    for path in (HISTOGRAM, STATS):
+        r = stack.rest("GET", path, report["ingest"], params={"field": "protocol"})
+        assert r.status_code == 403
+        assert stack.rest("GET", path, None, params={"field": "protocol"}).status_code == 401
+    assert stack.rest("GET", REPORT, None, params=DAY2).status_code == 401
+
+
+def test_report_defaults_and_empty_windows(stack: Stack, report: dict[str, Any]) -> None:
+    # Defaults: today → tomorrow (nothing ended today in this org).
+    assert get(stack, REPORT, report["token"]) == {
+        "items": [],
+        "total_redact_count": 0,
+        "total_transformed_bytes": 0,
+    }
+    assert (
+        get(stack, REPORT, report["token"], start_date="2026-03-02", end_date="2026-03-02")["items"]
+        == []
+    )
+    # A lone end_date is the day before it; a lone start_date runs to tomorrow.
+    day2 = get(stack, REPORT, report["token"], **DAY2)
+    assert get(stack, REPORT, report["token"], end_date="2026-03-03") == day2
+    assert get(stack, REPORT, report["token"], start_date="2026-03-02") == day2
+    # The longest window is 366 days.
+    get(stack, REPORT, report["token"], start_date="2024-01-01", end_date="2025-01-01")
+
+
+BAD_REPORT = [
+    (
+        {"group_by": "bogus"},
+        "group_by: expected one of connection, connection_type, id, user_email",
+    ),
+    ({"group_by": "CONNECTION"}, "group_by: expected one of"),
+    ({"group_by": "connection_name"}, "group_by: expected one of"),
+    ({"verb": "EXEC"}, "verb: expected one of exec, connect"),
+    ({"verb": "drop"}, "verb: expected one of exec, connect"),
+    ({"start_date": "2026-02-30"}, "start_date: not a valid date"),
+    ({"start_date": "2026-03-01T00:00:00Z"}, "start_date: expected a date YYYY-MM-DD"),
+    ({"end_date": "03/01/2026"}, "end_date: expected a date YYYY-MM-DD"),
+    ({"end_date": "' OR 1=1 --"}, "end_date: expected a date YYYY-MM-DD"),
+    (
+        {"start_date": "2026-03-05", "end_date": "2026-03-04"},
+        "start_date: must not be after end_date",
+    ),
+    (
+        {"start_date": "2024-01-01", "end_date": "2025-01-02"},
+        "end_date: the window is at most 366 days",
+    ),
+    ({"id": "not-a-uuid"}, "id: expected a session UUID"),
+    ({"id": "'; DROP TABLE sessions; --"}, "id: expected a session UUID"),
+    ({"user_email": "x" * 300}, "user_email: expected at most 256 characters"),
+    ({"connection_name": "a\x00b"}, "connection_name: must not contain NUL"),
+    ({"time_zone": "Mars/Olympus"}, "time_zone: expected an IANA time zone name"),
+    ({"time_zone": "+02:00"}, "time_zone: expected an IANA time zone name"),
+    ({"nope": "1"}, "nope"),
+]
+
+
+@pytest.mark.parametrize(("params", "message"), BAD_REPORT, ids=lambda x: str(x)[:40])
+def test_bad_report_parameter_is_400_naming_it(
+    stack: Stack, report: dict[str, Any], params: dict[str, str], message: str
+) -> None:
+    r = stack.rest("GET", REPORT, report["token"], params=params)
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert set(r.json()) == {"message"} and message in r.json()["message"]
+    assert not [h for h in r.headers if h.lower().startswith("grpc-")]
+
+
+# -- histogram and stats errors ----------------------------------------------------------------
+
+BAD_HISTOGRAM = [
+    ({}, "field: required"),
+    ({"field": "nope"}, "field: expected one of protocol, connection"),
+    ({"field": "Protocol"}, "field: expected one of"),
+    ({"field": "protocol", "bin-size": "fortnight"}, "bin-size: expected one of second, minute"),
+    ({"field": "protocol", "bin-size": "DAY"}, "bin-size: expected one of"),
+    ({"field": "protocol", "start": "yesterday"}, "start: expected an ISO 8601"),
+    ({"field": "protocol", "end": "2026-03-01T25:00"}, "end: "),
+    (
+        {"field": "protocol", "start": "2026-03-02", "end": "2026-03-01"},
+        "start: must not be after end",
+    ),
+    (
+        {"field": "protocol", "start": "2026-03-29T02:30", "time_zone": "Europe/Berlin"},
+        "does not exist",
+    ),
+    ({"field": "protocol", "size": "0"}, "size: expected 1..100"),
+    ({"field": "protocol", "size": "101"}, "size: expected 1..100"),
+    ({"field": "protocol", "size": "abc"}, "size"),
+    ({"field": "protocol", "time_zone": "europe/berlin"}, "time_zone: expected an IANA"),
+    ({"field": "protocol", "q": "protocol:ssh AND"}, "q: not a valid search"),
+    ({"field": "protocol", "q": "(protocol:ssh"}, "q: not a valid search"),
+    ({"field": "protocol", "q": "ssh"}, "q: 'ssh': a term needs a field"),
+    ({"field": "protocol", "q": "colour:red"}, "q: 'colour:red': unknown field 'colour'"),
+    ({"field": "protocol", "q": "protocol:ssh user:x"}, "write AND or OR between terms"),
+    ({"field": "protocol", "q": "protocol:ssh~"}, "fuzzy"),
+    ({"field": "protocol", "q": "protocol:/s+h/"}, "regular expressions"),
+    ({"field": "protocol", "q": "protocol:ssh^2"}, "boosts"),
+    ({"field": "protocol", "q": "+protocol:ssh"}, "+ and -"),
+    ({"field": "protocol", "q": "verb:drop"}, "'verb:drop': verb is one of connect, exec"),
+    ({"field": "protocol", "q": "protocol:[a TO b]"}, "ranges apply to times and numbers"),
+    ({"field": "protocol", "q": "start:2026-03-01"}, "start takes a range"),
+    ({"field": "protocol", "q": "start:[2026-13-01 TO *]"}, "q: start: "),
+    ({"field": "protocol", "q": "duration:[5 TO 1]"}, "low end is above its high end"),
+    ({"field": "protocol", "q": "exit_code:abc"}, "expected a number"),
+    ({"field": "protocol", "q": "x" * 2001}, "q: expected at most 2000 characters"),
+]
+
+
+BAD_BY_PATH = [
+    (path, params, message)
+    for path in (HISTOGRAM, STATS)
+    for params, message in BAD_HISTOGRAM
+    if path == HISTOGRAM or "bin-size" not in params  # statistics have no bins
+]
+
+
+@pytest.mark.parametrize(("path", "params", "message"), BAD_BY_PATH, ids=lambda x: str(x)[:40])
+def test_bad_histogram_and_stats_parameters(
+    stack: Stack, three: str, path: str, params: dict[str, str], message: str
+) -> None:
+    r = stack.rest("GET", path, three, params=params)
+    assert r.status_code == 400, r.text
+    assert set(r.json()) == {"message"} and message in r.json()["message"], r.json()
+
+
+@pytest.mark.parametrize("path", [HISTOGRAM, STATS])
+@pytest.mark.parametrize(
+    "params",
+    [{"content": "password"}, {"q": "content:password"}, {"q": "protocol:ssh AND screen.content:x"},
+     {"q": "NOT script:*DROP*"}],
+)  # fmt: skip
+def test_content_search_is_not_supported(
+    stack: Stack, three: str, path: str, params: dict[str, str]
+) -> None:
+    r = stack.rest("GET", path, three, params={"field": "protocol", **params})
+    assert r.status_code == 400
+    assert r.json()["message"].startswith("NotSupportedContentOption: ")
+
+
+def test_too_many_buckets_exactly_at_the_limit_succeeds(stack: Stack, three: str) -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    ok = {
+        "field": "protocol",
+        "bin-size": "hour",
+        "start": start.isoformat().replace("+00:00", "Z"),
+    }
+    end = start + timedelta(hours=1000)
+    body = get(stack, HISTOGRAM, three, **ok, end=end.isoformat().replace("+00:00", "Z"))
+    assert len(body["body"]["buckets"]) == 1000
+    over = (end + timedelta(seconds=1)).isoformat().replace("+00:00", "Z")
+    r = stack.rest("GET", HISTOGRAM, three, params={**ok, "end": over})
+    assert r.status_code == 400
+    assert r.json()["message"].startswith("TooMuchBucketsInResult: bin-size: ")
+    r = stack.rest("GET", HISTOGRAM, three, params={"field": "protocol", "bin-size": "second"})
+    assert r.json()["message"].startswith("TooMuchBucketsInResult")
+
+
+def test_odd_but_valid_parameters(stack: Stack, three: str) -> None:
+    for params in (
+        {"field": "user", "q": "user:\"' OR '1'='1\""},
+        {"field": "connection", "q": "connection:pg\\-prod\\%"},
+        {"field": "protocol", "bin_size": "day"},
+        {"field": "protocol", "start": "2026-03-02T14:00:00.123456789+05:30"},
+        {"field": "protocol", "q": 'start:["2026-03-02T14:00:00+01:00" TO *] AND duration:>=0'},
+        {"field": "protocol", "size": "100"},
+    ):
+        get(stack, HISTOGRAM, three, **params)
+
+
+def test_grpc_errors_carry_invalid_argument(stack: Stack, three: str) -> None:
+    stub = apb_grpc.AnalyticsServiceStub(stack.channel())
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetSessionReport(apb.SessionReportRequest(group_by="x"), metadata=auth_md(three))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.value.details() or "").startswith("group_by: expected one of")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetSessionStats(apb.SessionStatsRequest(field="protocol", sub_fields="verb,status"),
+                             metadata=auth_md(three))  # fmt: skip
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.value.details() or "").startswith("sub_fields: expected one field")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetSessionStats(apb.SessionStatsRequest(field="protocol"))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+# -- the published contract -------------------------------------------------------------------
+
+
+def test_report_responses_match_the_published_contract(
+    stack: Stack, report: dict[str, Any]
+) -> None:
+    from tests.test_contract import _spec, validator
+
+    ok = validator("openapi.SessionReport")
+    for group_by in ("connection", "connection_type", "id", "user_email"):
+        for extra in ({}, {"verb": "exec"}, {"start_date": "2030-01-01", "end_date": "2030-01-02"}):
+            body = get(stack, REPORT, report["token"], group_by=group_by, **{**DAY2, **extra})
+            assert [e.message for e in ok.iter_errors(body)] == []
+            assert set(body) == {"items", "total_redact_count", "total_transformed_bytes"}
+    error = validator("openapi.HTTPError")
+    bad = stack.rest("GET", REPORT, report["token"], params={"verb": "x"})
+    assert bad.status_code == 400 and [e.message for e in error.iter_errors(bad.json())] == []
+    examples = {"start_date": "2026-03-02", "end_date": "2026-03-03", "group_by": "id",
+                "verb": "connect", "id": report["a"].id}  # fmt: skip
+    parameters = _spec()["paths"]["/reports/sessions"]["get"]["parameters"]
+    assert {p["name"] for p in parameters} == {
+        "connection_name", "end_date", "group_by", "id", "start_date", "user_email", "verb"
+    }  # fmt: skip
+    for p in parameters:
+        r = stack.rest(
+            "GET", REPORT, report["token"], params={p["name"]: examples.get(p["name"], "x")}
+        )
+        assert r.status_code == 200, (p["name"], r.text)
+        assert [e.message for e in ok.iter_errors(r.json())] == []
+
+
+def test_grpcurl_reaches_the_analytics_service(stack: Stack, report: dict[str, Any]) -> None:
+    import json
+
+    from tests.test_contract import grpcurl
+
+    target = stack.grpc_target
+    assert "session_audit.v1.AnalyticsService" in grpcurl("-plaintext", target, "list").stdout
+    described = grpcurl("-plaintext", target, "describe", "session_audit.v1.AnalyticsService")
+    assert "/api/reports/sessions" in described.stdout
+    assert "/api/audit/sessions/histogram" in described.stdout
+    called = grpcurl(
+        "-plaintext", "-H", f"authorization: Bearer {report['token']}",
+        "-d", json.dumps({**DAY2, "group_by": "connection_type"}),
+        target, "session_audit.v1.AnalyticsService/GetSessionReport",
+    )  # fmt: skip
+    assert called.returncode == 0, called.stderr
+    body = json.loads(called.stdout)
+    assert body["total_redact_count"] == 21, body

@@ -1,0 +1,118 @@
+"""The q compiler: what each supported form becomes, that request text only ever reaches SQL
+as a parameter, and what is refused (its meaning over real rows is checked against a
+reference in test_analytics_properties.py)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from session_audit.errors import InvalidArgument
+from session_audit.fields import BASE, CUBE, USER
+from session_audit.lucene import ContentSearch, compile_q, parse_q, sources_for
+from session_audit.sqlbuild import Params
+
+UTCZ = ZoneInfo("Etc/UTC")
+
+
+def sql(q: str, source: str = BASE) -> tuple[str, list[object]]:
+    p = Params()
+    parsed = parse_q(q, UTCZ)
+    return compile_q(parsed, source, p), p.args
+
+
+def test_values_are_parameters_never_sql() -> None:
+    text, args = sql('connection:"pg\'; DROP TABLE sessions; --"')
+    assert "DROP" not in text and args == ["pg'; DROP TABLE sessions; --"]
+    assert text == "coalesce(s.connection = $1::text, false)"
+
+
+def test_wildcards_become_escaped_like_patterns() -> None:
+    assert sql("connection:pg*")[1] == ["pg%"]
+    assert sql("connection:pg?prod")[1] == ["pg_prod"]
+    # % and _ are literal; an escaped * is literal too.
+    assert sql("connection:100%_x*")[1] == ["100\\%\\_x%"]
+    assert sql("connection:a\\*b*")[1] == ["a*b%"]
+    text, _ = sql("connection:pg*")
+    assert "LIKE $1::text ESCAPE '\\'" in text
+    # A quoted phrase is exact, stars and all.
+    assert sql('connection:"pg*"') == ("coalesce(s.connection = $1::text, false)", ["pg*"])
+
+
+def test_user_and_enums_ignore_case() -> None:
+    assert sql("user:Ana@X.Example")[1] == ["ana@x.example"]
+    assert sql("user:ANA*", USER) == (
+        "coalesce(r.user_key LIKE $1::text ESCAPE '\\', false)",
+        ["ana%"],
+    )
+    assert sql("verb:EXEC", CUBE) == ("coalesce(r.verb = any($1::text[]), false)", [["exec"]])
+    assert sql("review_status:app*")[1] == [["APPROVED"]]
+    assert sql("status:*")[0] == "coalesce(s.status <> '', false)"
+
+
+def test_boolean_structure_and_field_groups() -> None:
+    text, args = sql("protocol:ssh AND NOT (user:root OR connection:(a OR b))")
+    assert text.count(" AND ") == 1 and text.count(" OR ") == 2 and "NOT (" in text
+    assert args == ["ssh", "root", "a", "b"]
+
+
+def test_ranges_on_times_and_numbers() -> None:
+    text, args = sql("start:[2026-03-01 TO 2026-04-01} AND duration:>=60 AND exit_code:<2")
+    assert args == [datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC), 60.0, 2.0]
+    assert "s.start_date >= $1::timestamptz AND s.start_date < $2::timestamptz" in text
+    assert ">= $3::float8" in text and "s.exit_code < $4::float8" in text
+    berlin = parse_q("start:[2026-03-01 TO *]", ZoneInfo("Europe/Berlin"))
+    assert berlin is not None
+    p = Params()
+    compile_q(berlin, BASE, p)
+    assert p.args == [datetime(2026, 2, 28, 23, tzinfo=UTC)]  # local midnight
+    assert sql("end:[* TO *]")[0] == "coalesce(s.end_date IS NOT NULL, false)"
+
+
+def test_sources_that_can_answer() -> None:
+    def srcs(q: str) -> set[str]:
+        return sources_for(parse_q(q, UTCZ))
+
+    assert srcs("protocol:ssh AND verb:exec") == {BASE, CUBE}
+    assert srcs("user:ana*") == {BASE, USER}
+    assert srcs("user:ana AND protocol:ssh") == {BASE}
+    assert srcs("duration:>5") == {BASE}
+    assert sources_for(None) == {BASE, CUBE, USER}
+
+
+@pytest.mark.parametrize(
+    ("q", "message"),
+    [
+        ("protocol:", "not a valid search"),
+        ("a:b OR", "not a valid search"),
+        ("protocol:(ssh user:x)", "write AND or OR"),
+        ("protocol:ssh && verb:exec", "write AND or OR"),
+        ("-protocol:ssh", "+ and -"),
+        ('"ssh x"~2', "proximity"),
+        ("verb:(exec OR drop)", "'verb:drop'"),
+        ("id:not-a-uuid", "'id:not-a-uuid': expected a session UUID"),
+        ("id:1234*", "session ids cannot take wildcards"),
+        ("exit_code:1*", "wildcards do not apply"),
+        ("duration:[a TO 5]", "expected a number"),
+        ("duration:[1 TO 1e400]", "expected a finite number"),
+        ("protocol:(connection:x)", "a field inside another field's group"),
+        ("connection:" + "x" * 300, "values are at most 256 characters"),
+    ],
+)
+def test_refused_with_the_term_named(q: str, message: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        parse_q(q, UTCZ)
+    assert err.value.message.startswith("q: ") and message in err.value.message
+
+
+@pytest.mark.parametrize("q", ["content:x", "screen.content:*", "script:DROP*", "event_stream:x"])
+def test_content_fields_are_not_supported(q: str) -> None:
+    with pytest.raises(ContentSearch, match=r"^NotSupportedContentOption: q: "):
+        parse_q(q, UTCZ)
+
+
+def test_empty_q_is_no_filter() -> None:
+    assert parse_q("   ", UTCZ) is None
+    assert compile_q(None, BASE, Params()) == "TRUE"
