@@ -232,3 +232,56 @@ def test_unrepresentable_values_reject_the_item_not_the_batch(
     assert stack.rest("GET", f"/api/sessions/{good.id}", token).status_code == 200
     for rejected in batch[1:]:
         assert stack.rest("GET", f"/api/sessions/{rejected.id}", token).status_code == 404
+
+
+def test_rest_ingest_refuses_fields_the_contract_does_not_have(
+    stack: Stack, org_admin: tuple[str, str]
+) -> None:
+    """Envoy's transcoder drops unknown body fields; on ingest that would store a misspelt
+    `end_dat` as a still-open session and answer 200. The REST body is parsed strictly: an
+    unknown field anywhere is a 400 naming its path and what is allowed there, and nothing of
+    the request is stored (the caller fixes it and re-sends; ingest is idempotent)."""
+    _, token = org_admin
+    sid = str(uuid.uuid4())
+    ok = {"id": sid, "start_date": "2026-02-01T10:00:00Z"}
+    closed = {**ok, "id": str(uuid.uuid4())}
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"sessions": [ok, {**closed, "end_dat": "2026-02-01T11:00:00Z"}]},
+         "sessions[1].end_dat: unknown field; expected one of ai_analysis, connection,"),
+        ({"sessions": [ok], "dry_run": True}, "dry_run: unknown field; expected one of sessions"),
+        ({"session": [ok]}, "session: unknown field; expected one of sessions"),
+        ({"sessions": [{**ok, "review": {"status": "APPROVED", "statsu": "REJECTED"}}]},
+         "sessions[0].review.statsu: unknown field; expected one of access_duration,"),
+        ({"sessions": [{**ok, "redactions": [{"info_type": "EMAIL_ADDRESS", "bytes": 3}]}]},
+         "sessions[0].redactions[0].bytes: unknown field; expected one of count, info_type,"
+         " transformed_bytes"),
+        ({"sessions": [{**ok, "script": {"data": "select 1", "lang": "sql"}}]},
+         "sessions[0].script.lang: unknown field; expected one of data"),
+        ({"sessions": [{**ok, "Connection": "pg"}]}, "sessions[0].Connection: unknown field"),
+    ]  # fmt: skip
+    for body, prefix in cases:
+        r = stack.rest("POST", "/api/sessions/ingest", token, json=body)
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["message"].startswith(prefix), (prefix, r.json())
+    for stored_id in (sid, closed["id"]):
+        assert stack.rest("GET", f"/api/sessions/{stored_id}", token).status_code == 404
+
+    # Free-form objects keep whatever keys they carry; proto3's lowerCamel names are accepted
+    # beside the document's names, as the JSON mapping says; a wrong JSON type names the field.
+    free = {**ok, "metadata": {"any key": {"nested": [1, "two"]}}, "connectionSubtype": "postgres",
+            "labels": {"team": "db"}, "metrics": {"data_masking": {"k": 1}}}  # fmt: skip
+    reply = rest_ingest(stack, token, [free])
+    assert (reply["accepted"], reply["written"]) == (1, 1)
+    got = stack.rest("GET", f"/api/sessions/{sid}", token).json()
+    assert got["metadata"] == {"any key": {"nested": [1, "two"]}}
+    assert (got["connection_subtype"], got["labels"]) == ("postgres", {"team": "db"})
+    r = stack.rest(
+        "POST", "/api/sessions/ingest", token, json={"sessions": [{**ok, "exit_code": "zero"}]}
+    )
+    assert r.status_code == 400 and r.json()["message"].startswith("sessions[0].exit_code:")
+    for not_an_object in (b"[]", b'"sessions"', b"null"):
+        r = stack.rest(
+            "POST", "/api/sessions/ingest", token, content=not_an_object,
+            headers={"content-type": "application/json"},
+        )  # fmt: skip
+        assert r.status_code == 400 and r.json()["message"].startswith("body: expected a JSON")

@@ -6,14 +6,16 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+from google.api import httpbody_pb2
 from google.protobuf import struct_pb2
 
 from session_audit import listing
 from session_audit import sessions_store as store
 from session_audit.app import App
-from session_audit.auth import READERS, WRITERS
+from session_audit.auth import READERS, WRITERS, Principal
 from session_audit.errors import InvalidArgument, NotFound, rpc
 from session_audit.ingest import MAX_BATCH, IngestBatch
+from session_audit.json_body import parse_strict
 from session_audit.session_rows import row_to_proto
 from session_audit.v1 import sessions_pb2 as pb
 from session_audit.v1 import sessions_pb2_grpc as pb_grpc
@@ -70,6 +72,19 @@ class SessionService(pb_grpc.SessionServiceServicer):
         self, request: pb.IngestSessionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.IngestSessionsResponse:
         who = await self.app.caller(context, WRITERS, "ingest sessions")
+        return await self._ingest(who, request, context)
+
+    @rpc("IngestSessionsJson")
+    async def IngestSessionsJson(
+        self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext
+    ) -> pb.IngestSessionsResponse:
+        who = await self.app.caller(context, WRITERS, "ingest sessions")
+        parsed = parse_strict(request.data, pb.IngestSessionsRequest)
+        return await self._ingest(who, parsed, context)
+
+    async def _ingest(
+        self, who: Principal, request: pb.IngestSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.IngestSessionsResponse:
         n = len(request.sessions)
         if n == 0:
             raise InvalidArgument("sessions: expected at least one session")

@@ -10,6 +10,7 @@ integral values and are exact up to 2^53.
 """
 
 from collections import abc as _abc
+from google.api import httpbody_pb2 as _httpbody_pb2
 from grpc import aio as _aio
 from session_audit.v1 import sessions_pb2 as _sessions_pb2
 import abc as _abc_1
@@ -49,7 +50,11 @@ class SessionServiceStub:
       curl -H "authorization: Bearer $TOKEN" http://127.0.0.1:8080/api/sessions/$ID
     """
     IngestSessions: _grpc.UnaryUnaryMultiCallable[_sessions_pb2.IngestSessionsRequest, _sessions_pb2.IngestSessionsResponse]
-    """Upsert a batch of sessions by id, in one transaction. Needs an admin or ingest token.
+    """Upsert a batch of sessions by id, in one transaction. Needs an admin or ingest token."""
+    IngestSessionsJson: _grpc.UnaryUnaryMultiCallable[_httpbody_pb2.HttpBody, _sessions_pb2.IngestSessionsResponse]
+    """IngestSessions for REST callers: the body is the JSON form of IngestSessionsRequest,
+    passed through raw and parsed by the service, so that a field the contract does not have
+    is refused (400 naming its path) instead of dropped. Envoy's transcoder would drop it.
       curl -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \\
         -d '{"sessions":[{"id":"…","start_date":"2026-01-01T10:00:00Z",…}]}' \\
         http://127.0.0.1:8080/api/sessions/ingest
@@ -75,7 +80,11 @@ class SessionServiceAsyncStub(SessionServiceStub):
       curl -H "authorization: Bearer $TOKEN" http://127.0.0.1:8080/api/sessions/$ID
     """
     IngestSessions: _aio.UnaryUnaryMultiCallable[_sessions_pb2.IngestSessionsRequest, _sessions_pb2.IngestSessionsResponse]  # type: ignore[assignment]
-    """Upsert a batch of sessions by id, in one transaction. Needs an admin or ingest token.
+    """Upsert a batch of sessions by id, in one transaction. Needs an admin or ingest token."""
+    IngestSessionsJson: _aio.UnaryUnaryMultiCallable[_httpbody_pb2.HttpBody, _sessions_pb2.IngestSessionsResponse]  # type: ignore[assignment]
+    """IngestSessions for REST callers: the body is the JSON form of IngestSessionsRequest,
+    passed through raw and parsed by the service, so that a field the contract does not have
+    is refused (400 naming its path) instead of dropped. Envoy's transcoder would drop it.
       curl -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \\
         -d '{"sessions":[{"id":"…","start_date":"2026-01-01T10:00:00Z",…}]}' \\
         http://127.0.0.1:8080/api/sessions/ingest
@@ -116,7 +125,17 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _sessions_pb2.IngestSessionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_sessions_pb2.IngestSessionsResponse, _abc.Awaitable[_sessions_pb2.IngestSessionsResponse]]:
-        """Upsert a batch of sessions by id, in one transaction. Needs an admin or ingest token.
+        """Upsert a batch of sessions by id, in one transaction. Needs an admin or ingest token."""
+
+    @_abc_1.abstractmethod
+    def IngestSessionsJson(
+        self,
+        request: _httpbody_pb2.HttpBody,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sessions_pb2.IngestSessionsResponse, _abc.Awaitable[_sessions_pb2.IngestSessionsResponse]]:
+        """IngestSessions for REST callers: the body is the JSON form of IngestSessionsRequest,
+        passed through raw and parsed by the service, so that a field the contract does not have
+        is refused (400 naming its path) instead of dropped. Envoy's transcoder would drop it.
           curl -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \\
             -d '{"sessions":[{"id":"…","start_date":"2026-01-01T10:00:00Z",…}]}' \\
             http://127.0.0.1:8080/api/sessions/ingest
