@@ -15,7 +15,7 @@ import asyncpg
 import grpc
 import pytest
 
-from session_audit import db
+from session_audit import auth, db
 from session_audit.report_periods import label, next_period, period_containing
 from session_audit.report_scheduler import tick
 from session_audit.v1 import reports_pb2 as rpb
@@ -149,6 +149,8 @@ def test_concurrent_ticks_create_each_period_once(stack: Stack) -> None:
         pools = [await db.create_pool(stack.dsn, 1, 2) for _ in range(4)]
         try:
             org_id = await conn.fetchval("SELECT id FROM orgs WHERE name = $1", org)
+            for i in range(len(SUBS)):  # subscribers need reading access for their reports
+                await auth.create_token(conn, org, "auditor", f"u{i}@x.example")
             sids = [await _subscribe(conn, org_id, f"u{i}@x.example", 16, p, tz, created)
                     for i, (p, tz) in enumerate(SUBS)]  # fmt: skip
             for now in nows:
@@ -211,6 +213,50 @@ def test_a_scheduled_report_covers_its_period_only(stack: Stack) -> None:
     assert ids == {s.id for s in inside}
     html = stack.rest("GET", f"/api/v2/report/{rid}/html", admin).content.decode()
     assert "day: 2026-01-05 00:00 to 2026-01-06 00:00 (UTC)" in html
+
+
+def test_a_subscription_follows_its_owners_access_now(stack: Stack) -> None:
+    """Scope is decided when a period's report is made, from the owner's active tokens: whole
+    org with an admin/auditor token, own sessions with a user token, no report (the period is
+    still recorded, once) when none is left. The System report needs admin or auditor."""
+    org = stack.new_org("access")
+    owner = "Dana@acme.example"
+    created = utc(2031, 3, 2, 10)  # a Sunday
+    day = timedelta(days=1)
+
+    async def scenario() -> None:
+        conn = await db.connect(stack.dsn)
+        pool = await db.create_pool(stack.dsn, 1, 2)
+        try:
+            admin = await auth.create_token(conn, org, "admin", owner)
+            org_id = await conn.fetchval("SELECT id FROM orgs WHERE name = $1", org)
+            summary = await _subscribe(conn, org_id, owner.lower(), 11, "day", "UTC", created)
+            system = await _subscribe(conn, org_id, owner.lower(), 5, "day", "UTC", created)
+
+            async def made(sid: int) -> list[tuple[datetime, str | None]]:
+                rows = await conn.fetch(
+                    "SELECT p.period_start, r.owner_scope FROM subscription_periods p"
+                    " LEFT JOIN reports r ON r.id = p.report_id WHERE p.subscription_id = $1"
+                    " ORDER BY 1", sid)  # fmt: skip
+                return [(r["period_start"], r["owner_scope"]) for r in rows]
+
+            d0 = utc(2031, 3, 2)
+            await tick(pool, d0 + day)  # admin: both reports, whole org
+            await auth.revoke_token(conn, admin[: len(auth.TOKEN_PREFIX) + 6])
+            user = await auth.create_token(conn, org, "user", owner)
+            await tick(pool, d0 + 2 * day)  # user: own sessions; no System report
+            await auth.revoke_token(conn, user[: len(auth.TOKEN_PREFIX) + 6])
+            await tick(pool, d0 + 3 * day)  # no access: periods recorded, no reports
+            assert await made(summary) == [(d0, "org"), (d0 + day, "own"), (d0 + 2 * day, None)]
+            assert await made(system) == [(d0, "org"), (d0 + day, None), (d0 + 2 * day, None)]
+            await conn.execute(
+                "DELETE FROM report_subscriptions WHERE id = any($1::bigint[])", [summary, system]
+            )
+        finally:
+            await pool.close()
+            await conn.close()
+
+    asyncio.run(scenario())
 
 
 # -- exactly once: two server processes on a simulated clock ---------------------------------

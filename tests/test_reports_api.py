@@ -710,3 +710,31 @@ def test_failed_generation_leaves_no_partial_rows(stack: Stack, world: World) ->
             await conn.close()
 
     asyncio.run(go())
+
+
+def test_a_report_whose_generation_keeps_dying_is_failed_not_retried_forever(
+    stack: Stack, world: World
+) -> None:
+    """Each generation that starts is counted outside the generating transaction; a report whose
+    earlier generations all died with their process (the count is what they leave behind) is
+    failed on the next claim, with the reason. One interrupted attempt less still generates, and
+    a finished report leaves no count."""
+
+    def pending(title: str, attempts: int) -> str:
+        rows = stack.sql(
+            "WITH r AS (INSERT INTO reports (org_id, owner, owner_scope, defined_report_id, type,"
+            " title) SELECT id, 'admin@acme.example', 'org', 11, 'session_summary', $2 FROM orgs"
+            " WHERE name = $1 RETURNING id), a AS (INSERT INTO report_attempts"
+            " SELECT id, $3 FROM r) SELECT id FROM r", world.org, title, attempts)  # fmt: skip
+        return str(rows[0]["id"])
+
+    doomed, survivor = pending("doomed", 3), pending("survivor", 2)
+    report = wait_report(stack, world.admin, doomed)
+    assert report["status"] == "failed"
+    assert report["failure"].startswith("generation was interrupted 3 times")
+    assert wait_report(stack, world.admin, survivor)["status"] == "ready"
+    left = stack.sql(
+        "SELECT count(*) AS n FROM report_attempts WHERE report_id = any($1::bigint[])",
+        [int(doomed), int(survivor)],
+    )
+    assert left[0]["n"] == 0

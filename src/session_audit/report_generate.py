@@ -37,6 +37,19 @@ SELECT id, org_id, owner, owner_scope, type, query_filter, query_order, time_zon
  LIMIT 1
    FOR UPDATE SKIP LOCKED
 """
+# Committed on its own connection while the claiming transaction holds the report's row lock,
+# so only the generator that really holds the report counts an attempt.
+COUNT_ATTEMPT = """
+INSERT INTO report_attempts (report_id, attempts) VALUES ($1, 1)
+ON CONFLICT (report_id) DO UPDATE SET attempts = report_attempts.attempts + 1
+RETURNING attempts
+"""
+# Generations that may start before a report is given up as failed: each interrupted one (the
+# process died or was stopped mid-way) counts.
+MAX_ATTEMPTS = 3
+# After the report is ready or failed. Not inside the generating REPEATABLE READ transaction:
+# the count was changed after its snapshot began, so touching it there is a serialization error.
+FORGET_ATTEMPTS = "DELETE FROM report_attempts WHERE report_id = $1"
 MARK_READY = """
 UPDATE reports
    SET status = 'ready', row_count = $2, summary = $3::jsonb, chart = $4::jsonb, note = $5,
@@ -274,7 +287,14 @@ async def generate_next(pool: asyncpg.Pool, timeout: float) -> int | None:
                 if row is None:
                     return None
                 claimed = row["id"]
-                await build(conn, Claimed.of(row), time.monotonic() + timeout)
+                attempt = await pool.fetchval(COUNT_ATTEMPT, claimed, timeout=timeout)
+                if attempt > MAX_ATTEMPTS:
+                    log.error("report %s: %d generations were interrupted; failed", claimed,
+                              attempt - 1)  # fmt: skip
+                    await conn.execute(MARK_FAILED, claimed, interrupted_reason(attempt - 1))
+                else:
+                    await build(conn, Claimed.of(row), time.monotonic() + timeout)
+            await conn.execute(FORGET_ATTEMPTS, claimed, timeout=timeout)
             return claimed
         except asyncpg.SerializationError:
             # Another process finished it after our snapshot began: nothing to do.
@@ -286,7 +306,15 @@ async def generate_next(pool: asyncpg.Pool, timeout: float) -> int | None:
             reason = failure_reason(exc, timeout)
             log.warning("report %s failed: %s", claimed, reason, exc_info=exc)
             await conn.execute(MARK_FAILED, claimed, reason)
+            await conn.execute(FORGET_ATTEMPTS, claimed)
             return claimed
+
+
+def interrupted_reason(times: int) -> str:
+    return (
+        f"generation was interrupted {times} times (the server process stopped or died while"
+        " generating it, e.g. out of memory); see the server log"
+    )
 
 
 def failure_reason(exc: BaseException, timeout: float) -> str:

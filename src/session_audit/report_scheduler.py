@@ -26,10 +26,18 @@ from session_audit.reports_store import NewReport, insert_report
 
 log = logging.getLogger(__name__)
 
+# `scope` is what the subscriber may read *now*, from their active tokens: the whole org with
+# an admin or auditor token, their own sessions with a user token, nothing (NULL) once their
+# reading tokens are all revoked. A subscription never keeps access its owner has lost.
 DUE = """
-SELECT s.id, s.org_id, s.owner, s.owner_scope, s.period, s.time_zone, s.next_period_start,
+SELECT s.id, s.org_id, s.owner, s.period, s.time_zone, s.next_period_start,
        s.next_run_at, d.id AS defined_report_id, d.title, d.type, d.query_filter,
-       d.query_order
+       d.query_order,
+       (SELECT CASE WHEN bool_or(t.role IN ('admin', 'auditor')) THEN 'org'
+                    WHEN bool_or(t.role = 'user') THEN 'own' END
+          FROM api_tokens t
+         WHERE t.org_id = s.org_id AND lower(t.email) = s.owner AND t.revoked_at IS NULL
+       ) AS scope
   FROM report_subscriptions s
   JOIN defined_reports d ON d.id = s.defined_report_id
  WHERE s.next_run_at <= $1
@@ -54,6 +62,12 @@ BATCH = 100
 MAX_CATCH_UP = 1000
 
 
+def may_read(scope: str | None, report_type: str) -> bool:
+    """Whether a subscriber with this scope now may have this report (the System report is for
+    admins and auditors only, as when subscribing)."""
+    return scope == "org" or (scope == "own" and report_type != "system")
+
+
 async def tick(pool: asyncpg.Pool, now: datetime, timeout: float = 60.0) -> int:
     """Create the reports of every period that ended at or before `now`. Returns how many."""
     created = 0
@@ -65,7 +79,15 @@ async def tick(pool: asyncpg.Pool, now: datetime, timeout: float = 60.0) -> int:
                 start, end = sub["next_period_start"], sub["next_run_at"]
                 done = 0
                 while end <= now and done < MAX_CATCH_UP:
-                    if await conn.fetchval(RECORD_PERIOD, sub["id"], start, end, timeout=timeout):
+                    recorded = await conn.fetchval(
+                        RECORD_PERIOD, sub["id"], start, end, timeout=timeout
+                    )
+                    if recorded and not may_read(sub["scope"], sub["type"]):
+                        # The period is recorded (once) without a report: its owner has no
+                        # access to it now. Periods reached later follow their access again.
+                        log.info("subscription %s: %s has no reading access; period %s skipped",
+                                 sub["id"], sub["owner"], start.isoformat())  # fmt: skip
+                    elif recorded:
                         label = periods.label(sub["period"], zone, start)
                         report = NewReport(
                             defined_report_id=sub["defined_report_id"], type=sub["type"],
@@ -75,7 +97,7 @@ async def tick(pool: asyncpg.Pool, now: datetime, timeout: float = 60.0) -> int:
                             period_start=start, period_end=end,
                         )  # fmt: skip
                         rid = await insert_report(
-                            conn, sub["org_id"], sub["owner"], sub["owner_scope"], report, timeout
+                            conn, sub["org_id"], sub["owner"], sub["scope"], report, timeout
                         )
                         await conn.execute(LINK_REPORT, sub["id"], start, rid, timeout=timeout)
                         created += 1

@@ -322,6 +322,7 @@ async def delete_report(conn: Conn, me: Owner, id_: int, timeout: float) -> None
         assert row is not None
         await conn.execute("DELETE FROM report_rows WHERE report_id = $1", id_, timeout=timeout)
         await conn.execute("DELETE FROM reports WHERE id = $1", id_, timeout=timeout)
+        await conn.execute("DELETE FROM report_attempts WHERE report_id = $1", id_, timeout=timeout)
         await audit(conn, me, "delete", "report", id_, dict(row), timeout)
 
 
