@@ -738,3 +738,56 @@ def test_a_report_whose_generation_keeps_dying_is_failed_not_retried_forever(
         [int(doomed), int(survivor)],
     )
     assert left[0]["n"] == 0
+
+
+def test_rest_bodies_refuse_fields_the_request_does_not_have(stack: Stack, world: World) -> None:
+    """Envoy's transcoder would drop a misspelt body field (`query_filtr`) and answer 200 with a
+    report of everything. Bodies are read strictly: 400 naming the field and what is allowed,
+    and nothing is created or changed."""
+    org = stack.new_org("strict")
+    admin = stack.token(org, "admin", "admin@strict.example")
+    did = ok(stack.rest("POST", "/api/v2/report/defined", admin,
+                        json={"title": "Mine", "type": "session_summary"}))["defined_report"]["id"]  # fmt: skip
+
+    def counts() -> list[int]:
+        lists = ("/api/v2/report", "/api/v2/report/defined", "/api/v2/report/subscription")
+        return [int(ok(stack.rest("GET", path, admin))["total"]) for path in lists]
+
+    before = counts()
+    cases: list[tuple[str, str, dict[str, Any], str]] = [
+        ("POST", "/api/v2/report", {"query_filtr": "protocol.eq(ssh)"},
+         "query_filtr: unknown field; expected one of criteria, defined_report_id, query_filter,"
+         " query_order, title"),
+        ("POST", "/api/v2/report", {"criteria": [{"field": "protocol", "value": "ssh", "op": "ne"}]},
+         "criteria[0].op: unknown field; expected one of field, value"),
+        ("POST", "/api/v2/report/defined",
+         {"title": "t", "type": "session_summary", "query_filtr": "verb.eq(exec)"},
+         "query_filtr: unknown field; expected one of query_filter, query_order, title, type"),
+        ("PATCH", f"/api/v2/report/defined/{did}", {"title": "Renamed", "query_ordr": "!created_at"},
+         "query_ordr: unknown field"),
+        ("PATCH", f"/api/v2/report/defined/{did}", {"id": "5", "title": "Renamed"},
+         f"id: given in the path ({did}); leave it out of the body"),
+        ("POST", "/api/v2/report/subscription",
+         {"period": "day", "defined_report_id": did, "time_zon": "Europe/Warsaw"},
+         "time_zon: unknown field; expected one of defined_report_id, period, time_zone"),
+        ("POST", "/api/v2/report/subscription", {"period": "day", "defined_report_id": 11},
+         "defined_report_id: expected a string, got 11"),
+    ]  # fmt: skip
+    for method, path, body, message in cases:
+        r = stack.rest(method, path, admin, json=body)
+        assert r.status_code == 400, (path, body, r.text)
+        assert r.json()["message"].startswith(message), (message, r.json())
+    assert counts() == before
+    got = ok(stack.rest("GET", f"/api/v2/report/defined/{did}", admin))["defined_report"]
+    assert got["title"] == "Mine"
+    # The same bodies without the typo work; an id in the body equal to the path's is fine.
+    ok(stack.rest("PATCH", f"/api/v2/report/defined/{did}", admin,
+                  json={"id": did, "title": "Renamed", "query_order": "!created_at"}))  # fmt: skip
+    got = ok(stack.rest("GET", f"/api/v2/report/defined/{did}", admin))["defined_report"]
+    assert (got["title"], got["query_order"]) == ("Renamed", "!created_at")
+    ok(stack.rest("POST", "/api/v2/report/subscription", admin,
+                  json={"period": "day", "defined_report_id": did, "time_zone": "Europe/Warsaw"}))  # fmt: skip
+    assert counts() == [before[0], before[1], before[2] + 1]
+    # Unauthenticated callers hear 401 before anything about their body.
+    r = stack.rest("POST", "/api/v2/report", "sat_unknown", json={"query_filtr": "x"})
+    assert r.status_code == 401

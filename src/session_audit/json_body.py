@@ -1,11 +1,12 @@
-"""Strict JSON request bodies for REST ingest.
+"""Strict JSON request bodies for REST (ingest and the Reports API's POST/PATCH bodies).
 
 Envoy's gRPC-JSON transcoder drops body fields the request message does not have, and has no
-option to refuse them (envoyproxy/envoy#46623). For most requests that only hides a typo; for
-ingest it loses data without a word: `{"end_dat": …}` would be stored as a still-open session
-and answered 200. So `POST /api/sessions/ingest` is bound to an RPC that takes the raw body
-(`google.api.HttpBody`), and the body is read here, following proto3's JSON mapping (the one
-the transcoder applies, so a well-formed body means exactly what it meant before):
+option to refuse them (envoyproxy/envoy#46623). A dropped field is a silent wrong answer: on
+ingest `{"end_dat": …}` would store a still-open session, on a report `{"query_filtr": …}` would
+give a report of everything, both answered 200. So every REST path with a body is bound to an
+RPC that takes the raw body (`google.api.HttpBody`) and the body is read here, following
+proto3's JSON mapping (the one the transcoder applies, so a well-formed body means exactly
+what it meant before):
 
 - keys are a field's proto name or its lowerCamel JSON name; any other key is a 400 naming its
   path (`sessions[3].review.statsu`) and the fields allowed there;

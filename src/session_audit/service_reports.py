@@ -29,6 +29,7 @@ from session_audit.errors import (
     abort_for,
     rpc,
 )
+from session_audit.json_body import parse_strict
 from session_audit.report_config import ReportConfig
 from session_audit.report_filter import join_filters
 from session_audit.report_generate import Generators
@@ -158,6 +159,45 @@ class ReportService(pb_grpc.ReportServiceServicer):
             id_ = await store.create_report(conn, me, new, self.app.timeout(context))
         self.generators.kick()
         return pb.CreateReportResponse(report=pb.ReportRef(id=str(id_)), result=SUCCESS)
+
+    # -- REST bodies, read strictly (see JsonBodyRequest) ---------------------------------------
+
+    @rpc("CreateReport")
+    async def CreateReportJson(
+        self, request: pb.JsonBodyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateReportResponse:
+        await self._me(context, "create reports")
+        body = parse_strict(request.body.data, pb.CreateReportRequest)
+        return await self.CreateReport(body, context)
+
+    @rpc("CreateDefinedReport")
+    async def CreateDefinedReportJson(
+        self, request: pb.JsonBodyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateDefinedReportResponse:
+        await self._me(context, "create report definitions")
+        body = parse_strict(request.body.data, pb.CreateDefinedReportRequest)
+        return await self.CreateDefinedReport(body, context)
+
+    @rpc("UpdateDefinedReport")
+    async def UpdateDefinedReportJson(
+        self, request: pb.JsonBodyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReportResult:
+        await self._me(context, "change report definitions")
+        body = parse_strict(request.body.data, pb.UpdateDefinedReportRequest)
+        if body.id and body.id != request.id:
+            raise InvalidArgument(
+                f"id: given in the path ({request.id[:40]}); leave it out of the body"
+            )
+        body.id = request.id
+        return await self.UpdateDefinedReport(body, context)
+
+    @rpc("CreateDefinedReportSubscription")
+    async def CreateDefinedReportSubscriptionJson(
+        self, request: pb.JsonBodyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateDefinedReportSubscriptionResponse:
+        await self._me(context, "subscribe to reports")
+        body = parse_strict(request.body.data, pb.CreateDefinedReportSubscriptionRequest)
+        return await self.CreateDefinedReportSubscription(body, context)
 
     @rpc("GetReport")
     async def GetReport(

@@ -11,6 +11,7 @@ JSON shape: every success reply carries "result": "success"; ids are strings of 
 """
 
 from collections import abc as _abc
+from google.api import httpbody_pb2 as _httpbody_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -384,11 +385,38 @@ class ListReportsResponse(_message.Message):
 Global___ListReportsResponse: _TypeAlias = ListReportsResponse  # noqa: Y015
 
 @_typing.final
-class Criterion(_message.Message):
+class JsonBodyRequest(_message.Message):
     """One equality criterion. Criteria on different fields are AND-ed; several on the same field
     match any of their values.
+    The REST form of a request with a JSON body: Envoy passes the body raw and the service reads
+    it against the gRPC request message (json_body.py), so a field that message does not have is
+    refused (400 naming it) instead of dropped, as Envoy's transcoder would drop it.
     """
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The object's id, from the path (PATCH …/defined/{id}); empty otherwise."""
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JsonBodyRequest: _TypeAlias = JsonBodyRequest  # noqa: Y015
+
+@_typing.final
+class Criterion(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FIELD_FIELD_NUMBER: _builtins.int

@@ -45,6 +45,11 @@ class ReportServiceStub:
                 request_serializer=session__audit_dot_v1_dot_reports__pb2.CreateReportRequest.SerializeToString,
                 response_deserializer=session__audit_dot_v1_dot_reports__pb2.CreateReportResponse.FromString,
                 _registered_method=True)
+        self.CreateReportJson = channel.unary_unary(
+                '/session_audit.v1.ReportService/CreateReportJson',
+                request_serializer=session__audit_dot_v1_dot_reports__pb2.JsonBodyRequest.SerializeToString,
+                response_deserializer=session__audit_dot_v1_dot_reports__pb2.CreateReportResponse.FromString,
+                _registered_method=True)
         self.GetReportAttributes = channel.unary_unary(
                 '/session_audit.v1.ReportService/GetReportAttributes',
                 request_serializer=session__audit_dot_v1_dot_reports__pb2.ReportAttributesRequest.SerializeToString,
@@ -80,6 +85,11 @@ class ReportServiceStub:
                 request_serializer=session__audit_dot_v1_dot_reports__pb2.CreateDefinedReportRequest.SerializeToString,
                 response_deserializer=session__audit_dot_v1_dot_reports__pb2.CreateDefinedReportResponse.FromString,
                 _registered_method=True)
+        self.CreateDefinedReportJson = channel.unary_unary(
+                '/session_audit.v1.ReportService/CreateDefinedReportJson',
+                request_serializer=session__audit_dot_v1_dot_reports__pb2.JsonBodyRequest.SerializeToString,
+                response_deserializer=session__audit_dot_v1_dot_reports__pb2.CreateDefinedReportResponse.FromString,
+                _registered_method=True)
         self.GetDefinedReportAttributes = channel.unary_unary(
                 '/session_audit.v1.ReportService/GetDefinedReportAttributes',
                 request_serializer=session__audit_dot_v1_dot_reports__pb2.ReportAttributesRequest.SerializeToString,
@@ -95,6 +105,11 @@ class ReportServiceStub:
                 request_serializer=session__audit_dot_v1_dot_reports__pb2.UpdateDefinedReportRequest.SerializeToString,
                 response_deserializer=session__audit_dot_v1_dot_reports__pb2.ReportResult.FromString,
                 _registered_method=True)
+        self.UpdateDefinedReportJson = channel.unary_unary(
+                '/session_audit.v1.ReportService/UpdateDefinedReportJson',
+                request_serializer=session__audit_dot_v1_dot_reports__pb2.JsonBodyRequest.SerializeToString,
+                response_deserializer=session__audit_dot_v1_dot_reports__pb2.ReportResult.FromString,
+                _registered_method=True)
         self.DeleteDefinedReport = channel.unary_unary(
                 '/session_audit.v1.ReportService/DeleteDefinedReport',
                 request_serializer=session__audit_dot_v1_dot_reports__pb2.DeleteDefinedReportRequest.SerializeToString,
@@ -108,6 +123,11 @@ class ReportServiceStub:
         self.CreateDefinedReportSubscription = channel.unary_unary(
                 '/session_audit.v1.ReportService/CreateDefinedReportSubscription',
                 request_serializer=session__audit_dot_v1_dot_reports__pb2.CreateDefinedReportSubscriptionRequest.SerializeToString,
+                response_deserializer=session__audit_dot_v1_dot_reports__pb2.CreateDefinedReportSubscriptionResponse.FromString,
+                _registered_method=True)
+        self.CreateDefinedReportSubscriptionJson = channel.unary_unary(
+                '/session_audit.v1.ReportService/CreateDefinedReportSubscriptionJson',
+                request_serializer=session__audit_dot_v1_dot_reports__pb2.JsonBodyRequest.SerializeToString,
                 response_deserializer=session__audit_dot_v1_dot_reports__pb2.CreateDefinedReportSubscriptionResponse.FromString,
                 _registered_method=True)
         self.GetDefinedReportSubscriptionAttributes = channel.unary_unary(
@@ -143,6 +163,13 @@ class ReportServiceServicer:
         (poll GET /api/v2/report/{id} until status is ready).
         curl -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
         -d '{"criteria":[{"field":"protocol","value":"ssh"}]}' http://127.0.0.1:8080/api/v2/report
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateReportJson(self, request, context):
+        """CreateReport for REST callers: the body is CreateReportRequest's JSON, read strictly.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -208,6 +235,13 @@ class ReportServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateDefinedReportJson(self, request, context):
+        """CreateDefinedReport for REST callers: the body is CreateDefinedReportRequest's JSON.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetDefinedReportAttributes(self, request, context):
         """Attributes of the DefinedReport model.
         curl -H "authorization: Bearer $TOKEN" \
@@ -229,6 +263,14 @@ class ReportServiceServicer:
         """Change a custom definition's title, filter or order. Predefined ones: 403.
         curl -X PATCH -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
         -d '{"title":"Updated"}' http://127.0.0.1:8080/api/v2/report/defined/$ID
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateDefinedReportJson(self, request, context):
+        """UpdateDefinedReport for REST callers: `id` from the path, the body is the JSON of the
+        other UpdateDefinedReportRequest fields.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -256,6 +298,13 @@ class ReportServiceServicer:
         curl -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
         -d '{"period":"day","defined_report_id":"6"}' \
         http://127.0.0.1:8080/api/v2/report/subscription
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateDefinedReportSubscriptionJson(self, request, context):
+        """CreateDefinedReportSubscription for REST callers: the body is the request's JSON.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -301,6 +350,11 @@ def add_ReportServiceServicer_to_server(servicer, server):
                     request_deserializer=session__audit_dot_v1_dot_reports__pb2.CreateReportRequest.FromString,
                     response_serializer=session__audit_dot_v1_dot_reports__pb2.CreateReportResponse.SerializeToString,
             ),
+            'CreateReportJson': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateReportJson,
+                    request_deserializer=session__audit_dot_v1_dot_reports__pb2.JsonBodyRequest.FromString,
+                    response_serializer=session__audit_dot_v1_dot_reports__pb2.CreateReportResponse.SerializeToString,
+            ),
             'GetReportAttributes': grpc.unary_unary_rpc_method_handler(
                     servicer.GetReportAttributes,
                     request_deserializer=session__audit_dot_v1_dot_reports__pb2.ReportAttributesRequest.FromString,
@@ -336,6 +390,11 @@ def add_ReportServiceServicer_to_server(servicer, server):
                     request_deserializer=session__audit_dot_v1_dot_reports__pb2.CreateDefinedReportRequest.FromString,
                     response_serializer=session__audit_dot_v1_dot_reports__pb2.CreateDefinedReportResponse.SerializeToString,
             ),
+            'CreateDefinedReportJson': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateDefinedReportJson,
+                    request_deserializer=session__audit_dot_v1_dot_reports__pb2.JsonBodyRequest.FromString,
+                    response_serializer=session__audit_dot_v1_dot_reports__pb2.CreateDefinedReportResponse.SerializeToString,
+            ),
             'GetDefinedReportAttributes': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDefinedReportAttributes,
                     request_deserializer=session__audit_dot_v1_dot_reports__pb2.ReportAttributesRequest.FromString,
@@ -351,6 +410,11 @@ def add_ReportServiceServicer_to_server(servicer, server):
                     request_deserializer=session__audit_dot_v1_dot_reports__pb2.UpdateDefinedReportRequest.FromString,
                     response_serializer=session__audit_dot_v1_dot_reports__pb2.ReportResult.SerializeToString,
             ),
+            'UpdateDefinedReportJson': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateDefinedReportJson,
+                    request_deserializer=session__audit_dot_v1_dot_reports__pb2.JsonBodyRequest.FromString,
+                    response_serializer=session__audit_dot_v1_dot_reports__pb2.ReportResult.SerializeToString,
+            ),
             'DeleteDefinedReport': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteDefinedReport,
                     request_deserializer=session__audit_dot_v1_dot_reports__pb2.DeleteDefinedReportRequest.FromString,
@@ -364,6 +428,11 @@ def add_ReportServiceServicer_to_server(servicer, server):
             'CreateDefinedReportSubscription': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateDefinedReportSubscription,
                     request_deserializer=session__audit_dot_v1_dot_reports__pb2.CreateDefinedReportSubscriptionRequest.FromString,
+                    response_serializer=session__audit_dot_v1_dot_reports__pb2.CreateDefinedReportSubscriptionResponse.SerializeToString,
+            ),
+            'CreateDefinedReportSubscriptionJson': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateDefinedReportSubscriptionJson,
+                    request_deserializer=session__audit_dot_v1_dot_reports__pb2.JsonBodyRequest.FromString,
                     response_serializer=session__audit_dot_v1_dot_reports__pb2.CreateDefinedReportSubscriptionResponse.SerializeToString,
             ),
             'GetDefinedReportSubscriptionAttributes': grpc.unary_unary_rpc_method_handler(
@@ -435,6 +504,33 @@ class ReportService:
             target,
             '/session_audit.v1.ReportService/CreateReport',
             session__audit_dot_v1_dot_reports__pb2.CreateReportRequest.SerializeToString,
+            session__audit_dot_v1_dot_reports__pb2.CreateReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateReportJson(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/session_audit.v1.ReportService/CreateReportJson',
+            session__audit_dot_v1_dot_reports__pb2.JsonBodyRequest.SerializeToString,
             session__audit_dot_v1_dot_reports__pb2.CreateReportResponse.FromString,
             options,
             channel_credentials,
@@ -636,6 +732,33 @@ class ReportService:
             _registered_method=True)
 
     @staticmethod
+    def CreateDefinedReportJson(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/session_audit.v1.ReportService/CreateDefinedReportJson',
+            session__audit_dot_v1_dot_reports__pb2.JsonBodyRequest.SerializeToString,
+            session__audit_dot_v1_dot_reports__pb2.CreateDefinedReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetDefinedReportAttributes(request,
             target,
             options=(),
@@ -717,6 +840,33 @@ class ReportService:
             _registered_method=True)
 
     @staticmethod
+    def UpdateDefinedReportJson(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/session_audit.v1.ReportService/UpdateDefinedReportJson',
+            session__audit_dot_v1_dot_reports__pb2.JsonBodyRequest.SerializeToString,
+            session__audit_dot_v1_dot_reports__pb2.ReportResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def DeleteDefinedReport(request,
             target,
             options=(),
@@ -786,6 +936,33 @@ class ReportService:
             target,
             '/session_audit.v1.ReportService/CreateDefinedReportSubscription',
             session__audit_dot_v1_dot_reports__pb2.CreateDefinedReportSubscriptionRequest.SerializeToString,
+            session__audit_dot_v1_dot_reports__pb2.CreateDefinedReportSubscriptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateDefinedReportSubscriptionJson(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/session_audit.v1.ReportService/CreateDefinedReportSubscriptionJson',
+            session__audit_dot_v1_dot_reports__pb2.JsonBodyRequest.SerializeToString,
             session__audit_dot_v1_dot_reports__pb2.CreateDefinedReportSubscriptionResponse.FromString,
             options,
             channel_credentials,

@@ -49,6 +49,8 @@ class ReportServiceStub:
       curl -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \\
         -d '{"criteria":[{"field":"protocol","value":"ssh"}]}' http://127.0.0.1:8080/api/v2/report
     """
+    CreateReportJson: _grpc.UnaryUnaryMultiCallable[_reports_pb2.JsonBodyRequest, _reports_pb2.CreateReportResponse]
+    """CreateReport for REST callers: the body is CreateReportRequest's JSON, read strictly."""
     GetReportAttributes: _grpc.UnaryUnaryMultiCallable[_reports_pb2.ReportAttributesRequest, _reports_pb2.ReportAttributesResponse]
     """Attributes of the Report model.
       curl -H "authorization: Bearer $TOKEN" http://127.0.0.1:8080/api/v2/report/attributes
@@ -81,6 +83,8 @@ class ReportServiceStub:
         -d '{"title":"RDP","type":"session_summary","query_filter":"protocol.iin(rdp)"}' \\
         http://127.0.0.1:8080/api/v2/report/defined
     """
+    CreateDefinedReportJson: _grpc.UnaryUnaryMultiCallable[_reports_pb2.JsonBodyRequest, _reports_pb2.CreateDefinedReportResponse]
+    """CreateDefinedReport for REST callers: the body is CreateDefinedReportRequest's JSON."""
     GetDefinedReportAttributes: _grpc.UnaryUnaryMultiCallable[_reports_pb2.ReportAttributesRequest, _reports_pb2.ReportAttributesResponse]
     """Attributes of the DefinedReport model.
       curl -H "authorization: Bearer $TOKEN" \\
@@ -94,6 +98,10 @@ class ReportServiceStub:
     """Change a custom definition's title, filter or order. Predefined ones: 403.
       curl -X PATCH -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \\
         -d '{"title":"Updated"}' http://127.0.0.1:8080/api/v2/report/defined/$ID
+    """
+    UpdateDefinedReportJson: _grpc.UnaryUnaryMultiCallable[_reports_pb2.JsonBodyRequest, _reports_pb2.ReportResult]
+    """UpdateDefinedReport for REST callers: `id` from the path, the body is the JSON of the
+    other UpdateDefinedReportRequest fields.
     """
     DeleteDefinedReport: _grpc.UnaryUnaryMultiCallable[_reports_pb2.DeleteDefinedReportRequest, _reports_pb2.ReportResult]
     """Delete a custom definition (and its subscriptions). Predefined ones: 403.
@@ -110,6 +118,8 @@ class ReportServiceStub:
         -d '{"period":"day","defined_report_id":"6"}' \\
         http://127.0.0.1:8080/api/v2/report/subscription
     """
+    CreateDefinedReportSubscriptionJson: _grpc.UnaryUnaryMultiCallable[_reports_pb2.JsonBodyRequest, _reports_pb2.CreateDefinedReportSubscriptionResponse]
+    """CreateDefinedReportSubscription for REST callers: the body is the request's JSON."""
     GetDefinedReportSubscriptionAttributes: _grpc.UnaryUnaryMultiCallable[_reports_pb2.ReportAttributesRequest, _reports_pb2.ReportAttributesResponse]
     """Attributes of the DefinedReportSubscription model.
       curl -H "authorization: Bearer $TOKEN" \\
@@ -139,6 +149,8 @@ class ReportServiceAsyncStub(ReportServiceStub):
       curl -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \\
         -d '{"criteria":[{"field":"protocol","value":"ssh"}]}' http://127.0.0.1:8080/api/v2/report
     """
+    CreateReportJson: _aio.UnaryUnaryMultiCallable[_reports_pb2.JsonBodyRequest, _reports_pb2.CreateReportResponse]  # type: ignore[assignment]
+    """CreateReport for REST callers: the body is CreateReportRequest's JSON, read strictly."""
     GetReportAttributes: _aio.UnaryUnaryMultiCallable[_reports_pb2.ReportAttributesRequest, _reports_pb2.ReportAttributesResponse]  # type: ignore[assignment]
     """Attributes of the Report model.
       curl -H "authorization: Bearer $TOKEN" http://127.0.0.1:8080/api/v2/report/attributes
@@ -171,6 +183,8 @@ class ReportServiceAsyncStub(ReportServiceStub):
         -d '{"title":"RDP","type":"session_summary","query_filter":"protocol.iin(rdp)"}' \\
         http://127.0.0.1:8080/api/v2/report/defined
     """
+    CreateDefinedReportJson: _aio.UnaryUnaryMultiCallable[_reports_pb2.JsonBodyRequest, _reports_pb2.CreateDefinedReportResponse]  # type: ignore[assignment]
+    """CreateDefinedReport for REST callers: the body is CreateDefinedReportRequest's JSON."""
     GetDefinedReportAttributes: _aio.UnaryUnaryMultiCallable[_reports_pb2.ReportAttributesRequest, _reports_pb2.ReportAttributesResponse]  # type: ignore[assignment]
     """Attributes of the DefinedReport model.
       curl -H "authorization: Bearer $TOKEN" \\
@@ -184,6 +198,10 @@ class ReportServiceAsyncStub(ReportServiceStub):
     """Change a custom definition's title, filter or order. Predefined ones: 403.
       curl -X PATCH -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \\
         -d '{"title":"Updated"}' http://127.0.0.1:8080/api/v2/report/defined/$ID
+    """
+    UpdateDefinedReportJson: _aio.UnaryUnaryMultiCallable[_reports_pb2.JsonBodyRequest, _reports_pb2.ReportResult]  # type: ignore[assignment]
+    """UpdateDefinedReport for REST callers: `id` from the path, the body is the JSON of the
+    other UpdateDefinedReportRequest fields.
     """
     DeleteDefinedReport: _aio.UnaryUnaryMultiCallable[_reports_pb2.DeleteDefinedReportRequest, _reports_pb2.ReportResult]  # type: ignore[assignment]
     """Delete a custom definition (and its subscriptions). Predefined ones: 403.
@@ -200,6 +218,8 @@ class ReportServiceAsyncStub(ReportServiceStub):
         -d '{"period":"day","defined_report_id":"6"}' \\
         http://127.0.0.1:8080/api/v2/report/subscription
     """
+    CreateDefinedReportSubscriptionJson: _aio.UnaryUnaryMultiCallable[_reports_pb2.JsonBodyRequest, _reports_pb2.CreateDefinedReportSubscriptionResponse]  # type: ignore[assignment]
+    """CreateDefinedReportSubscription for REST callers: the body is the request's JSON."""
     GetDefinedReportSubscriptionAttributes: _aio.UnaryUnaryMultiCallable[_reports_pb2.ReportAttributesRequest, _reports_pb2.ReportAttributesResponse]  # type: ignore[assignment]
     """Attributes of the DefinedReportSubscription model.
       curl -H "authorization: Bearer $TOKEN" \\
@@ -238,6 +258,14 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
           curl -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \\
             -d '{"criteria":[{"field":"protocol","value":"ssh"}]}' http://127.0.0.1:8080/api/v2/report
         """
+
+    @_abc_1.abstractmethod
+    def CreateReportJson(
+        self,
+        request: _reports_pb2.JsonBodyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_reports_pb2.CreateReportResponse, _abc.Awaitable[_reports_pb2.CreateReportResponse]]:
+        """CreateReport for REST callers: the body is CreateReportRequest's JSON, read strictly."""
 
     @_abc_1.abstractmethod
     def GetReportAttributes(
@@ -314,6 +342,14 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def CreateDefinedReportJson(
+        self,
+        request: _reports_pb2.JsonBodyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_reports_pb2.CreateDefinedReportResponse, _abc.Awaitable[_reports_pb2.CreateDefinedReportResponse]]:
+        """CreateDefinedReport for REST callers: the body is CreateDefinedReportRequest's JSON."""
+
+    @_abc_1.abstractmethod
     def GetDefinedReportAttributes(
         self,
         request: _reports_pb2.ReportAttributesRequest,
@@ -343,6 +379,16 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
         """Change a custom definition's title, filter or order. Predefined ones: 403.
           curl -X PATCH -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \\
             -d '{"title":"Updated"}' http://127.0.0.1:8080/api/v2/report/defined/$ID
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateDefinedReportJson(
+        self,
+        request: _reports_pb2.JsonBodyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_reports_pb2.ReportResult, _abc.Awaitable[_reports_pb2.ReportResult]]:
+        """UpdateDefinedReport for REST callers: `id` from the path, the body is the JSON of the
+        other UpdateDefinedReportRequest fields.
         """
 
     @_abc_1.abstractmethod
@@ -377,6 +423,14 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
             -d '{"period":"day","defined_report_id":"6"}' \\
             http://127.0.0.1:8080/api/v2/report/subscription
         """
+
+    @_abc_1.abstractmethod
+    def CreateDefinedReportSubscriptionJson(
+        self,
+        request: _reports_pb2.JsonBodyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_reports_pb2.CreateDefinedReportSubscriptionResponse, _abc.Awaitable[_reports_pb2.CreateDefinedReportSubscriptionResponse]]:
+        """CreateDefinedReportSubscription for REST callers: the body is the request's JSON."""
 
     @_abc_1.abstractmethod
     def GetDefinedReportSubscriptionAttributes(
