@@ -67,16 +67,21 @@ def _bad(path: str, expected: str, value: Any) -> NoReturn:
     raise InvalidArgument(f"{_where(path) or 'body'}: {expected}, got {_shown(value)}")
 
 
-def _string(value: Any, path: str) -> Any:
-    if type(value) is not str:
-        _bad(path, "expected a string", value)
-    return value
+def _exactly(kind: type, expected: str) -> Convert:
+    """A value that must be of one JSON type (bool is not a number, nor a number a string)."""
+
+    def convert(value: Any, path: str) -> Any:
+        if type(value) is not kind:
+            _bad(path, expected, value)
+        return value
+
+    return convert
 
 
-def _bool(value: Any, path: str) -> Any:
-    if type(value) is not bool:
-        _bad(path, "expected true or false", value)
-    return value
+_string = _exactly(str, "expected a string")
+_bool = _exactly(bool, "expected true or false")
+_object = _exactly(dict, "expected an object")  # also Struct, and map fields
+_list = _exactly(list, "expected a list")  # also ListValue, and repeated fields
 
 
 def _integer(kind: int) -> Convert:
@@ -156,18 +161,6 @@ def _timestamp(value: Any, path: str) -> Any:
         _bad(path, _TIME_EXPECTED, value)
 
 
-def _object(value: Any, path: str) -> Any:
-    if type(value) is not dict:
-        _bad(path, "expected an object", value)
-    return value
-
-
-def _list(value: Any, path: str) -> Any:
-    if type(value) is not list:
-        _bad(path, "expected a list", value)
-    return value
-
-
 _WELL_KNOWN: dict[str, Convert] = {
     "google.protobuf.Timestamp": _timestamp,
     "google.protobuf.Struct": _object,
@@ -201,18 +194,14 @@ def _field(field: FieldDescriptor) -> Convert:
         value_of = _single(sub.fields_by_name["value"])
 
         def convert_map(value: Any, path: str) -> Any:
-            if type(value) is not dict:
-                _bad(path, "expected an object", value)
-            return {k: value_of(v, f"{path}.{k}") for k, v in value.items()}
+            return {k: value_of(v, f"{path}.{k}") for k, v in _object(value, path).items()}
 
         return convert_map
     element = _single(field)
     if field.is_repeated:
 
         def convert_list(value: Any, path: str) -> Any:
-            if type(value) is not list:
-                _bad(path, "expected a list", value)
-            return [element(v, f"{path}[{i}]") for i, v in enumerate(value)]
+            return [element(v, f"{path}[{i}]") for i, v in enumerate(_list(value, path))]
 
         return convert_list
     return element
@@ -234,8 +223,7 @@ def _message(desc: Descriptor) -> Convert:
     expected = ", ".join(sorted(f.name for f in desc.fields))
 
     def convert(value: Any, path: str) -> Any:
-        if type(value) is not dict:
-            _bad(path, "expected an object", value)
+        _object(value, path)
         plan = _plan(desc)  # looked up when called: messages may contain themselves
         out: dict[str, Any] = {}
         for key, item in value.items():
