@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import grpc
 from google.api import httpbody_pb2
+from google.protobuf.message import Message
 
 from session_audit import report_messages as msg
 from session_audit import report_requests as req
@@ -51,6 +52,7 @@ from session_audit.v1 import reports_pb2_grpc as pb_grpc
 SUCCESS = msg.SUCCESS
 ROW_PAGE = 2000
 S = TypeVar("S", bound=Callable[..., AsyncIterator[Any]])
+M = TypeVar("M", bound=Message)
 
 
 def rpc_stream(name: str) -> Callable[[S], S]:
@@ -162,28 +164,38 @@ class ReportService(pb_grpc.ReportServiceServicer):
 
     # -- REST bodies, read strictly (see JsonBodyRequest) ---------------------------------------
 
+    async def _body(
+        self, request: pb.JsonBodyRequest, cls: type[M], context: grpc.aio.ServicerContext,
+        action: str,
+    ) -> M:  # fmt: skip
+        """The caller first (401/403 before anything about the body), then the body, read
+        against the gRPC request `cls`; the plain RPC then does the work."""
+        await self._me(context, action)
+        return parse_strict(request.body.data, cls)
+
     @rpc("CreateReport")
     async def CreateReportJson(
         self, request: pb.JsonBodyRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateReportResponse:
-        await self._me(context, "create reports")
-        body = parse_strict(request.body.data, pb.CreateReportRequest)
+        body = await self._body(request, pb.CreateReportRequest, context, "create reports")
         return await self.CreateReport(body, context)
 
     @rpc("CreateDefinedReport")
     async def CreateDefinedReportJson(
         self, request: pb.JsonBodyRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateDefinedReportResponse:
-        await self._me(context, "create report definitions")
-        body = parse_strict(request.body.data, pb.CreateDefinedReportRequest)
+        body = await self._body(
+            request, pb.CreateDefinedReportRequest, context, "create report definitions"
+        )
         return await self.CreateDefinedReport(body, context)
 
     @rpc("UpdateDefinedReport")
     async def UpdateDefinedReportJson(
         self, request: pb.JsonBodyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportResult:
-        await self._me(context, "change report definitions")
-        body = parse_strict(request.body.data, pb.UpdateDefinedReportRequest)
+        body = await self._body(
+            request, pb.UpdateDefinedReportRequest, context, "change report definitions"
+        )
         if body.id and body.id != request.id:
             raise InvalidArgument(
                 f"id: given in the path ({request.id[:40]}); leave it out of the body"
@@ -195,8 +207,9 @@ class ReportService(pb_grpc.ReportServiceServicer):
     async def CreateDefinedReportSubscriptionJson(
         self, request: pb.JsonBodyRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateDefinedReportSubscriptionResponse:
-        await self._me(context, "subscribe to reports")
-        body = parse_strict(request.body.data, pb.CreateDefinedReportSubscriptionRequest)
+        body = await self._body(
+            request, pb.CreateDefinedReportSubscriptionRequest, context, "subscribe to reports"
+        )
         return await self.CreateDefinedReportSubscription(body, context)
 
     @rpc("GetReport")
