@@ -41,18 +41,22 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import analytics_data as data  # noqa: E402
-from bench.bench_sessions import machine, pct  # noqa: E402
-from session_audit import analytics_requests as requests  # noqa: E402
-from session_audit import analytics_store as store  # noqa: E402
-from session_audit import auth, db, envoy, migrate, rollups  # noqa: E402
-from session_audit.embedded import EmbeddedPostgres  # noqa: E402
-from session_audit.ingest import IngestBatch  # noqa: E402
-from session_audit.v1 import analytics_pb2 as apb  # noqa: E402
-from session_audit.v1 import analytics_pb2_grpc as apb_grpc  # noqa: E402
-from session_audit.v1 import sessions_pb2 as pb  # noqa: E402
-from session_audit.v1 import sessions_pb2_grpc as pb_grpc  # noqa: E402
-from tests.support import ServerProcess  # noqa: E402
+from bench import analytics_data as data
+from bench.bench_sessions import machine, pct
+from session_audit import envoy
+from session_audit.analytics import (
+    requests,
+    rollups,
+    store,
+)
+from session_audit.core import auth, db, migrate
+from session_audit.embedded import EmbeddedPostgres
+from session_audit.sessions.ingest import IngestBatch
+from session_audit.v1 import analytics_pb2 as apb
+from session_audit.v1 import analytics_pb2_grpc as apb_grpc
+from session_audit.v1 import sessions_pb2 as pb
+from session_audit.v1 import sessions_pb2_grpc as pb_grpc
+from tests.support import ServerProcess
 
 DATA_DIR = ROOT / ".bench-data-analytics"
 LOAD_BATCH = 250_000

@@ -34,10 +34,11 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_sessions import machine  # noqa: E402
-from session_audit import auth, db, envoy, migrate  # noqa: E402
-from session_audit.embedded import EmbeddedPostgres  # noqa: E402
-from tests.support import ServerProcess  # noqa: E402
+from bench.bench_sessions import machine
+from session_audit import envoy
+from session_audit.core import auth, db, migrate
+from session_audit.embedded import EmbeddedPostgres
+from tests.support import ServerProcess
 
 LOAD = """
 INSERT INTO sessions (id, org_id, start_date, end_date, status, verb, user_id, user_email,

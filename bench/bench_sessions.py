@@ -43,15 +43,17 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from session_audit import auth, db, envoy, listing, migrate  # noqa: E402
-from session_audit import sessions_store as store  # noqa: E402
-from session_audit.embedded import EmbeddedPostgres  # noqa: E402
-from session_audit.seed import demo_sessions  # noqa: E402
-from session_audit.session_rows import item_from_proto  # noqa: E402
-from session_audit.sessions_store import INGEST_COLUMNS  # noqa: E402
-from session_audit.v1 import sessions_pb2 as pb  # noqa: E402
-from session_audit.v1 import sessions_pb2_grpc as pb_grpc  # noqa: E402
-from tests.support import ServerProcess  # noqa: E402
+from session_audit import envoy
+from session_audit.core import auth, db, migrate
+from session_audit.core.schema import INGEST_COLUMNS
+from session_audit.embedded import EmbeddedPostgres
+from session_audit.seed import demo_sessions
+from session_audit.sessions import requests as listing
+from session_audit.sessions import store
+from session_audit.sessions.rows import item_from_proto
+from session_audit.v1 import sessions_pb2 as pb
+from session_audit.v1 import sessions_pb2_grpc as pb_grpc
+from tests.support import ServerProcess
 
 CHUNK = 1000
 

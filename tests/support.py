@@ -23,7 +23,8 @@ import asyncpg
 import grpc
 import httpx
 
-from session_audit import auth, db, envoy, migrate
+from session_audit import envoy
+from session_audit.core import auth, db, migrate
 from session_audit.v1 import sessions_pb2 as pb
 from session_audit.v1 import sessions_pb2_grpc as pb_grpc
 

@@ -18,13 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from session_audit import analytics_requests as requests
-from session_audit import analytics_store as store
-from session_audit import auth, db, rollups
-from session_audit.fields import GROUPABLE
-from session_audit.ingest import IngestBatch
-from session_audit.lucene import parse_q
-from session_audit.timebins import bin_starts, day_start, parse_zone
+from session_audit.analytics import requests, rollups, store
+from session_audit.analytics.fields import GROUPABLE
+from session_audit.analytics.q import parse_q
+from session_audit.analytics.timebins import bin_starts, day_start, parse_zone
+from session_audit.core import auth, db
+from session_audit.sessions.ingest import IngestBatch
 from tests import analytics_reference as ref
 from tests.analytics_reference import Pred
 from tests.factories import Spec

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from session_audit.cli import _print_banner
-from session_audit.config import Config
+from session_audit.core.config import Config
 from tests.report_reference import RSpec
 from tests.support import Stack
 

@@ -13,8 +13,8 @@ import orjson
 import pytest
 from google.protobuf import json_format
 
-from session_audit.errors import InvalidArgument
-from session_audit.json_body import parse_strict
+from session_audit.core.errors import InvalidArgument
+from session_audit.core.json_body import parse_strict
 from session_audit.seed import demo_sessions
 from session_audit.v1 import sessions_pb2 as pb
 

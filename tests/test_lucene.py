@@ -9,10 +9,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from session_audit.errors import InvalidArgument
-from session_audit.fields import BASE, CUBE, USER
-from session_audit.lucene import ContentSearch, compile_q, parse_q, sources_for
-from session_audit.sqlbuild import Params
+from session_audit.analytics.fields import BASE, CUBE, USER
+from session_audit.analytics.q import ContentSearch, compile_q, parse_q, sources_for
+from session_audit.core.errors import InvalidArgument
+from session_audit.core.sql import Params
 
 UTCZ = ZoneInfo("Etc/UTC")
 

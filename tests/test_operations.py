@@ -116,7 +116,7 @@ def test_a_call_past_its_deadline_leaves_no_query_running(stack: Stack) -> None:
     token = stack.token(stack.new_org("deadline"), "auditor")
 
     async def scenario() -> tuple[grpc.StatusCode, int]:
-        from session_audit import db
+        from session_audit.core import db
 
         blocker = await db.connect(stack.dsn)
         tx = blocker.transaction()

@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from session_audit import auth, db, migrate
+from session_audit.core import auth, db, migrate
 from tests.support import ServerProcess, Stack, _with_conn, fresh_database, run
 
 

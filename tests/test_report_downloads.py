@@ -16,7 +16,7 @@ import grpc
 import pypdf
 import pytest
 
-from session_audit.report_types import BY_KEY
+from session_audit.reports.types import BY_KEY
 from session_audit.v1 import reports_pb2 as rpb
 from session_audit.v1 import reports_pb2_grpc
 from tests.report_reference import (

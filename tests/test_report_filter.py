@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from session_audit import report_filter as rf
-from session_audit.errors import InvalidArgument
+from session_audit.core.errors import InvalidArgument
+from session_audit.reports import filters as rf
 from tests.report_reference import (
     T0,
     RSpec,

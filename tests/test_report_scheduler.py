@@ -15,9 +15,9 @@ import asyncpg
 import grpc
 import pytest
 
-from session_audit import auth, db
-from session_audit.report_periods import label, next_period, period_containing
-from session_audit.report_scheduler import tick
+from session_audit.core import auth, db
+from session_audit.reports.periods import label, next_period, period_containing
+from session_audit.reports.scheduler import tick
 from session_audit.v1 import reports_pb2 as rpb
 from session_audit.v1 import reports_pb2_grpc
 from tests.report_reference import RSpec, csv_rows, ok, wait_report

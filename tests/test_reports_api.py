@@ -14,7 +14,7 @@ import asyncpg
 import grpc
 import pytest
 
-from session_audit import auth, db
+from session_audit.core import auth, db
 from session_audit.v1 import reports_pb2 as rpb
 from tests.report_reference import (
     PREDEFINED,

@@ -15,13 +15,12 @@ from typing import Any
 
 import pytest
 
-from session_audit import analytics_requests as requests
-from session_audit import analytics_store as store
-from session_audit import auth, db, rollups
-from session_audit.fields import BASE, CUBE, USER
-from session_audit.ingest import IngestBatch
-from session_audit.lucene import parse_q
-from session_audit.timebins import bin_starts, parse_zone
+from session_audit.analytics import requests, rollups, store
+from session_audit.analytics.fields import BASE, CUBE, USER
+from session_audit.analytics.q import parse_q
+from session_audit.analytics.timebins import bin_starts, parse_zone
+from session_audit.core import auth, db
+from session_audit.sessions.ingest import IngestBatch
 from tests.factories import Spec
 from tests.support import Stack, run
 from tests.test_analytics_properties import snapshot

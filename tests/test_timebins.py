@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from session_audit import timebins as tb
-from session_audit.errors import InvalidArgument
+from session_audit.analytics import timebins as tb
+from session_audit.core.errors import InvalidArgument
 
 BERLIN = ZoneInfo("Europe/Berlin")
 NEW_YORK = ZoneInfo("America/New_York")

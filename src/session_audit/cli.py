@@ -15,8 +15,10 @@ from pathlib import Path
 
 import click
 
-from session_audit import auth, db, envoy, migrate, rollups, seed, server
-from session_audit.config import Config, ConfigError
+from session_audit import envoy, seed, server
+from session_audit.analytics import rollups
+from session_audit.core import auth, db, migrate
+from session_audit.core.config import Config, ConfigError
 from session_audit.embedded import EmbeddedPostgres
 
 DEMO_SESSIONS = 3000

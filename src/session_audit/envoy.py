@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from session_audit.config import project_root
+from session_audit.core.config import project_root
 
 TEMPLATE = Path("envoy/envoy.yaml")
 DESCRIPTOR = Path("envoy/session_audit.pb")

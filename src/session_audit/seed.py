@@ -11,8 +11,9 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 from tqdm import tqdm
 
-from session_audit import auth
-from session_audit.ingest import IngestBatch, IngestResult
+from session_audit.core import auth
+from session_audit.core.schema import REVIEW_STATUSES
+from session_audit.sessions.ingest import IngestBatch, IngestResult
 from session_audit.v1 import sessions_pb2 as pb
 
 ORGS = ("acme", "globex", "initech")
@@ -51,15 +52,6 @@ SCRIPTS = (
     "SELECT count(*) FROM orders WHERE created_at > now() - interval '1 day'",
     "db.events.find({type: 'login'}).limit(20)",
     "kubectl get pods -n payments",
-)
-REVIEW_STATUSES = (
-    "PENDING",
-    "APPROVED",
-    "REJECTED",
-    "REVOKED",
-    "PROCESSING",
-    "EXECUTED",
-    "UNKNOWN",
 )
 
 

@@ -17,13 +17,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from session_audit import db
-from session_audit.app import App
-from session_audit.auth import TokenCache
-from session_audit.config import Config
-from session_audit.service_analytics import AnalyticsService
-from session_audit.service_reports import ReportService
-from session_audit.service_sessions import SessionService
+from session_audit.analytics.service import AnalyticsService
+from session_audit.core import db
+from session_audit.core.app import App
+from session_audit.core.auth import TokenCache
+from session_audit.core.config import Config
+from session_audit.reports.service import ReportService
+from session_audit.sessions.service import SessionService
 from session_audit.v1 import (
     analytics_pb2,
     analytics_pb2_grpc,

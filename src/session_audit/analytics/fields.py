@@ -1,0 +1,75 @@
+"""The session fields the histogram, statistics and `q` know: public name → SQL, per source.
+
+A source is where an aggregation reads from: the base table (`s`, sessions) or a rollup (`r`).
+A field a source does not carry cannot be answered there (the planner falls back to the base
+table). Request text never becomes SQL: it is only ever a key into these dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from session_audit.core.schema import REVIEW_STATUSES
+
+Kind = Literal["text", "ci_text", "enum", "time", "number", "uuid"]
+
+BASE, CUBE, USER = "base", "cube", "user"
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    kind: Kind
+    # SQL per source; absent when the source cannot answer this field.
+    sql: dict[str, str]
+    # Enum fields: the allowed values (as stored).
+    values: tuple[str, ...] = ()
+    # Usable as `field` / `sub_fields` of the histogram and statistics.
+    groupable: bool = False
+    # What the field is, for error messages and the README.
+    doc: str = ""
+
+
+def _f(
+    name: str, kind: Kind, base: str, rollup: dict[str, str] | None = None, **kw: object
+) -> Field:
+    return Field(name, kind, {BASE: base, **(rollup or {})}, **kw)  # type: ignore[arg-type]
+
+
+FIELDS: dict[str, Field] = {
+    f.name: f
+    for f in (
+        _f("protocol", "text", "s.connection_subtype", {CUBE: "r.connection_subtype"},
+           groupable=True, doc="connection subtype: postgres, ssh, rdp…"),
+        _f("connection", "text", "s.connection", {CUBE: "r.connection"},
+           groupable=True, doc="connection name"),
+        _f("connection_type", "text", "s.connection_type", {CUBE: "r.connection_type"},
+           groupable=True, doc="database, application, custom…"),
+        _f("user", "ci_text", "lower(s.user_email)", {USER: "r.user_key"},
+           groupable=True, doc="user e-mail, case-insensitive (values are lower case)"),
+        _f("verb", "enum", "coalesce(s.verb, '')", {CUBE: "r.verb"},
+           values=("connect", "exec"), groupable=True, doc="connect or exec"),
+        _f("status", "enum", "s.status", {CUBE: "r.status"},
+           values=("open", "ready", "done"), groupable=True, doc="open, ready or done"),
+        _f("review_status", "enum", "coalesce(s.review_status, '')", {CUBE: "r.review_status"},
+           values=REVIEW_STATUSES, groupable=True, doc="the review's status, e.g. APPROVED"),
+        _f("id", "uuid", "s.id", doc="session id"),
+        _f("user_id", "text", "s.user_id", doc="the user's subject id"),
+        _f("role", "text", "s.role_name", doc="role name"),
+        _f("resource", "text", "coalesce(s.resource_name, '')", doc="resource name"),
+        _f("correlation_id", "text", "coalesce(s.correlation_id, '')", doc="correlation id"),
+        _f("start", "time", "s.start_date", doc="start time"),
+        _f("end", "time", "s.end_date", doc="end time (open sessions have none)"),
+        _f("duration", "number", "extract(epoch FROM s.end_date - s.start_date)",
+           doc="seconds from start to end (open sessions have none)"),
+        _f("exit_code", "number", "s.exit_code", doc="exit code"),
+        _f("event_size", "number", "s.event_size", doc="bytes of recorded events"),
+    )
+}  # fmt: skip
+
+GROUPABLE = tuple(name for name, f in FIELDS.items() if f.groupable)
+# Searching what happened inside sessions (screen content, commands) is not offered.
+CONTENT_FIELDS = frozenset(
+    {"content", "screen.content", "screen_content", "script", "event_stream"}
+)

@@ -1,0 +1,356 @@
+"""`q`: the Lucene-style search of the histogram and statistics, parsed with luqum and compiled
+to parameterized SQL over the field whitelist (fields.py).
+
+Supported: `field:value`, `field:"quoted phrase"`, `*` and `?` wildcards in values,
+`field:*` (has a value), `AND`, `OR`, `NOT`, parentheses, `field:(a OR b)`, ranges
+`[a TO b]` / `{a TO b}` / mixed, open ends `*`, and `field:>a` `>=` `<` `<=`, on times and
+numbers. Anything else (bare words, fuzzy `~`, proximity, boosts `^`, regular expressions,
+`+`/`-`, `&&`/`||`, operators left implicit) is refused with a 400 naming the term.
+
+Matching: text fields exactly and case-sensitively (like the list filters); `user` without
+regard to case; enum fields (verb, status, review_status) without regard to case, against
+their known values; times as ISO 8601 (a date alone is local midnight in `time_zone`);
+numbers as decimals.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import tzinfo
+from typing import Any
+
+from luqum import tree
+from luqum.exceptions import ParseError
+from luqum.parser import parser
+
+from session_audit.analytics.fields import CONTENT_FIELDS, FIELDS, Field
+from session_audit.analytics.timebins import parse_instant
+from session_audit.core.errors import InvalidArgument
+from session_audit.core.sql import Params
+from session_audit.core.validation import truncate
+
+MAX_Q = 2000
+NOT_SUPPORTED_CONTENT = "NotSupportedContentOption"
+
+
+class ContentSearch(InvalidArgument):
+    """A search in the content of sessions, which this service does not index."""
+
+
+def content_refused(param: str) -> ContentSearch:
+    return ContentSearch(
+        f"{NOT_SUPPORTED_CONTENT}: {param}: searching the content of sessions (screen "
+        f"content, commands) is not supported; filter on session fields instead"
+    )
+
+
+# -- the parsed form ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Match:
+    """One leaf: `field` compared with `op`."""
+
+    field: Field
+    op: str  # eq | like | in | exists | range
+    value: Any = None
+    # range: (low, high, include_low, include_high); None = open
+    bounds: tuple[Any, Any, bool, bool] | None = None
+
+
+@dataclass(frozen=True)
+class BoolOp:
+    op: str  # and | or | not
+    items: tuple[Node, ...]
+
+
+Node = Match | BoolOp
+
+
+@dataclass(frozen=True)
+class Query:
+    text: str
+    root: Node
+
+    @property
+    def fields(self) -> frozenset[str]:
+        out: set[str] = set()
+
+        def walk(n: Node) -> None:
+            if isinstance(n, Match):
+                out.add(n.field.name)
+            else:
+                for item in n.items:
+                    walk(item)
+
+        walk(self.root)
+        return frozenset(out)
+
+
+def parse_q(text: str, zone: tzinfo, param: str = "q") -> Query | None:
+    """Validate `q` completely (syntax, fields, values); empty means no filter."""
+    if text.strip() == "":
+        return None
+    if len(text) > MAX_Q:
+        raise InvalidArgument(f"{param}: expected at most {MAX_Q} characters, got {len(text)}")
+    if "\x00" in text:
+        raise InvalidArgument(f"{param}: must not contain NUL characters")
+    try:
+        parsed = parser.parse(text)
+    except (ParseError, ValueError, TypeError) as exc:
+        detail = str(exc).replace("Syntax error in input : ", "")
+        raise InvalidArgument(f"{param}: not a valid search: {detail}") from None
+    return Query(text, _Converter(param, zone).node(parsed, None))
+
+
+class _Converter:
+    def __init__(self, param: str, zone: tzinfo) -> None:
+        self.param = param
+        self.zone = zone
+
+    def bad(self, item: Any, why: str, field: Field | None = None) -> InvalidArgument:
+        term = str(item).strip()
+        if field is not None:
+            term = f"{field.name}:{term}"
+        return InvalidArgument(f"{self.param}: {truncate(term, 60)!r}: {why}")
+
+    def node(self, item: Any, field: Field | None) -> Node:
+        if isinstance(item, tree.Group | tree.FieldGroup):
+            return self.node(item.expr, field)
+        if isinstance(item, tree.AndOperation | tree.OrOperation):
+            op = "and" if isinstance(item, tree.AndOperation) else "or"
+            return BoolOp(op, tuple(self.node(c, field) for c in item.children))
+        if isinstance(item, tree.Not):
+            return BoolOp("not", (self.node(item.a, field),))
+        if isinstance(item, tree.SearchField):
+            if field is not None:
+                raise self.bad(item, "a field inside another field's group")
+            return self.node(item.expr, self.field(item))
+        if isinstance(item, tree.UnknownOperation):
+            raise self.bad(item, "write AND or OR between terms (&& and || are not supported)")
+        if isinstance(item, tree.Prohibit | tree.Plus):
+            raise self.bad(item, "+ and - are not supported; use AND / NOT")
+        if isinstance(item, tree.Fuzzy | tree.Proximity):
+            raise self.bad(item, "fuzzy and proximity search (~) are not supported")
+        if isinstance(item, tree.Boost):
+            raise self.bad(item, "boosts (^) are not supported")
+        if isinstance(item, tree.Regex):
+            raise self.bad(item, "regular expressions are not supported; use * and ?")
+        if field is None:
+            raise self.bad(item, "a term needs a field, e.g. connection:pg-prod")
+        if isinstance(item, tree.Range):
+            return self.range(item, field, item.low, item.high, item.include_low, item.include_high)
+        if isinstance(item, tree.From):
+            return self.range(item, field, item.a, None, item.include, False)
+        if isinstance(item, tree.To):
+            return self.range(item, field, None, item.a, False, item.include)
+        if isinstance(item, tree.Phrase):
+            return self.value(item, field, _unescape(item.value[1:-1]), literal=True)
+        if isinstance(item, tree.Word):
+            return self.value(item, field, item.value, literal=False)
+        raise self.bad(item, "unsupported syntax")
+
+    def field(self, item: tree.SearchField) -> Field:
+        name = item.name
+        if name in CONTENT_FIELDS:
+            raise content_refused(self.param)
+        f = FIELDS.get(name)
+        if f is None:
+            raise self.bad(item, f"unknown field {truncate(name, 40)!r}; expected one of "
+                                 f"{', '.join(FIELDS)}")  # fmt: skip
+        return f
+
+    def value(self, item: Any, f: Field, raw: str, *, literal: bool) -> Match:
+        if not literal and raw == "*":
+            return Match(f, "exists")
+        wild = not literal and _has_wildcard(raw)
+        text = raw if literal else _unescape(raw)
+        if f.kind in ("time",):
+            example = f"{f.name}:[2026-03-01 TO 2026-04-01}}"
+            raise self.bad(item, f"{f.name} takes a range, e.g. {example}", f)
+        if f.kind == "number":
+            if wild:
+                raise self.bad(item, f"{f.name} is a number; wildcards do not apply", f)
+            return Match(f, "eq", self.number(item, text, f))
+        if f.kind == "uuid":
+            if wild:
+                raise self.bad(item, "session ids cannot take wildcards", f)
+            return Match(f, "eq", self.uuid(item, text, f))
+        if f.kind == "enum":
+            return self.enum(item, f, raw if wild else text, wild)
+        if f.kind == "ci_text":
+            pattern = raw.lower() if wild else text.lower()
+        else:
+            pattern = raw if wild else text
+        if len(text) > 256:
+            raise self.bad(item, "values are at most 256 characters", f)
+        if wild:
+            return Match(f, "like", _like_pattern(pattern))
+        return Match(f, "eq", pattern)
+
+    def enum(self, item: Any, f: Field, raw: str, wild: bool) -> Match:
+        if wild:
+            pattern = _regex(raw.lower())
+            chosen = [v for v in f.values if pattern.fullmatch(v.lower())]
+        else:
+            chosen = [v for v in f.values if v.lower() == raw.lower()]
+        if not chosen:
+            raise self.bad(item, f"{f.name} is one of {', '.join(f.values)}", f)
+        return Match(f, "in", tuple(chosen))
+
+    def range(self, item: Any, f: Field, low: Any, high: Any, inc_lo: bool, inc_hi: bool) -> Match:
+        if f.kind not in ("time", "number"):
+            raise self.bad(item, f"ranges apply to times and numbers, not to {f.name}", f)
+
+        def bound(b: Any) -> Any:
+            if b is None or (isinstance(b, tree.Word) and b.value == "*"):
+                return None
+            if not isinstance(b, tree.Word | tree.Phrase):
+                raise self.bad(item, "range bounds must be plain values", f)
+            text = b.value[1:-1] if isinstance(b, tree.Phrase) else _unescape(b.value)
+            if f.kind == "time":
+                return parse_instant(f"{self.param}: {f.name}", text, self.zone)
+            return self.number(item, text, f)
+
+        lo, hi = bound(low), bound(high)
+        if lo is None and hi is None:
+            return Match(f, "exists")
+        if lo is not None and hi is not None and lo > hi:
+            raise self.bad(item, "the range's low end is above its high end", f)
+        return Match(f, "range", bounds=(lo, hi, inc_lo, inc_hi))
+
+    def number(self, item: Any, text: str, f: Field) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise self.bad(item, "expected a number", f) from None
+        if value != value or value in (float("inf"), float("-inf")) or abs(value) > 2**53:
+            raise self.bad(item, "expected a finite number up to 2^53", f)
+        return value
+
+    def uuid(self, item: Any, text: str, f: Field) -> str:
+        try:
+            return str(uuid.UUID(text))
+        except ValueError:
+            raise self.bad(item, "expected a session UUID", f) from None
+
+
+def _has_wildcard(raw: str) -> bool:
+    escaped = False
+    for ch in raw:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch in "*?":
+            return True
+    return False
+
+
+def _unescape(raw: str) -> str:
+    out, escaped = [], False
+    for ch in raw:
+        if escaped:
+            out.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _like_pattern(raw: str) -> str:
+    """Lucene wildcards → LIKE (escape character \\): * → %, ? → _, the rest literal."""
+    out, escaped = [], False
+    for ch in raw:
+        if escaped:
+            out.append("\\" + ch if ch in "%_\\" else ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == "*":
+            out.append("%")
+        elif ch == "?":
+            out.append("_")
+        elif ch in "%_\\":
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _regex(raw: str) -> re.Pattern[str]:
+    """Lucene wildcards → a regular expression over the whole value."""
+    out, escaped = [], False
+    for ch in raw:
+        if escaped:
+            out.append(re.escape(ch))
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == "*":
+            out.append(".*")
+        elif ch == "?":
+            out.append(".")
+        else:
+            out.append(re.escape(ch))
+    return re.compile("".join(out), re.DOTALL)
+
+
+# -- SQL ---------------------------------------------------------------------------------------
+
+
+def sources_for(query: Query | None) -> set[str]:
+    """Sources that carry every field `query` uses."""
+    from session_audit.analytics.fields import BASE, CUBE, USER
+
+    out = {BASE, CUBE, USER}
+    if query is not None:
+        for name in query.fields:
+            out &= set(FIELDS[name].sql)
+    return out
+
+
+def compile_q(query: Query | None, source: str, params: Params) -> str:
+    """A SQL condition over `source` (which must carry every field of the query)."""
+    if query is None:
+        return "TRUE"
+    return _sql(query.root, source, params)
+
+
+def _sql(n: Node, source: str, p: Params) -> str:
+    if isinstance(n, BoolOp):
+        if n.op == "not":
+            return f"NOT ({_sql(n.items[0], source, p)})"
+        joiner = " AND " if n.op == "and" else " OR "
+        return "(" + joiner.join(f"({_sql(i, source, p)})" for i in n.items) + ")"
+    col = n.field.sql[source]
+    kind = n.field.kind
+    if n.op == "exists":
+        cond = f"{col} IS NOT NULL" if kind in ("time", "number", "uuid") else f"{col} <> ''"
+    elif n.op == "eq":
+        if kind == "uuid":
+            cond = f"{col} = {p(n.value)}::uuid"
+        elif kind == "number":
+            cond = f"{col} = {p(n.value)}::float8"
+        else:
+            cond = f"{col} = {p(n.value)}::text"
+    elif n.op == "in":
+        cond = f"{col} = any({p(list(n.value))}::text[])"
+    elif n.op == "like":
+        cond = f"{col} LIKE {p(n.value)}::text ESCAPE '\\'"
+    else:
+        assert n.bounds is not None
+        lo, hi, inc_lo, inc_hi = n.bounds
+        cast = "timestamptz" if kind == "time" else "float8"
+        parts = []
+        if lo is not None:
+            parts.append(f"{col} {'>=' if inc_lo else '>'} {p(lo)}::{cast}")
+        if hi is not None:
+            parts.append(f"{col} {'<=' if inc_hi else '<'} {p(hi)}::{cast}")
+        cond = " AND ".join(parts)
+    # NULL (no end, no exit code…) is "does not match", so NOT x matches those sessions.
+    return f"coalesce({cond}, false)"

@@ -1,0 +1,484 @@
+"""SQL for the report, the histogram and the statistics. No protobuf here.
+
+Every answer is a sum over *pieces* of time (timebins.decompose): whole UTC months, days (and
+hours, for the dimension-less totals) are read from a rollup, the rest (what is left at the
+ends of a range, or everything when no rollup can answer) from the sessions table. One
+statement per question: the rollup parts (one per grain) and the base-table parts are UNION
+ALL-ed, each piece joined to its index range.
+
+Which source answers (`plan`):
+  * the base table for `user` tokens (their own sessions: a small slice, index-scanned), for
+    orgs whose rollups are stale, and for anything a rollup does not carry (a `q` on other
+    fields, a field/sub-field combination no rollup holds, group_by=id, an id filter);
+  * otherwise the rollup that carries every field needed.
+
+Histogram active counts come from counters: sessions open during bin k are
+    open(T0) + starts in [T0, end of bin k) - ends in [T0, start of bin k)
+where T0 is the start of the range and open(T0) = starts - ends over all of history before T0
+(rollup months/days/hours). On the base table, open(T0) is counted directly with a bounded
+look-back: sessions started in the 24 hours before T0 and not ended by T0, plus the few long
+or still-open ones (partial index sessions_org_long).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from session_audit.analytics import rollups
+from session_audit.analytics.fields import BASE, CUBE, FIELDS, USER
+from session_audit.analytics.q import Query, compile_q
+from session_audit.analytics.requests import HistogramQuery, ReportQuery, StatsQuery
+from session_audit.analytics.timebins import EPOCH, HOUR, RAW, Piece, decompose
+from session_audit.core.auth import ORG_READERS, Principal
+from session_audit.core.db import Conn
+from session_audit.core.sql import Params, Where
+
+ROLLUP_TABLES = {CUBE: "rollup_sessions", USER: "rollup_sessions_user"}
+# Dimension-less counters: every piece of a count that filters and groups nothing.
+TOTAL_TABLE = "rollup_sessions_total"
+LOOK_BACK = timedelta(hours=24)
+BASELINE = -1  # bin index of the pieces before the range (sessions open at its start)
+
+# -- report sources ----------------------------------------------------------------------------
+REPORT_CONN, REPORT_USER = "redactions", "redactions_user"
+REPORT_TABLES = {REPORT_CONN: "rollup_redactions", REPORT_USER: "rollup_redactions_user"}
+REPORT_FINEST = {
+    BASE: None,
+    REPORT_CONN: rollups.REDACTIONS.finest,
+    REPORT_USER: rollups.REDACTIONS_USER.finest,
+}
+FINEST = {CUBE: rollups.SESSIONS.finest, USER: rollups.SESSIONS_USER.finest}
+# group_by → SQL per report source
+REPORT_GROUP = {
+    "connection": {BASE: "s.connection", REPORT_CONN: "r.connection"},
+    "connection_type": {BASE: "s.connection_type", REPORT_CONN: "r.connection_type"},
+    "user_email": {BASE: "lower(s.user_email)", REPORT_USER: "r.user_key"},
+    "id": {BASE: "s.id::text"},
+}
+REPORT_FILTERS = {
+    "connection": {BASE: "s.connection", REPORT_CONN: "r.connection"},
+    "user_email": {BASE: "lower(s.user_email)", REPORT_USER: "r.user_key"},
+    "verb": {BASE: "coalesce(s.verb, '')", REPORT_CONN: "r.verb"},
+    "id": {BASE: "s.id"},
+}
+
+
+@dataclass
+class Options:
+    """Knobs for tests and benchmarks: `force_base` answers from the sessions table only."""
+
+    force_base: bool = False
+
+
+def _arrays(pieces: Sequence[Piece]) -> tuple[list[int], list[datetime], list[datetime], list[int]]:
+    return (
+        [p.grain for p in pieces],
+        [p.lo for p in pieces],
+        [p.hi for p in pieces],
+        [p.bin for p in pieces],
+    )
+
+
+async def _rollups_usable(conn: Conn, who: Principal, opts: Options, timeout: float) -> bool:
+    if opts.force_base or who.role not in ORG_READERS:
+        return False
+    return not await rollups.is_stale(conn, who.org_id, timeout)
+
+
+# -- histogram and statistics counts -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CountSpec:
+    """What to count: sessions matching `q` (and `top` values of groups[0]), grouped by bin and
+    the values of `groups`."""
+
+    who: Principal
+    source: str
+    q: Query | None
+    groups: tuple[str, ...] = ()
+    top: tuple[str, ...] | None = None
+    ends: bool = True
+
+
+def _values_sql(spec: CountSpec, src: str) -> list[str]:
+    return [FIELDS[g].sql[src] for g in spec.groups]
+
+
+def _filters(spec: CountSpec, src: str, p: Params) -> str:
+    cond = compile_q(spec.q, src, p)
+    if spec.top is not None:
+        cond += f" AND {FIELDS[spec.groups[0]].sql[src]} = any({p(list(spec.top))}::text[])"
+    return cond
+
+
+def _group_cols(values: list[str]) -> tuple[str, str]:
+    """SELECT list and GROUP BY positions for bin + values."""
+    cols = ", ".join(f"{v} AS v{i}" for i, v in enumerate(values))
+    positions = ", ".join(str(i) for i in range(1, len(values) + 2))
+    return (", " + cols if cols else ""), positions
+
+
+def _finest(spec: CountSpec) -> int | None:
+    """The finest rollup grain that can answer `spec` (None: the base table only). A count
+    that filters and groups nothing reads the dimension-less totals, which keep hours."""
+    if spec.source == BASE:
+        return None
+    if spec.q is None and not spec.groups:
+        return rollups.SESSIONS_TOTAL.finest
+    return FINEST[spec.source]
+
+
+def _by_grain(pieces: Sequence[Piece]) -> dict[int, list[Piece]]:
+    out: dict[int, list[Piece]] = defaultdict(list)
+    for x in pieces:
+        out[x.grain].append(x)
+    return out
+
+
+def _rollup_parts(spec: CountSpec, pieces: Sequence[Piece], p: Params, table: str) -> list[str]:
+    """One part per grain, the grain a constant: pieces and rollup rows share no equality, so
+    each piece is a nested-loop index range scan (an equality on grain let the planner pick a
+    merge join that rescans every row of the org per piece)."""
+    cols, positions = _group_cols(_values_sql(spec, spec.source))
+    ends = "sum(r.ends)::bigint" if spec.ends else "0::bigint"
+    out = []
+    for grain, group in sorted(_by_grain(pieces).items()):
+        _, lo, hi, b = _arrays(group)
+        out.append(
+            f"SELECT p.bin{cols}, sum(r.starts)::bigint AS starts, {ends} AS ends"
+            f" FROM unnest({p(lo)}::timestamptz[], {p(hi)}::timestamptz[], {p(b)}::int[])"
+            f" AS p(lo, hi, bin)"
+            f" JOIN {table} r ON r.org_id = {p(spec.who.org_id)} AND r.grain = {int(grain)}"
+            f" AND r.bucket >= p.lo AND r.bucket < p.hi"
+            f" WHERE {_filters(spec, spec.source, p)}"
+            f" GROUP BY {positions}"
+        )
+    return out
+
+
+def _base_parts(spec: CountSpec, pieces: Sequence[Piece], p: Params) -> list[str]:
+    """Starts (and ends) of sessions in raw pieces, from the sessions table."""
+    if not pieces:
+        return []
+    _, lo, hi, b = _arrays(pieces)
+    cols, positions = _group_cols(_values_sql(spec, BASE))
+    arrays = (
+        f"unnest({p(lo)}::timestamptz[], {p(hi)}::timestamptz[], {p(b)}::int[]) AS p(lo, hi, bin)"
+    )
+    out = []
+    for column, measures in (("start_date", "count(*), 0"), ("end_date", "0, count(*)")):
+        if column == "end_date" and not spec.ends:
+            continue
+        scope = spec.who.scope(Where(p), "s").sql()
+        out.append(
+            f"SELECT p.bin{cols}, {measures} FROM {arrays}"
+            f" JOIN sessions s ON s.{column} >= p.lo AND s.{column} < p.hi"
+            f" WHERE {scope} AND {_filters(spec, BASE, p)}"
+            f" GROUP BY {positions}"
+        )
+    return out
+
+
+def _base_open_at(spec: CountSpec, t0: datetime, p: Params) -> list[str]:
+    """Sessions open at t0 (started before it, not ended before it), counted as `starts` of
+    the BASELINE bin, by a bounded look-back."""
+    cols, positions = _group_cols(_values_sql(spec, BASE))
+    at, since = p(t0), p(t0 - LOOK_BACK)
+    still_open = f"(s.end_date IS NULL OR s.end_date >= {at})"
+    out = []
+    for window in (
+        f"s.start_date >= {since} AND s.start_date < {at}",
+        # Started earlier and still open at t0: only long or open sessions qualify, which the
+        # partial index sessions_org_long holds (its predicate, verbatim, lets it be used).
+        f"(s.end_date IS NULL OR s.end_date - s.start_date > interval '24 hours')"
+        f" AND s.start_date < {since}",
+    ):
+        scope = spec.who.scope(Where(p), "s").sql()
+        out.append(
+            f"SELECT {BASELINE}{cols}, count(*), 0 FROM sessions s"
+            f" WHERE {scope} AND {window} AND {still_open} AND {_filters(spec, BASE, p)}"
+            f" GROUP BY {positions}"
+        )
+    return out
+
+
+Key = tuple[Any, ...]  # (bin, *values)
+
+
+@dataclass
+class Counts:
+    starts: dict[Key, int] = field(default_factory=lambda: defaultdict(int))
+    ends: dict[Key, int] = field(default_factory=lambda: defaultdict(int))
+
+
+async def count(
+    conn: Conn,
+    spec: CountSpec,
+    intervals: Iterable[tuple[datetime, datetime, int]],
+    timeout: float,
+    *,
+    open_at: datetime | None = None,
+) -> Counts:
+    """Sessions started (and ended) in each interval, per bin and group values; with
+    `open_at`, also those open at that moment, as the starts of bin BASELINE."""
+    use_rollups = spec.source != BASE
+    finest = _finest(spec)
+    pieces: list[Piece] = []
+    for lo, hi, b in intervals:
+        pieces += decompose(lo, hi, b, finest)
+    if open_at is not None and use_rollups:
+        pieces += decompose(EPOCH, open_at, BASELINE, finest)
+    p = Params()
+    parts = []
+    rolled = [x for x in pieces if x.grain != RAW]
+    if rolled:
+        table = TOTAL_TABLE if finest == HOUR else ROLLUP_TABLES[spec.source]
+        parts += _rollup_parts(spec, rolled, p, table)
+    parts += _base_parts(spec, [x for x in pieces if x.grain == RAW], p)
+    if open_at is not None and not use_rollups:
+        parts += _base_open_at(spec, open_at, p)
+    out = Counts()
+    if not parts:
+        return out
+    sql = " UNION ALL ".join(f"({part})" for part in parts)
+    for row in await conn.fetch(sql, *p.args, timeout=timeout):
+        key = tuple(row)[:-2]
+        out.starts[key] += row[-2]
+        out.ends[key] += row[-1]
+    return out
+
+
+def plan(who: Principal, needed: set[str], rollups_ok: bool) -> str:
+    """The source that answers: a rollup carrying every needed field, else the base table."""
+    if not rollups_ok or who.role not in ORG_READERS:
+        return BASE
+    for source in (CUBE, USER):
+        if all(source in FIELDS[name].sql for name in needed):
+            return source
+    return BASE
+
+
+def _needed(q: Query | None, *fields: str | None) -> set[str]:
+    out = set(q.fields) if q is not None else set()
+    out.update(f for f in fields if f)
+    return out
+
+
+def rank(totals: dict[str, int], size: int) -> list[str]:
+    """The `size` most frequent non-empty values: most sessions first, ties by value (code
+    point order)."""
+    ranked = sorted(
+        (v for v, n in totals.items() if v != "" and n > 0), key=lambda v: (-totals[v], v)
+    )
+    return ranked[:size]
+
+
+@dataclass(frozen=True)
+class HistogramResult:
+    # Per bucket: (start_count, active_count)
+    buckets: list[tuple[int, int]]
+    # Top values in rank order, and per bucket their (start_count, active_count).
+    top: list[str]
+    by_value: list[list[tuple[int, int]]]
+    source: str
+
+
+async def histogram(
+    conn: Conn, who: Principal, hq: HistogramQuery, timeout: float, opts: Options | None = None
+) -> HistogramResult:
+    opts = opts or Options()
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        usable = await _rollups_usable(conn, who, opts, timeout)
+        needed = _needed(hq.q, hq.field if hq.size else None)
+        source = plan(who, needed, usable)
+        intervals = hq.intervals()
+        top: list[str] = []
+        if hq.size:
+            spec = CountSpec(who, source, hq.q, (hq.field,), ends=False)
+            ranking = await count(conn, spec, [(hq.start, hq.end, 0)], timeout)
+            totals = {key[1]: n for key, n in ranking.starts.items()}
+            top = rank(totals, hq.size)
+            spec = CountSpec(who, source, hq.q, (hq.field,), tuple(top))
+        else:
+            spec = CountSpec(who, source, hq.q)
+        if hq.size and not top:
+            counts = Counts()
+        else:
+            counts = await count(
+                conn,
+                spec,
+                [(lo, hi, k) for k, (lo, hi) in enumerate(intervals)],
+                timeout,
+                open_at=hq.start if intervals else None,
+            )
+    groups: list[tuple[str, ...]] = [(v,) for v in top] if hq.size else [()]
+    series = [_active(counts, g, len(intervals)) for g in groups]
+    if hq.size:
+        totals_per_bin = [
+            (sum(s[k][0] for s in series), sum(s[k][1] for s in series))
+            for k in range(len(intervals))
+        ]
+        return HistogramResult(totals_per_bin, top, series, source)
+    return HistogramResult(series[0], [], [], source)
+
+
+def _active(counts: Counts, group: tuple[str, ...], n: int) -> list[tuple[int, int]]:
+    """(start_count, active_count) per bin: active = open at T0 + started before the bin's
+    end - ended before its start."""
+    opened = counts.starts.get((BASELINE, *group), 0) - counts.ends.get((BASELINE, *group), 0)
+    out = []
+    started_before_end = 0
+    ended_before_start = 0
+    for k in range(n):
+        starts = counts.starts.get((k, *group), 0)
+        started_before_end += starts
+        out.append((starts, opened + started_before_end - ended_before_start))
+        ended_before_start += counts.ends.get((k, *group), 0)
+    return out
+
+
+@dataclass(frozen=True)
+class StatsResult:
+    total: int
+    # (value, count, [(sub value, count)], sub_other)
+    values: list[tuple[str, int, list[tuple[str, int]], int]]
+    other: int
+    source: str
+
+
+async def stats(
+    conn: Conn, who: Principal, sq: StatsQuery, timeout: float, opts: Options | None = None
+) -> StatsResult:
+    opts = opts or Options()
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        usable = await _rollups_usable(conn, who, opts, timeout)
+        source = plan(who, _needed(sq.q, sq.field, sq.sub_field), usable)
+        groups = (sq.field, sq.sub_field) if sq.sub_field else (sq.field,)
+        spec = CountSpec(who, source, sq.q, groups, ends=False)
+        counts = await count(conn, spec, [(sq.start, sq.end, 0)], timeout)
+    per_value: dict[str, int] = defaultdict(int)
+    per_sub: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for key, n in counts.starts.items():
+        per_value[key[1]] += n
+        if sq.sub_field:
+            per_sub[key[1]][key[2]] += n
+    total = sum(per_value.values())
+    values = []
+    for value in rank(per_value, sq.size):
+        n = per_value[value]
+        subs: list[tuple[str, int]] = []
+        sub_other = 0
+        if sq.sub_field:
+            split = per_sub[value]
+            subs = [(s, split[s]) for s in rank(split, sq.size)]
+            sub_other = n - sum(c for _, c in subs)
+        values.append((value, n, subs, sub_other))
+    other = total - sum(n for _, n, _, _ in values)
+    return StatsResult(total, values, other, source)
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    # (resource, info_type, redact_total, transformed_bytes), ordered by resource, info type
+    items: list[tuple[str, str, int, int]]
+    source: str
+
+
+def report_plan(who: Principal, rq: ReportQuery, rollups_ok: bool) -> str:
+    if not rollups_ok or who.role not in ORG_READERS or rq.session_id is not None:
+        return BASE
+    used = {"verb"} if rq.verb else set()
+    if rq.connection:
+        used.add("connection")
+    if rq.user_email:
+        used.add("user_email")
+    for source in (REPORT_CONN, REPORT_USER):
+        if source in REPORT_GROUP[rq.group_by] and all(source in REPORT_FILTERS[f] for f in used):
+            return source
+    return BASE
+
+
+def _report_where(rq: ReportQuery, src: str, p: Params) -> str:
+    w = Where(p)
+    if rq.connection:
+        w.add(f"{REPORT_FILTERS['connection'][src]} = {{}}", rq.connection)
+    if rq.user_email:
+        w.add(f"{REPORT_FILTERS['user_email'][src]} = {{}}", rq.user_email)
+    if rq.verb:
+        w.add(f"{REPORT_FILTERS['verb'][src]} = {{}}", rq.verb)
+    if rq.session_id is not None and src == BASE:
+        w.add(f"{REPORT_FILTERS['id'][src]} = {{}}::uuid", rq.session_id)
+    return w.sql()
+
+
+async def report(
+    conn: Conn, who: Principal, rq: ReportQuery, timeout: float, opts: Options | None = None
+) -> ReportResult:
+    opts = opts or Options()
+    usable = await _rollups_usable(conn, who, opts, timeout)
+    source = report_plan(who, rq, usable)
+    pieces = decompose(rq.start, rq.end, 0, REPORT_FINEST[source])
+    p = Params()
+    parts = []
+    rolled = [x for x in pieces if x.grain != RAW]
+    for grain, group in sorted(_by_grain(rolled).items()):
+        _, lo, hi, _ = _arrays(group)
+        parts.append(
+            f"SELECT {REPORT_GROUP[rq.group_by][source]} AS resource, r.info_type,"
+            f" sum(r.sessions)::bigint, sum(r.redact_total)::bigint,"
+            f" sum(r.transformed_bytes)::bigint"
+            f" FROM unnest({p(lo)}::timestamptz[], {p(hi)}::timestamptz[]) AS p(lo, hi)"
+            f" JOIN {REPORT_TABLES[source]} r ON r.org_id = {p(who.org_id)}"
+            f" AND r.grain = {int(grain)} AND r.bucket >= p.lo AND r.bucket < p.hi"
+            f" WHERE {_report_where(rq, source, p)}"
+            f" GROUP BY 1, 2"
+        )
+    raw = [x for x in pieces if x.grain == RAW]
+    # A session reports each info type once (ingest checks it), so with group_by=id the base
+    # rows are already one per item: no grouping needed.
+    per_session = rq.group_by == "id"
+    if raw:
+        _, lo, hi, _ = _arrays(raw)
+        scope = who.scope(Where(p), "s").sql()
+        measures = (
+            "1, (x ->> 'count')::bigint, (x ->> 'transformed_bytes')::bigint"
+            if per_session
+            else "count(*), sum((x ->> 'count')::bigint), sum((x ->> 'transformed_bytes')::bigint)"
+        )
+        parts.append(
+            f"SELECT {REPORT_GROUP[rq.group_by][BASE]} AS resource, x ->> 'info_type' AS info_type,"
+            f" {measures}"
+            f" FROM unnest({p(lo)}::timestamptz[], {p(hi)}::timestamptz[]) AS p(lo, hi)"
+            f" JOIN sessions s ON s.end_date >= p.lo AND s.end_date < p.hi"
+            f" CROSS JOIN LATERAL jsonb_array_elements(s.redactions) x"
+            f" WHERE {scope} AND jsonb_typeof(s.redactions) = 'array'"
+            f" AND {_report_where(rq, BASE, p)}" + ("" if per_session else " GROUP BY 1, 2")
+        )
+    if not parts:
+        return ReportResult([], source)
+    # Merged and ordered by PostgreSQL (byte order of UTF-8 = code point order); a row whose
+    # sessions all moved away (sums back to zero) is not an item.
+    order = ' ORDER BY resource COLLATE "C", info_type COLLATE "C"'
+    if len(parts) == 1 and per_session:
+        sql = f"SELECT * FROM ({parts[0]}) u{order}"
+    else:
+        union = " UNION ALL ".join(f"({part})" for part in parts)
+        sql = (
+            f"SELECT resource, info_type, sum(r)::bigint, sum(b)::bigint"
+            f" FROM ({union}) u(resource, info_type, n, r, b)"
+            f" GROUP BY 1, 2 HAVING sum(n) > 0{order}"
+        )
+    rows = await conn.fetch(sql, *p.args, timeout=timeout)
+    if len(parts) == 1 and per_session:
+        items = [(r[0], r[1], r[3], r[4]) for r in rows]
+    else:
+        items = [(r[0], r[1], r[2], r[3]) for r in rows]
+    return ReportResult(items, source)

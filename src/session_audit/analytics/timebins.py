@@ -1,0 +1,278 @@
+"""Time for the aggregations: zones, ISO 8601 input, calendar bins, and the split of a time
+range into pieces the rollups can answer.
+
+Bins: `second`, `minute` and `hour` bins are fixed lengths, aligned to the wall clock of the
+zone at the start of the range. `day`, `week` (from Monday), `month` (from the 1st) and `year`
+bins follow the calendar in the zone: each starts at local midnight, so a day on which DST
+begins has 23 hours and one on which it ends 25. A local midnight that does not exist (a
+zone whose DST starts at 00:00) starts at the first instant after the gap; an ambiguous one
+at its first occurrence.
+
+Pieces: rollups hold UTC hours (some), days and months. `decompose` cuts an interval into the
+largest aligned UTC pieces that fit (months inside, then days, then hours when the rollup has
+them) and leaves the rest — less than an hour, or a day, at either end — as raw pieces for
+the base table.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import zoneinfo
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta, tzinfo
+
+from session_audit.core.errors import InvalidArgument
+from session_audit.core.validation import truncate
+
+BIN_SIZES = ("second", "minute", "hour", "day", "week", "month", "year")
+FIXED = {"second": timedelta(seconds=1), "minute": timedelta(minutes=1), "hour": timedelta(hours=1)}
+DEFAULT_ZONE = "Etc/UTC"
+# The earliest instant a piece starts at ("all of history before T").
+EPOCH = datetime(1, 1, 1, tzinfo=UTC)
+
+HOUR, DAY, MONTH = 1, 2, 3  # rollup grains as stored
+RAW = 0  # a piece the rollups cannot answer: read the base table
+
+_ZONE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+)*$")
+_ISO = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})"
+    r"(?:[Tt](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?"
+    r"([Zz]|[+-]\d{2}(?::?\d{2})?)?)?$"
+)
+_DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
+
+
+@functools.cache
+def _zone_names() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def parse_zone(name: str, param: str = "time_zone") -> tuple[str, tzinfo]:
+    """(name, zone) for an IANA time zone name (exact spelling); empty means Etc/UTC."""
+    if name == "":
+        return DEFAULT_ZONE, zoneinfo.ZoneInfo(DEFAULT_ZONE)
+    if len(name) > 64 or not _ZONE_NAME.match(name) or name not in _zone_names():
+        raise InvalidArgument(
+            f"{param}: expected an IANA time zone name such as Europe/Berlin or Etc/UTC, "
+            f"got {truncate(name)!r}"
+        )
+    return name, zoneinfo.ZoneInfo(name)
+
+
+def local_to_instant(naive: datetime, zone: tzinfo) -> datetime:
+    """The first instant whose wall-clock time in `zone` is `naive` or later: an ambiguous
+    time is its first occurrence, a time in a DST gap is the end of the gap."""
+    first = naive.replace(tzinfo=zone, fold=0).astimezone(UTC)
+    if first.astimezone(zone).replace(tzinfo=None) == naive:
+        return first
+    # In a gap: the answer lies between the two readings; find the transition.
+    lo = naive.replace(tzinfo=zone, fold=1).astimezone(UTC)
+    hi = first
+    lo, hi = min(lo, hi), max(lo, hi)
+    while hi - lo > timedelta(seconds=1):
+        mid = lo + (hi - lo) / 2
+        if mid.astimezone(zone).replace(tzinfo=None) >= naive:
+            hi = mid
+        else:
+            lo = mid
+    return hi.replace(microsecond=0) if hi.microsecond else hi
+
+
+def parse_instant(param: str, value: str, zone: tzinfo) -> datetime | None:
+    """ISO 8601: `2026-03-01`, `2026-03-01T10:00`, `…T10:00:30.5`, with an optional offset
+    (`Z`, `+02:00`, `+0200`, `+02`). Without an offset the time is read in `zone`; a date alone
+    is its local midnight. A local time that does not exist (DST gap) is refused."""
+    if value == "":
+        return None
+    m = _ISO.match(value.strip())
+    if m is None:
+        raise InvalidArgument(
+            f"{param}: expected an ISO 8601 date or date-time such as 2026-03-01, "
+            f"2026-03-01T10:00 or 2026-03-01T10:00:00+01:00, got {truncate(value)!r}"
+        )
+    year, month, day, hh, mm, ss, frac, offset = m.groups()
+    try:
+        naive = datetime(
+            int(year), int(month), int(day), int(hh or 0), int(mm or 0), int(ss or 0),
+            int(((frac or "") + "000000")[:6]),
+        )  # fmt: skip
+    except ValueError:
+        raise InvalidArgument(f"{param}: not a valid date-time: {truncate(value)!r}") from None
+    if offset:
+        if offset in ("Z", "z"):
+            return naive.replace(tzinfo=UTC)
+        sign = -1 if offset[0] == "-" else 1
+        digits = offset[1:].replace(":", "")
+        hours, minutes = int(digits[:2]), int(digits[2:] or 0)
+        if hours > 23 or minutes > 59:
+            raise InvalidArgument(f"{param}: offset out of range in {truncate(value)!r}")
+        delta = sign * timedelta(hours=hours, minutes=minutes)
+        return (naive - delta).replace(tzinfo=UTC)
+    instant = local_to_instant(naive, zone)
+    if instant.astimezone(zone).replace(tzinfo=None) != naive:
+        raise InvalidArgument(
+            f"{param}: {truncate(value)!r} does not exist in {zone} (a daylight-saving gap)"
+        )
+    return instant
+
+
+def parse_day(param: str, value: str) -> date | None:
+    """A calendar day, exactly `YYYY-MM-DD`."""
+    if value == "":
+        return None
+    m = _DATE.match(value)
+    if m is None:
+        raise InvalidArgument(f"{param}: expected a date YYYY-MM-DD, got {truncate(value)!r}")
+    try:
+        return date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    except ValueError:
+        raise InvalidArgument(f"{param}: not a valid date: {truncate(value)!r}") from None
+
+
+def day_start(day: date, zone: tzinfo) -> datetime:
+    """The instant a calendar day begins in `zone`."""
+    return local_to_instant(datetime(day.year, day.month, day.day), zone)
+
+
+def format_instant(instant: datetime, zone: tzinfo) -> str:
+    """ISO 8601 in `zone` with milliseconds and the offset, `Z` when it is zero:
+    2026-03-29T00:00:00.000+01:00."""
+    local = instant.astimezone(zone)
+    offset = local.utcoffset() or timedelta(0)
+    text = local.strftime("%Y-%m-%dT%H:%M:%S") + f".{local.microsecond // 1000:03d}"
+    if offset == timedelta(0):
+        return text + "Z"
+    sign = "-" if offset < timedelta(0) else "+"
+    seconds = int(abs(offset).total_seconds())
+    hh, rest = divmod(seconds, 3600)
+    mm, ss = divmod(rest, 60)
+    return text + f"{sign}{hh:02d}:{mm:02d}" + (f":{ss:02d}" if ss else "")
+
+
+def add_months(day: date, months: int) -> date:
+    index = day.year * 12 + day.month - 1 + months
+    return date(index // 12, index % 12 + 1, 1)
+
+
+def _calendar_floor(day: date, size: str) -> date:
+    if size == "week":
+        return day - timedelta(days=day.weekday())
+    if size == "month":
+        return day.replace(day=1)
+    if size == "year":
+        return day.replace(month=1, day=1)
+    return day
+
+
+def _calendar_next(day: date, size: str) -> date:
+    if size == "day":
+        return day + timedelta(days=1)
+    if size == "week":
+        return day + timedelta(days=7)
+    if size == "month":
+        return add_months(day, 1)
+    return date(day.year + 1, 1, 1)
+
+
+class TooManyBins(Exception):
+    """More bins than allowed; carries how many there would be (at least)."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(count)
+        self.count = count
+
+
+def bin_starts(
+    start: datetime, end: datetime, size: str, zone: tzinfo, limit: int
+) -> list[datetime]:
+    """Start instants of the bins that meet [start, end), in order. The first starts at or
+    before `start`. Raises TooManyBins past `limit`."""
+    if end <= start:
+        return []
+    if size in FIXED:
+        step = FIXED[size]
+        local = start.astimezone(zone)
+        offset = local.utcoffset() or timedelta(0)
+        wall = local.replace(tzinfo=None)
+        if size == "hour":
+            wall = wall.replace(minute=0, second=0, microsecond=0)
+        elif size == "minute":
+            wall = wall.replace(second=0, microsecond=0)
+        else:
+            wall = wall.replace(microsecond=0)
+        first = (wall - offset).replace(tzinfo=UTC)
+        count = -(-(end - first) // step)
+        if count > limit:
+            raise TooManyBins(count)
+        return [first + i * step for i in range(count)]
+    out: list[datetime] = []
+    day = _calendar_floor(start.astimezone(zone).date(), size)
+    instant = day_start(day, zone)
+    while instant < end:
+        if len(out) == limit:
+            raise TooManyBins(limit + 1)
+        if not out or instant > out[-1]:
+            out.append(instant)
+        day = _calendar_next(day, size)
+        instant = day_start(day, zone)
+    return out
+
+
+# -- pieces ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Piece:
+    """[lo, hi) of one grain (RAW: base table), counted into bin `bin`."""
+
+    grain: int
+    lo: datetime
+    hi: datetime
+    bin: int
+
+
+def _floor(t: datetime, grain: int) -> datetime:
+    t = t.astimezone(UTC)
+    if grain == HOUR:
+        return t.replace(minute=0, second=0, microsecond=0)
+    if grain == DAY:
+        return t.replace(hour=0, minute=0, second=0, microsecond=0)
+    return t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def _ceil(t: datetime, grain: int) -> datetime:
+    f = _floor(t, grain)
+    if f == t:
+        return f
+    if grain == HOUR:
+        return f + timedelta(hours=1)
+    if grain == DAY:
+        return f + timedelta(days=1)
+    nxt = add_months(f.date(), 1)
+    return datetime(nxt.year, nxt.month, 1, tzinfo=UTC)
+
+
+def decompose(lo: datetime, hi: datetime, bin_index: int, finest: int | None = HOUR) -> list[Piece]:
+    """Cut [lo, hi) into aligned UTC months, days and (if `finest` is HOUR) hours, and raw
+    remainders at each end. With `finest` None, the whole interval is one raw piece."""
+    if hi <= lo:
+        return []
+    if finest is None:
+        return [Piece(RAW, lo, hi, bin_index)]
+    return _split(lo, hi, bin_index, MONTH, finest)
+
+
+def _split(lo: datetime, hi: datetime, b: int, grain: int, finest: int) -> list[Piece]:
+    """Pieces of [lo, hi): the `grain`-aligned middle, the sides split at finer grains."""
+    if hi <= lo:
+        return []
+    if grain < finest:
+        return [Piece(RAW, lo, hi, b)]
+    inner_lo = _ceil(lo, grain)
+    inner_hi = _floor(hi, grain)
+    if inner_lo >= inner_hi:
+        return _split(lo, hi, b, grain - 1, finest)
+    left = _split(lo, inner_lo, b, grain - 1, finest) if lo < inner_lo else []
+    right = _split(inner_hi, hi, b, grain - 1, finest) if inner_hi < hi else []
+    return [*left, Piece(grain, inner_lo, inner_hi, b), *right]

@@ -1,0 +1,419 @@
+"""SQL of the Reports API: definitions, reports, subscriptions and the audit log. No protobuf.
+
+Who sees what (README "Reports: permissions"): every statement is scoped by the caller's org;
+a `user` reads only objects they own (owner = their token's e-mail, lower case), admin and
+auditor read the whole org's. Predefined definitions (org_id NULL) are visible to everyone.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from session_audit.core.auth import ORG_READERS, Principal
+from session_audit.core.db import Conn
+from session_audit.core.errors import Conflict, NotFound
+from session_audit.core.sql import Params, Where
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The caller as the reports surface sees them."""
+
+    org_id: uuid.UUID
+    email: str  # lower case; the owner key of what they create
+    role: str
+
+    @classmethod
+    def of(cls, who: Principal) -> Owner:
+        return cls(who.org_id, who.email.strip().lower(), who.role)
+
+    @property
+    def reads_org(self) -> bool:
+        return self.role in ORG_READERS
+
+    @property
+    def scope(self) -> str:
+        """What their reports may contain: the whole org, or their own sessions."""
+        return "org" if self.reads_org else "own"
+
+    def may_change(self, owner: str | None) -> bool:
+        return owner is not None and (owner == self.email or self.role == "admin")
+
+
+def _visible(where: Where, me: Owner, alias: str) -> Where:
+    where.add(f"{alias}.org_id = {{}}", me.org_id)
+    if not me.reads_org:
+        where.add(f"{alias}.owner = {{}}", me.email)
+    return where
+
+
+@dataclass(frozen=True)
+class Page:
+    rows: list[asyncpg.Record]
+    has_next: bool
+    total: int
+
+
+SelectFn = Callable[[Params], str]
+
+
+def _fixed(select: str) -> SelectFn:
+    return lambda _params: select
+
+
+async def _page(
+    conn: Conn, select: SelectFn, count_from: str, where: Where, order: str, limit: int,
+    offset: int, timeout: float,
+) -> Page:  # fmt: skip
+    """One page and the total, in one snapshot. `select` may add parameters after the WHERE
+    clause's, so the count (which uses only the WHERE's) stays valid."""
+    count_sql = f"SELECT count(*) FROM {count_from} WHERE {where.sql()}"  # noqa: S608
+    count_args = list(where.args)
+    head = select(where.params)
+    sql = (
+        f"{head} WHERE {where.sql()} ORDER BY {order}"
+        f" LIMIT {where.params(limit + 1)} OFFSET {where.params(offset)}"
+    )
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        rows = await conn.fetch(sql, *where.args, timeout=timeout)
+        total = await conn.fetchval(count_sql, *count_args, timeout=timeout)
+    return Page(rows[:limit], len(rows) > limit, total)
+
+
+# -- audit ------------------------------------------------------------------------------------
+
+INSERT_AUDIT = """
+INSERT INTO audit_log (org_id, actor, actor_role, action, object_type, object_id, details)
+VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
+"""
+
+
+async def audit(
+    conn: Conn,
+    me: Owner,
+    action: str,
+    object_type: str,
+    object_id: int,
+    details: dict[str, Any],
+    timeout: float,
+) -> None:
+    await conn.execute(
+        INSERT_AUDIT, me.org_id, me.email, me.role, action, object_type, str(object_id),
+        json.loads(json.dumps(details, default=str)), timeout=timeout,
+    )  # fmt: skip
+
+
+# -- definitions ------------------------------------------------------------------------------
+
+
+def _definition_select(me: Owner) -> SelectFn:
+    def select(p: Params) -> str:
+        org, email, reads = p(me.org_id), p(me.email), p(me.reads_org)
+        return f"""
+SELECT d.id, d.org_id, d.title, d.type, d.query_filter, d.query_order, d.owner,
+       d.created_at, d.modified_at,
+       EXISTS (SELECT 1 FROM report_subscriptions rs
+                WHERE rs.defined_report_id = d.id AND rs.org_id = {org} AND rs.owner = {email})
+           AS subscribed,
+       EXISTS (SELECT 1 FROM reports r
+                WHERE r.defined_report_id = d.id AND r.org_id = {org}
+                  AND ({reads}::boolean OR r.owner = {email})) AS has_reports
+  FROM defined_reports d"""  # noqa: S608
+
+    return select
+
+
+def _definitions_where(me: Owner) -> Where:
+    where = Where()
+    if me.reads_org:
+        where.add("d.org_id IS NULL OR d.org_id = {}", me.org_id)
+    else:
+        where.add("d.org_id IS NULL OR (d.org_id = {} AND d.owner = {})", me.org_id, me.email)
+    return where
+
+
+async def list_definitions(
+    conn: Conn, me: Owner, type_: str | None, limit: int, offset: int, timeout: float
+) -> Page:
+    where = _definitions_where(me)
+    if type_ is not None:
+        where.add("d.type = {}", type_)
+    return await _page(
+        conn, _definition_select(me), "defined_reports d", where, "d.id", limit, offset, timeout
+    )
+
+
+async def get_definition(
+    conn: Conn | asyncpg.Pool, me: Owner, id_: int, timeout: float
+) -> asyncpg.Record | None:
+    where = _definitions_where(me).add("d.id = {}", id_)
+    head = _definition_select(me)(where.params)
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"{head} WHERE {where.sql()}", *where.args, timeout=timeout
+    )
+    return row
+
+
+INSERT_DEFINITION = """
+INSERT INTO defined_reports (org_id, owner, title, type, query_filter, query_order)
+VALUES ($1, $2, $3, $4, $5, $6)
+RETURNING id
+"""
+
+
+async def create_definition(
+    conn: Conn, me: Owner, title: str, type_: str, query_filter: str, query_order: str,
+    timeout: float,
+) -> int:  # fmt: skip
+    async with conn.transaction():
+        id_: int = await conn.fetchval(
+            INSERT_DEFINITION, me.org_id, me.email, title, type_, query_filter, query_order,
+            timeout=timeout,
+        )  # fmt: skip
+        await audit(conn, me, "create", "defined_report", id_, {
+            "title": title, "type": type_, "query_filter": query_filter,
+            "query_order": query_order,
+        }, timeout)  # fmt: skip
+    return id_
+
+
+# Only custom definitions of the caller's org; the caller decides who may (see service).
+LOCK_DEFINITION = """
+SELECT id, owner, title, type, query_filter, query_order
+  FROM defined_reports
+ WHERE id = $1 AND org_id = $2
+   FOR UPDATE
+"""
+
+
+async def update_definition(
+    conn: Conn, me: Owner, id_: int, changes: dict[str, str], timeout: float
+) -> None:
+    """`changes` maps column names (a fixed set, checked by the caller) to new values."""
+    allowed = {"title", "query_filter", "query_order"}
+    assert set(changes) <= allowed
+    sets = Where(Params([id_, me.org_id]))
+    assignments = [f"{col} = {sets.params(value)}" for col, value in sorted(changes.items())]
+    async with conn.transaction():
+        old = await conn.fetchrow(LOCK_DEFINITION, id_, me.org_id, timeout=timeout)
+        assert old is not None
+        await conn.execute(
+            f"UPDATE defined_reports SET {', '.join(assignments)}, modified_at = now()"  # noqa: S608
+            " WHERE id = $1 AND org_id = $2",
+            *sets.args,
+            timeout=timeout,
+        )
+        before = {k: old[k] for k in changes}
+        await audit(conn, me, "update", "defined_report", id_,
+                    {"before": before, "after": changes}, timeout)  # fmt: skip
+
+
+async def delete_definition(conn: Conn, me: Owner, id_: int, timeout: float) -> None:
+    async with conn.transaction():
+        gone = await conn.fetchrow(
+            "DELETE FROM defined_reports WHERE id = $1 AND org_id = $2"
+            " RETURNING title, type, owner,"
+            " (SELECT count(*) FROM report_subscriptions WHERE defined_report_id = $1)"
+            "   AS subscriptions",
+            id_, me.org_id, timeout=timeout,
+        )  # fmt: skip
+        assert gone is not None
+        await audit(conn, me, "delete", "defined_report", id_, dict(gone), timeout)
+
+
+# -- reports ----------------------------------------------------------------------------------
+
+REPORT_COLUMNS = """
+r.id, r.org_id, r.defined_report_id, r.subscription_id, r.type, r.title, r.owner,
+r.owner_scope, r.query_filter, r.query_order, r.time_zone, r.period, r.period_start,
+r.period_end, r.status, r.failure, r.row_count, r.generated_at, r.created_at, r.modified_at"""
+
+REPORT_SELECT = f"""
+SELECT {REPORT_COLUMNS}, d.title AS defined_report_title
+  FROM reports r LEFT JOIN defined_reports d ON d.id = r.defined_report_id"""  # noqa: S608
+
+
+async def list_reports(
+    conn: Conn, me: Owner, status: str | None, definition: int | None, limit: int,
+    offset: int, timeout: float,
+) -> Page:  # fmt: skip
+    where = _visible(Where(), me, "r")
+    if status is not None:
+        where.add("r.status = {}", status)
+    if definition is not None:
+        where.add("r.defined_report_id = {}", definition)
+    return await _page(
+        conn, _fixed(REPORT_SELECT), "reports r", where, "r.id DESC", limit, offset, timeout
+    )
+
+
+async def get_report(
+    conn: Conn | asyncpg.Pool, me: Owner, id_: int, timeout: float
+) -> asyncpg.Record | None:
+    where = _visible(Where(), me, "r").add("r.id = {}", id_)
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"{REPORT_SELECT} WHERE {where.sql()}", *where.args, timeout=timeout
+    )
+    return row
+
+
+@dataclass(frozen=True)
+class NewReport:
+    defined_report_id: int
+    type: str
+    title: str
+    query_filter: str
+    query_order: str
+    time_zone: str = "UTC"
+    subscription_id: int | None = None
+    period: str | None = None
+    period_start: datetime | None = None
+    period_end: datetime | None = None
+
+
+INSERT_REPORT = """
+INSERT INTO reports (org_id, owner, owner_scope, defined_report_id, subscription_id, type, title,
+                     query_filter, query_order, time_zone, period, period_start, period_end)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+RETURNING id
+"""
+
+
+async def insert_report(
+    conn: Conn, org_id: uuid.UUID, owner: str, owner_scope: str, r: NewReport, timeout: float
+) -> int:
+    id_: int = await conn.fetchval(
+        INSERT_REPORT, org_id, owner, owner_scope, r.defined_report_id, r.subscription_id,
+        r.type, r.title, r.query_filter, r.query_order, r.time_zone, r.period, r.period_start,
+        r.period_end, timeout=timeout,
+    )  # fmt: skip
+    return id_
+
+
+async def create_report(conn: Conn, me: Owner, r: NewReport, timeout: float) -> int:
+    async with conn.transaction():
+        id_ = await insert_report(conn, me.org_id, me.email, me.scope, r, timeout)
+        await audit(conn, me, "create", "report", id_, {
+            "title": r.title, "defined_report_id": str(r.defined_report_id), "type": r.type,
+            "query_filter": r.query_filter, "query_order": r.query_order,
+        }, timeout)  # fmt: skip
+    return id_
+
+
+async def delete_report(conn: Conn, me: Owner, id_: int, timeout: float) -> None:
+    """Waits at most 2 s for a generation holding the report (then 409)."""
+    async with conn.transaction():
+        await conn.execute("SET LOCAL lock_timeout = '2s'")
+        try:
+            row = await conn.fetchrow(
+                "SELECT title, type, status, owner FROM reports"
+                " WHERE id = $1 AND org_id = $2 FOR UPDATE",
+                id_, me.org_id, timeout=timeout,
+            )  # fmt: skip
+        except asyncpg.LockNotAvailableError:
+            raise Conflict(f"report {id_} is being generated; try again when it is ready") from None
+        assert row is not None
+        await conn.execute("DELETE FROM report_rows WHERE report_id = $1", id_, timeout=timeout)
+        await conn.execute("DELETE FROM reports WHERE id = $1", id_, timeout=timeout)
+        await conn.execute("DELETE FROM report_attempts WHERE report_id = $1", id_, timeout=timeout)
+        await audit(conn, me, "delete", "report", id_, dict(row), timeout)
+
+
+# -- snapshot reads (downloads) ----------------------------------------------------------------
+
+REPORT_CONTENT = """
+SELECT summary, chart, note FROM reports WHERE id = $1
+"""
+ROWS = "SELECT cells FROM report_rows WHERE report_id = $1 AND n > $2 ORDER BY n LIMIT $3"
+
+
+async def report_content(conn: Conn | asyncpg.Pool, id_: int, timeout: float) -> asyncpg.Record:
+    row: asyncpg.Record | None = await conn.fetchrow(REPORT_CONTENT, id_, timeout=timeout)
+    if row is None:
+        raise NotFound(f"report {id_} not found")
+    return row
+
+
+async def report_rows(
+    conn: Conn, id_: int, after: int, limit: int, timeout: float
+) -> list[list[str]]:
+    """Rows n > after, in order (keyset pages: constant cost at any depth)."""
+    rows = await conn.fetch(ROWS, id_, after, limit, timeout=timeout)
+    return [r["cells"] for r in rows]
+
+
+# -- subscriptions ----------------------------------------------------------------------------
+
+SUBSCRIPTION_SELECT = """
+SELECT s.id, s.org_id, s.defined_report_id, s.owner, s.owner_scope, s.period, s.time_zone,
+       s.next_period_start, s.next_run_at, s.created_at, s.modified_at
+  FROM report_subscriptions s"""
+
+
+async def list_subscriptions(
+    conn: Conn, me: Owner, definition: int | None, limit: int, offset: int, timeout: float
+) -> Page:
+    where = _visible(Where(), me, "s")
+    if definition is not None:
+        where.add("s.defined_report_id = {}", definition)
+    return await _page(
+        conn, _fixed(SUBSCRIPTION_SELECT), "report_subscriptions s", where, "s.id", limit, offset,
+        timeout,
+    )  # fmt: skip
+
+
+async def get_subscription(
+    conn: Conn | asyncpg.Pool, me: Owner, id_: int, timeout: float
+) -> asyncpg.Record | None:
+    where = _visible(Where(), me, "s").add("s.id = {}", id_)
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"{SUBSCRIPTION_SELECT} WHERE {where.sql()}", *where.args, timeout=timeout
+    )
+    return row
+
+
+INSERT_SUBSCRIPTION = """
+INSERT INTO report_subscriptions (org_id, owner, owner_scope, defined_report_id, period,
+                                  time_zone, next_period_start, next_run_at, created_at,
+                                  modified_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
+RETURNING id
+"""
+
+
+async def create_subscription(
+    conn: Conn, me: Owner, definition: int, period: str, time_zone: str,
+    first: tuple[datetime, datetime], now: datetime, timeout: float,
+) -> int:  # fmt: skip
+    async with conn.transaction():
+        try:
+            id_: int = await conn.fetchval(
+                INSERT_SUBSCRIPTION, me.org_id, me.email, me.scope, definition, period,
+                time_zone, first[0], first[1], now, timeout=timeout,
+            )  # fmt: skip
+        except asyncpg.UniqueViolationError:
+            raise Conflict(
+                f"defined_report_id: already subscribed to {definition} with period {period}"
+            ) from None
+        await audit(conn, me, "create", "subscription", id_, {
+            "defined_report_id": str(definition), "period": period, "time_zone": time_zone,
+        }, timeout)  # fmt: skip
+    return id_
+
+
+async def delete_subscription(conn: Conn, me: Owner, id_: int, timeout: float) -> None:
+    async with conn.transaction():
+        gone = await conn.fetchrow(
+            "DELETE FROM report_subscriptions WHERE id = $1 AND org_id = $2"
+            " RETURNING defined_report_id::text, period, time_zone, owner",
+            id_, me.org_id, timeout=timeout,
+        )  # fmt: skip
+        assert gone is not None
+        await audit(conn, me, "delete", "subscription", id_, dict(gone), timeout)

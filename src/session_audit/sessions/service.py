@@ -1,0 +1,118 @@
+"""SessionService: composes validation, the SQL layer and the row mapping per RPC."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from google.api import httpbody_pb2
+from google.protobuf import struct_pb2
+
+from session_audit.core.app import App
+from session_audit.core.auth import READERS, WRITERS, Principal
+from session_audit.core.errors import InvalidArgument, NotFound, rpc
+from session_audit.core.json_body import parse_strict
+from session_audit.sessions import requests as listing
+from session_audit.sessions import store
+from session_audit.sessions.ingest import MAX_BATCH, IngestBatch
+from session_audit.sessions.rows import row_to_proto
+from session_audit.v1 import sessions_pb2 as pb
+from session_audit.v1 import sessions_pb2_grpc as pb_grpc
+
+
+def parse_session_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw.strip())
+    except ValueError:
+        raise InvalidArgument(f"id: expected a session UUID, got {raw[:80]!r}") from None
+
+
+class SessionService(pb_grpc.SessionServiceServicer):
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    @rpc("ListSessions")
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListSessionsResponse:
+        who = await self.app.caller(context, READERS, "list sessions")
+        query = listing.parse_list_request(request)
+        async with self.app.pool.acquire() as conn:
+            page = await store.list_sessions(conn, who, query, self.app.timeout(context))
+        reply = pb.ListSessionsResponse(
+            data=[row_to_proto(r) for r in page.rows],
+            has_next_page=page.has_next,
+            total_is_capped=page.total_is_capped,
+        )
+        if page.total is None:
+            reply.total.null_value = struct_pb2.NULL_VALUE
+        else:
+            reply.total.number_value = page.total
+        if page.has_next and page.rows:
+            last = page.rows[-1]
+            reply.next_page_token = listing.encode_cursor(
+                query.filters, last["start_date"], last["id"]
+            )
+        return reply
+
+    @rpc("GetSession")
+    async def GetSession(
+        self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Session:
+        who = await self.app.caller(context, READERS, "read sessions")
+        session_id = parse_session_id(request.id)
+        row = await store.get_session(self.app.pool, who, session_id, self.app.timeout(context))
+        if row is None:
+            raise NotFound(f"session {session_id} not found")
+        return row_to_proto(row)
+
+    @rpc("IngestSessions")
+    async def IngestSessions(
+        self, request: pb.IngestSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.IngestSessionsResponse:
+        who = await self.app.caller(context, WRITERS, "ingest sessions")
+        return await self._ingest(who, request, context)
+
+    @rpc("IngestSessionsJson")
+    async def IngestSessionsJson(
+        self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext
+    ) -> pb.IngestSessionsResponse:
+        who = await self.app.caller(context, WRITERS, "ingest sessions")
+        parsed = parse_strict(request.data, pb.IngestSessionsRequest)
+        return await self._ingest(who, parsed, context)
+
+    async def _ingest(
+        self, who: Principal, request: pb.IngestSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.IngestSessionsResponse:
+        n = len(request.sessions)
+        if n == 0:
+            raise InvalidArgument("sessions: expected at least one session")
+        if n > MAX_BATCH:
+            raise InvalidArgument(
+                f"sessions: expected at most {MAX_BATCH} per request, got {n}; "
+                "split the batch or use StreamIngestSessions"
+            )
+        timeout = self.app.timeout(context)
+        async with self.app.ingest_pool.acquire() as conn, conn.transaction():
+            async with IngestBatch(conn, who.org_id, timeout) as batch:
+                for session in request.sessions:
+                    await batch.add(session)
+                result = await batch.finish()
+        return result.to_proto()
+
+    @rpc("StreamIngestSessions")
+    async def StreamIngestSessions(
+        self,
+        request_iterator: AsyncIterator[pb.IngestSessionsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> pb.IngestSessionsResponse:
+        who = await self.app.caller(context, WRITERS, "ingest sessions")
+        timeout = self.app.timeout(context)
+        async with self.app.ingest_pool.acquire() as conn, conn.transaction():
+            async with IngestBatch(conn, who.org_id, timeout) as batch:
+                async for chunk in request_iterator:
+                    for session in chunk.sessions:
+                        await batch.add(session)
+                result = await batch.finish()
+        return result.to_proto()

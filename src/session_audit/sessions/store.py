@@ -1,0 +1,226 @@
+"""SQL for the session store: list, get, and the upsert behind ingest. No protobuf here."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from session_audit.core.auth import Principal
+from session_audit.core.db import Conn
+from session_audit.core.schema import INGEST_COLUMNS, JSON_COLUMNS
+from session_audit.core.sql import Params, Where
+from session_audit.sessions.requests import COUNT_CAP, Filters, ListQuery
+
+# Text columns that are NOT NULL DEFAULT '' in the table; NULL in staging means "not sent".
+_TEXT_DEFAULT_EMPTY = frozenset({
+    "user_id", "user_email", "user_name", "connection", "connection_type",
+    "connection_subtype", "role_name",
+})  # fmt: skip
+# Sizes are always sent (0 when unknown); a later report without them keeps what is stored.
+_ZERO_MEANS_ABSENT = frozenset({"event_size", "script_size"})
+
+# Lists carry neither the script nor the event stream (GetSession does).
+LIST_COLUMNS = ", ".join(f"s.{c}" for c in INGEST_COLUMNS if c not in ("script", "event_stream"))
+GET_COLUMNS = ", ".join(f"s.{c}" for c in INGEST_COLUMNS)
+
+_STAGING_TYPES = {
+    "id": "uuid", "org_id": "uuid", "start_date": "timestamptz", "end_date": "timestamptz",
+    "exit_code": "integer", "event_size": "bigint", "script_size": "bigint",
+    "review_approvers": "text[]",
+}  # fmt: skip
+
+CREATE_STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS ingest_staging ("
+    + ", ".join(f"{c} {_STAGING_TYPES.get(c, 'text')}" for c in INGEST_COLUMNS)
+    + ") ON COMMIT DELETE ROWS"
+)
+TRUNCATE_STAGING = "TRUNCATE ingest_staging"
+
+# Rows are locked in id order, so two batches updating overlapping sessions cannot deadlock.
+LOCK_EXISTING = """
+SELECT id, org_id, start_date, end_date
+  FROM sessions
+ WHERE id = any($1::uuid[])
+ ORDER BY id
+   FOR UPDATE
+"""
+
+
+def _merged(col: str) -> str:
+    """The value a column takes when a stored session is reported again."""
+    if col in ("id", "org_id"):
+        return f"s.{col}"
+    if col == "start_date":
+        return "t.start_date"
+    if col == "status":
+        # An update without end_date cannot reopen an ended session: end_date is kept, so the
+        # status stays consistent with it.
+        return (
+            "CASE WHEN t.end_date IS NULL AND s.end_date IS NOT NULL"
+            " THEN s.status ELSE t.status END"
+        )
+    if col in _ZERO_MEANS_ABSENT:
+        return f"CASE WHEN t.{col} = 0 THEN s.{col} ELSE t.{col} END"
+    if col in _TEXT_DEFAULT_EMPTY:
+        return f"COALESCE(NULLIF(t.{col}, ''), s.{col})"
+    return f"COALESCE(t.{col}, s.{col})"
+
+
+def _insert_value(col: str) -> str:
+    if col in JSON_COLUMNS:
+        return f"t.{col}::jsonb"
+    if col in _TEXT_DEFAULT_EMPTY:
+        return f"COALESCE(t.{col}, '')"
+    return f"t.{col}"
+
+
+_UPDATABLE = [c for c in INGEST_COLUMNS if c not in ("id", "org_id")]
+
+# Insert new sessions; merge reported ones into what is stored. A row whose merged value equals
+# the stored one is not touched at all (no new tuple, updated_at unchanged), so re-sending a
+# batch changes nothing. RETURNING tells inserts (xmax = 0) from updates.
+UPSERT = f"""
+WITH t AS (
+    SELECT {", ".join(f"{_insert_value(c)} AS {c}" for c in INGEST_COLUMNS)}
+      FROM ingest_staging t
+)
+INSERT INTO sessions AS s ({", ".join(INGEST_COLUMNS)})
+SELECT {", ".join(INGEST_COLUMNS)} FROM t
+ON CONFLICT (id) DO UPDATE SET
+    {", ".join(f"{c} = {_merged(c).replace('t.', 'EXCLUDED.')}" for c in _UPDATABLE)},
+    updated_at = now()
+ WHERE s.org_id = EXCLUDED.org_id
+   AND ({", ".join(f"s.{c}" for c in _UPDATABLE)})
+       IS DISTINCT FROM
+       ({", ".join(_merged(c).replace("t.", "EXCLUDED.") for c in _UPDATABLE)})
+RETURNING (xmax = 0) AS inserted
+"""  # noqa: S608 - every name above is a code constant
+
+GET = f"""
+SELECT {GET_COLUMNS}
+  FROM sessions s
+ WHERE s.id = $1 AND {{scope}}
+"""  # noqa: S608
+
+
+def filters_where(where: Where, f: Filters) -> Where:
+    """The document's filters. Exact matches unless noted; see README 'List semantics'."""
+    if f.user_id is not None:
+        where.add("s.user_id = {}", f.user_id)
+    if f.connection is not None:
+        where.add("s.connection = {}", f.connection)
+    if f.connection_type is not None:
+        where.add("s.connection_type = {}", f.connection_type)
+    if f.review_status is not None:
+        where.add("s.review_status = {}", f.review_status)
+    if f.approver is not None:
+        where.add("s.review_approvers @> array[{}::text]", f.approver)
+    if f.correlation_id is not None:
+        where.add("s.correlation_id = {}", f.correlation_id)
+    if f.jira_keys is not None:
+        where.add("s.jira_issue_key = any({}::text[])", list(f.jira_keys))
+    if f.start is not None:
+        where.add("s.start_date >= {}", f.start)
+    if f.end is not None:
+        where.add("s.start_date <= {}", f.end)
+    return where
+
+
+@dataclass(frozen=True)
+class Page:
+    rows: list[asyncpg.Record]
+    has_next: bool
+    total: int | None
+    total_is_capped: bool
+
+
+async def list_sessions(conn: Conn, who: Principal, q: ListQuery, timeout: float) -> Page:
+    where = filters_where(who.scope(Where(), "s"), q.filters)
+    count_sql, count_args = where.sql(), list(where.args)
+    if q.cursor is not None:
+        where.add("(s.start_date, s.id) < ({}, {})", q.cursor.start_date, q.cursor.id)
+    page_sql = (
+        f"SELECT {LIST_COLUMNS} FROM sessions s WHERE {where.sql()}"  # noqa: S608
+        f" ORDER BY s.start_date DESC, s.id DESC"
+        f" LIMIT {where.params(q.limit + 1)} OFFSET {where.params(q.offset)}"
+    )
+    if q.count == "none":
+        # One statement is its own snapshot: no transaction round trips.
+        rows = await conn.fetch(page_sql, *where.args, timeout=timeout)
+        return Page(rows[: q.limit], len(rows) > q.limit, None, False)
+    # One snapshot for the page and its total.
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        rows = await conn.fetch(page_sql, *where.args, timeout=timeout)
+        total: int | None = None
+        capped = False
+        if q.count == "exact":
+            total = await conn.fetchval(
+                f"SELECT count(*) FROM sessions s WHERE {count_sql}",  # noqa: S608
+                *count_args,
+                timeout=timeout,
+            )
+        elif q.count == "capped":
+            n = await conn.fetchval(
+                f"SELECT count(*) FROM (SELECT 1 FROM sessions s WHERE {count_sql}"  # noqa: S608
+                f" LIMIT {COUNT_CAP + 1}) c",
+                *count_args,
+                timeout=timeout,
+            )
+            capped = n > COUNT_CAP
+            total = min(n, COUNT_CAP)
+    return Page(rows[: q.limit], len(rows) > q.limit, total, capped)
+
+
+async def get_session(
+    conn: Conn | asyncpg.Pool, who: Principal, session_id: uuid.UUID, timeout: float
+) -> asyncpg.Record | None:
+    scope = who.scope(Where(Params([session_id])), "s")
+    row: asyncpg.Record | None = await conn.fetchrow(
+        GET.format(scope=scope.sql()), *scope.args, timeout=timeout
+    )
+    return row
+
+
+@dataclass(frozen=True)
+class Existing:
+    org_id: uuid.UUID
+    start_date: Any
+    end_date: Any
+
+
+async def lock_existing(
+    conn: Conn, ids: Sequence[uuid.UUID], timeout: float
+) -> dict[uuid.UUID, Existing]:
+    rows = await conn.fetch(LOCK_EXISTING, list(ids), timeout=timeout)
+    return {r["id"]: Existing(r["org_id"], r["start_date"], r["end_date"]) for r in rows}
+
+
+async def copy_new(conn: Conn, records: Sequence[tuple[Any, ...]], timeout: float) -> bool:
+    """Binary COPY of sessions not stored yet straight into the table (the fast path, as fast
+    as a raw COPY). Runs in a savepoint: if a concurrent writer stored one of the ids
+    meanwhile, nothing of this chunk is kept and False tells the caller to upsert instead.
+    JSON columns must hold JSON text (a connection without the JSON codec)."""
+    try:
+        async with conn.transaction():
+            await conn.copy_records_to_table(
+                "sessions", records=records, columns=INGEST_COLUMNS, timeout=timeout
+            )
+    except asyncpg.UniqueViolationError:
+        return False
+    return True
+
+
+async def upsert(conn: Conn, records: Sequence[tuple[Any, ...]], timeout: float) -> tuple[int, int]:
+    """Write staged rows (must run inside a transaction). Returns (inserted, updated)."""
+    await conn.execute(CREATE_STAGING)
+    await conn.execute(TRUNCATE_STAGING)
+    await conn.copy_records_to_table(
+        "ingest_staging", records=records, columns=INGEST_COLUMNS, timeout=timeout
+    )
+    result = await conn.fetch(UPSERT, timeout=timeout)
+    inserted = sum(1 for r in result if r["inserted"])
+    return inserted, len(result) - inserted
