@@ -1,13 +1,15 @@
 """`session-audit` command line: run, serve, migrate, seed, token create|list|revoke,
-rollups rebuild."""
+rollups rebuild, retention purge, trail verify."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import shlex
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -17,9 +19,11 @@ import click
 
 from session_audit import envoy, seed, server
 from session_audit.analytics import rollups
-from session_audit.core import auth, db, migrate
+from session_audit.core import auth, db, migrate, trail
 from session_audit.core.config import Config, ConfigError
 from session_audit.embedded import EmbeddedPostgres
+from session_audit.retention import purge
+from session_audit.retention.config import RetentionConfig
 
 DEMO_SESSIONS = 3000
 
@@ -210,6 +214,84 @@ def rollups_rebuild(org_name: str | None) -> None:
     with database(_config()) as dsn:
         which = asyncio.run(go(dsn))
     click.echo(f"rebuilt the rollups of {which}")
+
+
+async def _org_ids(conn: db.Conn, org_name: str | None) -> list[tuple[str, uuid.UUID]]:
+    if org_name is None:
+        rows = await conn.fetch(
+            "SELECT o.name, o.id FROM orgs o JOIN retention_policies p ON p.org_id = o.id"
+            " WHERE p.days IS NOT NULL ORDER BY o.name"
+        )
+        return [(r["name"], r["id"]) for r in rows]
+    org_id = await conn.fetchval("SELECT id FROM orgs WHERE name = $1", org_name)
+    if org_id is None:
+        raise click.ClickException(f"no org named {org_name!r}")
+    return [(org_name, org_id)]
+
+
+@main.group("retention")
+def retention_group() -> None:
+    """Retention: purge what the orgs' policies no longer keep."""
+
+
+@retention_group.command("purge")
+@click.option("--org", "org_name", default=None, help="Only this org (by name); default: all.")
+def retention_purge(org_name: str | None) -> None:
+    """Purge now (whether due or not) and print what was deleted."""
+    settings = RetentionConfig.from_environ()
+
+    async def go(dsn: str) -> list[str]:
+        await _migrate(dsn)
+        pool = await db.create_pool(dsn, 1, 2)
+        try:
+            async with pool.acquire() as conn:
+                orgs = await _org_ids(conn, org_name)
+            lines = []
+            for name, org_id in orgs:
+                r = await purge.purge_org(
+                    pool, org_id, datetime.now(UTC), interval=settings.interval,
+                    batch=settings.batch, timeout=600.0, claim=False,
+                )  # fmt: skip
+                if r is None:
+                    lines.append(f"{name}: no retention policy (keeps everything)")
+                else:
+                    lines.append(
+                        f"{name}: deleted {r.sessions} session(s) and {r.reports} report(s)"
+                        f" older than {r.days} day(s) (before {r.before.isoformat()})"
+                    )
+            return lines
+        finally:
+            await pool.close()
+
+    with database(_config()) as dsn:
+        for line in asyncio.run(go(dsn)):
+            click.echo(line)
+
+
+@main.group("trail")
+def trail_group() -> None:
+    """The orgs' tamper-evident trails."""
+
+
+@trail_group.command("verify")
+@click.option("--org", "org_name", required=True, help="The org (by name).")
+def trail_verify(org_name: str) -> None:
+    """Recompute the org's hash chain and its live sessions' digests; exit 1 when not intact."""
+
+    async def go(dsn: str) -> trail.Verdict:
+        await _migrate(dsn)
+        conn = await db.connect(dsn)
+        try:
+            [(_, org_id)] = await _org_ids(conn, org_name)
+            return await trail.verify(conn, org_id, 3600.0)
+        finally:
+            await conn.close()
+
+    with database(_config()) as dsn:
+        verdict = asyncio.run(go(dsn))
+    click.echo(json.dumps(verdict.to_json()))
+    if not verdict.ok:
+        sys.exit(1)
 
 
 @main.command("run")

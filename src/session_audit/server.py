@@ -23,12 +23,15 @@ from session_audit.core.app import App
 from session_audit.core.auth import TokenCache
 from session_audit.core.config import Config
 from session_audit.reports.service import ReportService
+from session_audit.retention.service import RetentionService
 from session_audit.sessions.service import SessionService
 from session_audit.v1 import (
     analytics_pb2,
     analytics_pb2_grpc,
     reports_pb2,
     reports_pb2_grpc,
+    retention_pb2,
+    retention_pb2_grpc,
     sessions_pb2,
     sessions_pb2_grpc,
 )
@@ -53,6 +56,11 @@ SERVICES: list[ServiceEntry] = [
         analytics_pb2.DESCRIPTOR.services_by_name["AnalyticsService"].full_name,
         analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server,
         AnalyticsService,
+    ),
+    (
+        retention_pb2.DESCRIPTOR.services_by_name["RetentionService"].full_name,
+        retention_pb2_grpc.add_RetentionServiceServicer_to_server,
+        RetentionService,
     ),
 ]
 

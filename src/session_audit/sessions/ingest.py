@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 from session_audit.analytics import rollups
 from session_audit.core.db import Conn
+from session_audit.retention.ingest import on_ingest
 from session_audit.sessions import store
 from session_audit.sessions.rows import IngestItem, ItemError, item_from_proto, merge_items
 from session_audit.v1 import sessions_pb2 as pb
@@ -58,9 +59,16 @@ class IngestBatch:
     is marked stale, so reads use the base tables until `session-audit rollups rebuild`."""
 
     def __init__(
-        self, conn: Conn, org_id: uuid.UUID, timeout: float, *, maintain_rollups: bool = True
+        self,
+        conn: Conn,
+        org_id: uuid.UUID,
+        timeout: float,
+        *,
+        maintain_rollups: bool = True,
+        actor: str = "ingest",
     ) -> None:
         self.conn = conn
+        self.actor = actor
         self.org_id = org_id
         self.timeout = timeout
         self.maintain_rollups = maintain_rollups
@@ -69,6 +77,8 @@ class IngestBatch:
         self.result = IngestResult()
         self._next_index = 0
         self._pending: dict[uuid.UUID, tuple[int, IngestItem]] = {}
+        # Every id the batch wrote (or found unchanged), for the retention hook.
+        self._ids: list[uuid.UUID] = []
         self._writer: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> IngestBatch:
@@ -110,6 +120,7 @@ class IngestBatch:
         await self._wait_writer()
         if self._pending:
             pending, self._pending = self._pending, {}
+            self._ids.extend(pending)
             self._writer = asyncio.create_task(self._write(pending))
 
     async def _wait_writer(self) -> None:
@@ -183,5 +194,8 @@ class IngestBatch:
             await self.deltas.apply()
         elif self.result.written:
             await rollups.mark_stale(self.conn, self.org_id, self.timeout)
+        # Retention (locks on arrival) and the org's trail entry for the batch: last, so the
+        # org's chain head is held only for the moment before commit.
+        await on_ingest(self.conn, self.org_id, self.actor, self._ids, self.timeout)
         self.result.unchanged = self.result.accepted - self.result.written
         return self.result

@@ -95,7 +95,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
             )
         timeout = self.app.timeout(context)
         async with self.app.ingest_pool.acquire() as conn, conn.transaction():
-            async with IngestBatch(conn, who.org_id, timeout) as batch:
+            async with IngestBatch(conn, who.org_id, timeout, actor=who.email) as batch:
                 for session in request.sessions:
                     await batch.add(session)
                 result = await batch.finish()
@@ -110,7 +110,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
         who = await self.app.caller(context, WRITERS, "ingest sessions")
         timeout = self.app.timeout(context)
         async with self.app.ingest_pool.acquire() as conn, conn.transaction():
-            async with IngestBatch(conn, who.org_id, timeout) as batch:
+            async with IngestBatch(conn, who.org_id, timeout, actor=who.email) as batch:
                 async for chunk in request_iterator:
                     for session in chunk.sessions:
                         await batch.add(session)

@@ -1,0 +1,20 @@
+"""The ingest hook: the one call sessions.ingest makes in each batch's transaction, last."""
+
+from __future__ import annotations
+
+import uuid
+
+from session_audit.core import trail
+from session_audit.core.db import Conn
+from session_audit.retention import store
+
+
+async def on_ingest(
+    conn: Conn, org_id: uuid.UUID, actor: str, ids: list[uuid.UUID], timeout: float
+) -> None:
+    """Lock what the gateway labelled or an active hold matches, then append the batch's
+    trail entry (one per batch: the org's chain head is taken once, here, until commit)."""
+    if not ids:
+        return
+    await store.lock_arrived(conn, org_id, actor, ids, timeout)
+    await trail.record_sessions(conn, org_id, actor, "ingest", ids, timeout)

@@ -1,0 +1,338 @@
+"""SQL of the retention domain: the policy, locks and legal holds. Every statement is scoped
+by org (`org_id = $1`); every change writes its audit-log row and its trail entry in the same
+transaction (no triggers: docs/retention.md)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from session_audit import reports
+from session_audit.core import trail
+from session_audit.core.auth import Principal
+from session_audit.core.db import Conn
+from session_audit.core.errors import InvalidArgument, NotFound
+from session_audit.core.sql import Params, Where
+
+MAX_DAYS = 36_500
+MAX_REASON = 1000
+# hold_id of a lock set through PUT /api/sessions/{id}/retention_lock.
+MANUAL = 0
+# The gateway's label, as the generated column of migration 0020 read it.
+LABELLED = "coalesce(lower(s.labels ->> 'retention_locked') = 'true', false)"
+
+INSERT_AUDIT = """
+INSERT INTO audit_log (org_id, actor, actor_role, action, object_type, object_id, details)
+VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
+"""
+
+
+async def audit(
+    conn: Conn,
+    who: Principal,
+    action: str,
+    object_type: str,
+    object_id: str,
+    details: dict[str, Any],
+    timeout: float,
+) -> None:
+    await conn.execute(
+        INSERT_AUDIT,
+        who.org_id,
+        who.email,
+        who.role,
+        action,
+        object_type,
+        object_id,
+        json.loads(json.dumps(details, default=str)),
+        timeout=timeout,
+    )
+
+
+def check_reason(reason: str, required: bool) -> str:
+    reason = reason.strip()
+    if required and not reason:
+        raise InvalidArgument("reason: expected why (a case or ticket), got nothing")
+    if len(reason) > MAX_REASON:
+        raise InvalidArgument(
+            f"reason: expected at most {MAX_REASON} characters, got {len(reason)}"
+        )
+    return reason
+
+
+# -- policy -----------------------------------------------------------------------------------
+
+GET_POLICY = "SELECT days FROM retention_policies WHERE org_id = $1"
+SET_POLICY = """
+INSERT INTO retention_policies (org_id, days, modified_by, next_purge_at)
+VALUES ($1, $2, $3, now())
+ON CONFLICT (org_id) DO UPDATE
+   SET days = EXCLUDED.days, modified_by = EXCLUDED.modified_by, modified_at = now(),
+       next_purge_at = now()
+"""
+
+
+def check_days(days: int | None) -> int | None:
+    if days is not None and not 1 <= days <= MAX_DAYS:
+        raise InvalidArgument(f"days: expected 1..{MAX_DAYS} or null (keep forever), got {days}")
+    return days
+
+
+async def get_policy(conn: Conn | asyncpg.Pool, org_id: uuid.UUID, timeout: float) -> int | None:
+    days: int | None = await conn.fetchval(GET_POLICY, org_id, timeout=timeout)
+    return days
+
+
+async def set_policy(conn: Conn, who: Principal, days: int | None, timeout: float) -> None:
+    async with conn.transaction():
+        before = await conn.fetchval(GET_POLICY + " FOR UPDATE", who.org_id, timeout=timeout)
+        await conn.execute(SET_POLICY, who.org_id, days, who.email, timeout=timeout)
+        await audit(
+            conn,
+            who,
+            "update",
+            "retention_policy",
+            str(who.org_id),
+            {"days": days, "previous_days": before},
+            timeout,
+        )
+        await trail.record(
+            conn,
+            who.org_id,
+            who.email,
+            "update",
+            "retention_policy",
+            [str(who.org_id)],
+            {"days": days},
+            timeout,
+        )
+
+
+# -- locks ------------------------------------------------------------------------------------
+
+LOCK_SESSION = f"""
+SELECT s.retention_locked, {LABELLED} AS labelled
+  FROM sessions s
+ WHERE s.org_id = $1 AND s.id = $2
+   FOR UPDATE
+"""  # noqa: S608 - code constants
+UPSERT_LOCK = """
+INSERT INTO retention_locks (org_id, hold_id, session_id, reason, locked_by)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (org_id, hold_id, session_id) DO UPDATE
+   SET reason = EXCLUDED.reason, locked_by = EXCLUDED.locked_by, locked_at = now()
+"""
+DELETE_LOCK = "DELETE FROM retention_locks WHERE org_id = $1 AND hold_id = $2 AND session_id = $3"
+HOLDS_OF = """
+SELECT hold_id FROM retention_locks WHERE org_id = $1 AND session_id = $2 ORDER BY hold_id
+"""
+SET_LOCKED = "UPDATE sessions SET retention_locked = $3 WHERE org_id = $1 AND id = $2"
+
+
+@dataclass(frozen=True)
+class LockState:
+    locked: bool
+    holds: list[int]
+
+
+async def set_lock(
+    conn: Conn, who: Principal, session_id: uuid.UUID, locked: bool, reason: str, timeout: float
+) -> LockState:
+    async with conn.transaction():
+        row = await conn.fetchrow(LOCK_SESSION, who.org_id, session_id, timeout=timeout)
+        if row is None:
+            raise NotFound(f"session {session_id} not found")
+        if locked:
+            await conn.execute(
+                UPSERT_LOCK, who.org_id, MANUAL, session_id, reason, who.email, timeout=timeout
+            )
+        else:
+            await conn.execute(DELETE_LOCK, who.org_id, MANUAL, session_id, timeout=timeout)
+        holds = [
+            r["hold_id"]
+            for r in await conn.fetch(HOLDS_OF, who.org_id, session_id, timeout=timeout)
+        ]
+        now_locked = bool(row["labelled"] or holds)
+        if now_locked != row["retention_locked"]:
+            await conn.execute(SET_LOCKED, who.org_id, session_id, now_locked, timeout=timeout)
+        await audit(
+            conn,
+            who,
+            "update",
+            "session",
+            str(session_id),
+            {"retention_lock": locked, "reason": reason, "locked": now_locked},
+            timeout,
+        )
+        await trail.record_sessions(
+            conn, who.org_id, who.email, "lock" if locked else "unlock", [session_id], timeout
+        )
+    return LockState(now_locked, [h for h in holds if h != MANUAL])
+
+
+# -- holds ------------------------------------------------------------------------------------
+
+NEW_HOLD = """
+INSERT INTO retention_holds (org_id, reason, query_filter, report_ids, created_by)
+VALUES ($1, $2, $3, $4, $5)
+RETURNING id
+"""
+RELEASE_HOLD = """
+UPDATE retention_holds SET released_at = now(), released_by = $3
+ WHERE org_id = $1 AND id = $2 AND released_at IS NULL
+RETURNING id
+"""
+ACTIVE_HOLDS = """
+SELECT h.id, h.reason, h.query_filter, h.report_ids, h.created_by, h.created_at,
+       (SELECT count(*) FROM retention_locks l WHERE l.org_id = h.org_id AND l.hold_id = h.id)
+           AS locked
+  FROM retention_holds h
+ WHERE h.org_id = $1 AND h.released_at IS NULL
+ ORDER BY h.id DESC
+"""
+ACTIVE_FILTERS = """
+SELECT id, query_filter FROM retention_holds WHERE org_id = $1 AND released_at IS NULL
+"""
+HELD_REPORTS = """
+SELECT coalesce(array_agg(DISTINCT r), '{}') FROM retention_holds h, unnest(h.report_ids) r
+ WHERE h.org_id = $1 AND h.released_at IS NULL
+"""
+# Sessions a hold held that nothing holds any more (no lock row, no label) are unlocked.
+RELEASE_LOCKS = (
+    "DELETE FROM retention_locks WHERE org_id = $1 AND hold_id = $2 RETURNING session_id"
+)
+UNLOCK_FREED = f"""
+UPDATE sessions s SET retention_locked = false
+ WHERE s.org_id = $1 AND s.id = any($2::uuid[]) AND s.retention_locked AND NOT {LABELLED}
+   AND NOT EXISTS (SELECT 1 FROM retention_locks l WHERE l.org_id = $1 AND l.session_id = s.id)
+RETURNING s.id
+"""  # noqa: S608
+LOCK_HELD = """
+UPDATE sessions s SET retention_locked = true
+ WHERE s.org_id = $1 AND s.id = any($2::uuid[]) AND NOT s.retention_locked
+RETURNING s.id
+"""
+
+
+def hold_match_sql(query_filter: str, ids: bool) -> tuple[str, list[Any]]:
+    """INSERT the lock rows of hold $2 (by $3) for the org's sessions matching the filter
+    (only among $4 when `ids`); RETURNING the sessions. Parameters from $5 are the filter's."""
+    where = Where(Params([None, None, None] + ([None] if ids else [])))
+    reports.session_filter(where, query_filter)
+    scope = "s.org_id = $1" + (" AND s.id = any($4::uuid[])" if ids else "")
+    # The filter's SQL is code (reports.filters); every value in it is a parameter.
+    sql = (
+        "INSERT INTO retention_locks (org_id, hold_id, session_id, locked_by)"  # noqa: S608
+        f" SELECT s.org_id, $2, s.id, $3 FROM sessions s WHERE {scope} AND {where.sql()}"
+        " ON CONFLICT DO NOTHING RETURNING session_id"
+    )
+    return sql, where.args[3 + int(ids) :]
+
+
+def parse_report_ids(raw: Sequence[str]) -> list[int]:
+    out = []
+    for i, r in enumerate(raw):
+        if not r.strip().isdigit() or len(r.strip()) > 19:
+            raise InvalidArgument(f"report_ids[{i}]: expected a report id (digits), got {r[:40]!r}")
+        out.append(int(r.strip()))
+    return out
+
+
+async def create_hold(
+    conn: Conn,
+    who: Principal,
+    reason: str,
+    query_filter: str,
+    report_ids: list[int],
+    timeout: float,
+) -> tuple[int, int]:
+    """Returns (hold id, sessions it holds)."""
+    sql, args = hold_match_sql(query_filter, ids=False)
+    async with conn.transaction():
+        hold_id = await conn.fetchval(
+            NEW_HOLD, who.org_id, reason, query_filter, report_ids, who.email, timeout=timeout
+        )
+        held = [
+            r["session_id"]
+            for r in await conn.fetch(sql, who.org_id, hold_id, who.email, *args, timeout=timeout)
+        ]
+        changed = [r["id"] for r in await conn.fetch(LOCK_HELD, who.org_id, held, timeout=timeout)]
+        content = {
+            "reason": reason,
+            "query_filter": query_filter,
+            "report_ids": report_ids,
+            "locked": len(held),
+        }
+        await audit(conn, who, "create", "hold", str(hold_id), content, timeout)
+        head = await trail.lock_head(conn, who.org_id, timeout)
+        await head.add(who.email, "create", "hold", [str(hold_id)], trail.content_digest(content))
+        await head.add_sessions(who.email, "lock", changed)
+    return hold_id, len(held)
+
+
+async def list_holds(conn: Conn | asyncpg.Pool, org_id: uuid.UUID, timeout: float) -> list[Any]:
+    rows: list[Any] = await conn.fetch(ACTIVE_HOLDS, org_id, timeout=timeout)
+    return rows
+
+
+async def delete_hold(conn: Conn, who: Principal, hold_id: int, timeout: float) -> int:
+    """Release the hold; returns how many sessions it unlocked."""
+    async with conn.transaction():
+        if (
+            await conn.fetchval(RELEASE_HOLD, who.org_id, hold_id, who.email, timeout=timeout)
+            is None
+        ):
+            raise NotFound(f"hold {hold_id} not found (or already released)")
+        held = [
+            r["session_id"]
+            for r in await conn.fetch(RELEASE_LOCKS, who.org_id, hold_id, timeout=timeout)
+        ]
+        freed = [
+            r["id"]
+            for r in await conn.fetch(UNLOCK_FREED, who.org_id, sorted(held), timeout=timeout)
+        ]
+        await audit(
+            conn,
+            who,
+            "delete",
+            "hold",
+            str(hold_id),
+            {"held": len(held), "unlocked": len(freed)},
+            timeout,
+        )
+        head = await trail.lock_head(conn, who.org_id, timeout)
+        await head.add(who.email, "delete", "hold", [str(hold_id)], trail.content_digest(None))
+        await head.add_sessions(who.email, "unlock", freed)
+    return len(freed)
+
+
+async def held_reports(conn: Conn, org_id: uuid.UUID, timeout: float) -> list[int]:
+    ids: list[int] = await conn.fetchval(HELD_REPORTS, org_id, timeout=timeout)
+    return ids
+
+
+# -- ingest -----------------------------------------------------------------------------------
+
+LOCK_ARRIVED = f"""
+UPDATE sessions s SET retention_locked = true
+ WHERE s.org_id = $1 AND s.id = any($2::uuid[]) AND NOT s.retention_locked
+   AND ({LABELLED} OR s.id = any($3::uuid[]))
+"""  # noqa: S608
+
+
+async def lock_arrived(
+    conn: Conn, org_id: uuid.UUID, actor: str, ids: list[uuid.UUID], timeout: float
+) -> None:
+    """Lock the sessions of an ingest batch that the gateway labelled or an active hold
+    matches (in the batch's transaction)."""
+    held: list[uuid.UUID] = []
+    for hold in await conn.fetch(ACTIVE_FILTERS, org_id, timeout=timeout):
+        sql, args = hold_match_sql(hold["query_filter"], ids=True)
+        rows = await conn.fetch(sql, org_id, hold["id"], actor, ids, *args, timeout=timeout)
+        held += [r["session_id"] for r in rows]
+    await conn.execute(LOCK_ARRIVED, org_id, ids, held, timeout=timeout)
