@@ -288,7 +288,7 @@ def aggregations(stack: Stack, org: uuid.UUID, force_base: bool) -> tuple[Any, A
         conn = await db.connect(stack.dsn)
         try:
             who = auth.Principal(0, org, "admin", "admin@x.example")
-            name, zone = parse_zone("")
+            _, zone = parse_zone("")
             start = (NOW - timedelta(days=100)).replace(hour=0, minute=0, second=0)
             end = start + timedelta(days=102)
             bins = tuple(bin_starts(start, end, "day", zone, 1000))
