@@ -79,7 +79,7 @@ ITEMS_OF_ORG = f"""
 INSERT INTO trail_items (org_id, seq, session_id, digest)
 SELECT s.org_id, $2, s.id, {ROW_DIGEST}
   FROM sessions s
- WHERE s.org_id = $1
+ WHERE s.org_id = $1 AND NOT (s.id = any($3::uuid[]))
 RETURNING session_id, digest
 """  # noqa: S608
 ITEMS_DELETED = """
@@ -222,14 +222,17 @@ class Head:
         return await self.add(actor, kind, "sessions", (), items_digest(items), len(items))
 
 
-async def lock_head(conn: Conn, org_id: uuid.UUID, timeout: float) -> Head:
+async def lock_head(
+    conn: Conn, org_id: uuid.UUID, timeout: float, covered: Sequence[uuid.UUID] = ()
+) -> Head:
     """Lock the org's head until the caller's transaction ends. The first time, the chain
-    starts with a genesis entry covering every session the org already has."""
+    starts with a genesis entry covering every session the org already has (except those
+    `covered` by the caller's own next entry)."""
     row = await conn.fetchrow(LOCK_HEAD, org_id, ZERO, timeout=timeout)
     assert row is not None  # INSERT … ON CONFLICT DO UPDATE returns its row
     head = Head(conn, org_id, row["seq"], row["hash"], timeout)
     if row["created"]:
-        rows = await conn.fetch(ITEMS_OF_ORG, org_id, 1, timeout=timeout)
+        rows = await conn.fetch(ITEMS_OF_ORG, org_id, 1, list(covered), timeout=timeout)
         items = [(r["session_id"], r["digest"]) for r in rows]
         await head.add("service", "genesis", "sessions", (), items_digest(items), len(items))
     return head
@@ -264,7 +267,7 @@ async def record_sessions(
     transaction, after the rows are changed and locked)."""
     if not ids:
         return None
-    head = await lock_head(conn, org_id, timeout)
+    head = await lock_head(conn, org_id, timeout, ids)
     return await head.add_sessions(actor, kind, ids, deleted=deleted)
 
 

@@ -1,0 +1,179 @@
+"""The tamper-evident trail (issue 15): one entry per ingest batch and per change, a chain an
+auditor can recompute from the download alone, and verify naming the right entry when a row
+or an entry is changed, deleted or added directly in PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from tests.factories import Spec
+from tests.support import Stack
+from tests.test_retention import ok, org_id, protos
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def lines(stack: Stack, token: str) -> list[dict[str, Any]]:
+    r = stack.rest("GET", "/api/audit/trail", token)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/x-ndjson")
+    return [json.loads(x) for x in r.text.splitlines()]
+
+
+def recompute(org: uuid.UUID, entries: list[dict[str, Any]]) -> str:
+    """The chain from the download alone, per docs/retention.md (no service code)."""
+    prev = bytes(32)
+    for e in entries:
+        assert e["prev"] == prev.hex()
+        body = json.dumps(
+            [str(org), e["seq"], e["at"], e["actor"], e["kind"], e["object_type"],
+             e["object_ids"], e["items"], e["digest"]],
+            sort_keys=True, separators=(",", ":"),
+        ).encode()  # fmt: skip
+        prev = hashlib.sha256(prev + body).digest()
+        assert e["hash"] == prev.hex()
+    return prev.hex()
+
+
+def verify(stack: Stack, token: str) -> dict[str, Any]:
+    return ok(stack.rest("GET", "/api/audit/trail/verify", token))
+
+
+def test_every_change_extends_the_chain_and_the_download_recomputes(stack: Stack) -> None:
+    org = stack.new_org("trail")
+    admin, auditor = stack.token(org, "admin"), stack.token(org, "auditor")
+    oid = org_id(stack, org)
+    batches = [[Spec(start=NOW - timedelta(hours=h)) for _ in range(4)] for h in (1, 2, 3)]
+    for b in batches:
+        stack.ingest(admin, protos(b))
+    ok(stack.rest("PUT", f"/api/sessions/{batches[0][0].id}/retention_lock", auditor,
+                  json={"locked": True}))  # fmt: skip
+    ok(stack.rest("PUT", "/api/retention", admin, json={"days": 3650}))
+    got = lines(stack, auditor)
+    *entries, tail = got
+    # genesis (the org had nothing yet), three batches (one entry each), the lock, the policy
+    assert [(e["kind"], e["object_type"], e["items"]) for e in entries] == [
+        ("genesis", "sessions", 0), ("ingest", "sessions", 4), ("ingest", "sessions", 4),
+        ("ingest", "sessions", 4), ("lock", "sessions", 1), ("update", "retention_policy", 0),
+    ]  # fmt: skip
+    assert [e["seq"] for e in entries] == [1, 2, 3, 4, 5, 6]
+    assert entries[1]["actor"] == f"admin@{org}.example"
+    assert entries[4]["actor"] == f"auditor@{org}.example"
+    head = recompute(oid, entries)
+    assert tail == {"head": head, "entries": 6}
+    assert verify(stack, auditor) == {"ok": True, "entries": 6, "head": head}
+    # Re-sending a batch changes nothing stored but is still an entry (and still verifies).
+    stack.ingest(admin, protos(batches[1]))
+    v = verify(stack, admin)
+    assert v["ok"] is True and v["entries"] == 7
+    user = stack.token(org, "user")
+    assert stack.rest("GET", "/api/audit/trail/verify", user).status_code == 403
+    assert stack.rest("GET", "/api/audit/trail", user).status_code == 403
+
+
+def fault(stack: Stack, token: str) -> dict[str, Any]:
+    v = verify(stack, token)
+    assert v["ok"] is False, v
+    first_bad: dict[str, Any] = v["first_bad"]
+    return first_bad
+
+
+def test_direct_changes_in_postgresql_are_reported_at_the_right_entry(stack: Stack) -> None:
+    org = stack.new_org("trail")
+    admin = stack.token(org, "admin")
+    oid = org_id(stack, org)
+    b1 = [Spec(start=NOW - timedelta(days=2)) for _ in range(3)]
+    b2 = [Spec(start=NOW - timedelta(days=1)) for _ in range(3)]
+    stack.ingest(admin, protos(b1))  # seq 1 genesis, 2 this batch
+    stack.ingest(admin, protos(b2))  # seq 3
+    ok(stack.rest("PUT", f"/api/sessions/{b1[1].id}/retention_lock", admin,
+                  json={"locked": True}))  # seq 4  # fmt: skip
+    assert verify(stack, admin)["ok"] is True
+
+    # An UPDATE bypassing the service: reported at the last entry that covered the row.
+    stack.sql("UPDATE sessions SET user_email = 'mallory@x.example' WHERE org_id = $1 AND id = $2",
+              oid, uuid.UUID(b2[2].id))  # fmt: skip
+    bad = fault(stack, admin)
+    assert (bad["seq"], bad["object_id"]) == (3, b2[2].id)
+    assert "changed outside the service" in bad["reason"]
+    # The same for the lock column (an unlock bypassing the API), at the lock's entry.
+    stack.sql("UPDATE sessions SET retention_locked = false WHERE org_id = $1 AND id = $2",
+              oid, uuid.UUID(b1[1].id))  # fmt: skip
+    assert (fault(stack, admin)["seq"], fault(stack, admin)["object_id"]) == (3, b2[2].id)
+    stack.sql("UPDATE sessions SET user_email = $3 WHERE org_id = $1 AND id = $2",
+              oid, uuid.UUID(b2[2].id), b2[2].email)  # put back  # fmt: skip
+    bad = fault(stack, admin)
+    assert (bad["seq"], bad["object_id"]) == (4, b1[1].id)
+    stack.sql("UPDATE sessions SET retention_locked = true WHERE org_id = $1 AND id = $2",
+              oid, uuid.UUID(b1[1].id))  # fmt: skip
+    assert verify(stack, admin)["ok"] is True
+
+    # A DELETE bypassing the service (and the purge's entry).
+    stack.sql("DELETE FROM sessions WHERE org_id = $1 AND id = $2", oid, uuid.UUID(b1[0].id))
+    bad = fault(stack, admin)
+    assert (bad["seq"], bad["object_id"]) == (2, b1[0].id)
+    assert "deleted outside the service" in bad["reason"]
+
+
+def test_a_direct_insert_and_edited_entries_are_reported(stack: Stack) -> None:
+    org = stack.new_org("trail")
+    admin = stack.token(org, "admin")
+    oid = org_id(stack, org)
+    for h in (1, 2, 3):
+        stack.ingest(admin, protos([Spec(start=NOW - timedelta(hours=h)) for _ in range(2)]))
+    assert verify(stack, admin)["entries"] == 4
+
+    stranger = uuid.uuid4()
+    stack.sql("INSERT INTO sessions (id, org_id, start_date, status) VALUES ($1, $2, now(), 'open')",
+              stranger, oid)  # fmt: skip
+    bad = fault(stack, admin)
+    assert bad == {"seq": None, "object_id": str(stranger),
+                   "reason": "session not in the trail (written outside the service)"}  # fmt: skip
+
+    # An edited entry is reported at its seq, before any later problem.
+    stack.sql("UPDATE trail_entries SET actor = 'someone else' WHERE org_id = $1 AND seq = 3", oid)
+    bad = fault(stack, admin)
+    assert bad["seq"] == 3 and "hash does not match" in bad["reason"]
+    # So is an entry whose items were edited (its digest no longer covers them).
+    stack.sql("UPDATE trail_entries SET actor = $2 WHERE org_id = $1 AND seq = 3",
+              oid, f"admin@{org}.example")  # fmt: skip
+    stack.sql("DELETE FROM trail_items WHERE org_id = $1 AND seq = 2 AND session_id ="
+              " (SELECT session_id FROM trail_items WHERE org_id = $1 AND seq = 2 LIMIT 1)", oid)  # fmt: skip
+    bad = fault(stack, admin)
+    assert bad["seq"] == 2 and "items were changed" in bad["reason"]
+
+
+def test_purge_and_holds_keep_the_trail_intact_and_the_cli_verifies(stack: Stack) -> None:
+    org = stack.new_org("trail")
+    admin = stack.token(org, "admin")
+    old = [Spec(start=NOW - timedelta(days=50), end=NOW - timedelta(days=49)) for _ in range(6)]
+    stack.ingest(admin, protos(old))
+    ok(stack.rest("POST", "/api/holds", admin,
+                  json={"reason": "case", "query_filter": f"id.eq({old[0].id})"}))  # fmt: skip
+    ok(stack.rest("PUT", "/api/retention", admin, json={"days": 30}))
+    env = {**os.environ, "DATABASE_URL": stack.dsn}
+    cli = [sys.executable, "-m", "session_audit.cli"]
+    out = subprocess.run([*cli, "retention", "purge", "--org", org], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    v = verify(stack, admin)
+    assert v["ok"] is True
+    kinds = [e["kind"] for e in lines(stack, admin)[:-1]]
+    assert kinds.count("purge") >= 1
+    out = subprocess.run([*cli, "trail", "verify", "--org", org], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == v
+    stack.sql("DELETE FROM sessions WHERE org_id = $1 AND id = $2",
+              org_id(stack, org), uuid.UUID(old[0].id))  # fmt: skip
+    out = subprocess.run([*cli, "trail", "verify", "--org", org], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 1
+    assert json.loads(out.stdout)["first_bad"]["object_id"] == old[0].id
