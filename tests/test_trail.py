@@ -177,3 +177,19 @@ def test_purge_and_holds_keep_the_trail_intact_and_the_cli_verifies(stack: Stack
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 1
     assert json.loads(out.stdout)["first_bad"]["object_id"] == old[0].id
+
+
+def test_reports_api_changes_are_entries_too(stack: Stack) -> None:
+    org = stack.new_org("trail")
+    admin = stack.token(org, "admin")
+    r = stack.rest("POST", "/api/v2/report/defined", admin,
+                   json={"title": "Mine", "type": "session_summary", "query_filter": "verb.eq(exec)"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    did = r.json()["defined_report"]["id"]
+    assert ok(stack.rest("DELETE", f"/api/v2/report/defined/{did}", admin))
+    entries = lines(stack, admin)[:-1]
+    assert [(e["kind"], e["object_type"], e["object_ids"]) for e in entries] == [
+        ("genesis", "sessions", []), ("create", "defined_report", [did]),
+        ("delete", "defined_report", [did]),
+    ]  # fmt: skip
+    assert verify(stack, admin)["ok"] is True

@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from session_audit.core import trail
 from session_audit.core.auth import ORG_READERS, Principal
 from session_audit.core.db import Conn
 from session_audit.core.errors import Conflict, NotFound
@@ -108,6 +109,10 @@ async def audit(
         INSERT_AUDIT, me.org_id, me.email, me.role, action, object_type, str(object_id),
         json.loads(json.dumps(details, default=str)), timeout=timeout,
     )  # fmt: skip
+    # Every API change is also an entry of the org's trail (last in the transaction).
+    await trail.record(
+        conn, me.org_id, me.email, action, object_type, [str(object_id)], details, timeout
+    )
 
 
 # -- definitions ------------------------------------------------------------------------------
