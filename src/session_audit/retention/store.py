@@ -202,6 +202,13 @@ HELD_REPORTS = """
 SELECT coalesce(array_agg(DISTINCT r), '{}') FROM retention_holds h, unnest(h.report_ids) r
  WHERE h.org_id = $1 AND h.released_at IS NULL
 """
+LOCK_HELD_SESSIONS = """
+SELECT s.id FROM sessions s
+ WHERE s.org_id = $1
+   AND s.id IN (SELECT l.session_id FROM retention_locks l WHERE l.org_id = $1 AND l.hold_id = $2)
+ ORDER BY s.id
+   FOR UPDATE OF s
+"""
 # Sessions a hold held that nothing holds any more (no lock row, no label) are unlocked.
 RELEASE_LOCKS = (
     "DELETE FROM retention_locks WHERE org_id = $1 AND hold_id = $2 RETURNING session_id"
@@ -288,6 +295,9 @@ async def delete_hold(conn: Conn, who: Principal, hold_id: int, timeout: float) 
             is None
         ):
             raise NotFound(f"hold {hold_id} not found (or already released)")
+        # The sessions first (in id order, as ingest locks them), then their lock rows: an
+        # ingest matching this hold meanwhile waits here instead of deadlocking with us.
+        await conn.execute(LOCK_HELD_SESSIONS, who.org_id, hold_id, timeout=timeout)
         held = [
             r["session_id"]
             for r in await conn.fetch(RELEASE_LOCKS, who.org_id, hold_id, timeout=timeout)
