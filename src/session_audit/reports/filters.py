@@ -126,7 +126,8 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("finished_at", "datetime", "s.end_date", "When it ended; missing while open.",
               nullable=True, aliases=("end_date",)),
     Attribute("retention_locked", "boolean", "s.retention_locked",
-              "Labelled retention_locked=true by the gateway."),
+              "Kept from the retention purge: labelled retention_locked=true by the gateway, "
+              "locked through the API, or held by a legal hold."),
     Attribute("exit_code", "integer", "s.exit_code", "Exit code, when finished.",
               nullable=True),
     Attribute("event_size", "integer", "s.event_size", "Bytes of recorded events."),
