@@ -193,3 +193,22 @@ def test_reports_api_changes_are_entries_too(stack: Stack) -> None:
         ("delete", "defined_report", [did]),
     ]  # fmt: skip
     assert verify(stack, admin)["ok"] is True
+
+
+def test_trail_init_starts_the_trail_of_an_org_that_had_sessions_before(stack: Stack) -> None:
+    org = stack.new_org("trail")
+    admin = stack.token(org, "admin")
+    oid = org_id(stack, org)
+    stack.ingest(admin, protos([Spec(start=NOW - timedelta(hours=1)) for _ in range(5)]))
+    # As before migration 0040: sessions, no trail.
+    for table in ("trail_items", "trail_entries", "trail_heads"):
+        stack.sql(f"DELETE FROM {table} WHERE org_id = $1", oid)
+    assert fault(stack, admin)["reason"].startswith("session not in the trail")
+    env = {**os.environ, "DATABASE_URL": stack.dsn}
+    out = subprocess.run([sys.executable, "-m", "session_audit.cli", "trail", "init"], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert f"{org}: trail started" in out.stdout
+    v = verify(stack, admin)
+    assert v["ok"] is True and v["entries"] == 1
+    assert [(e["kind"], e["items"]) for e in lines(stack, admin)[:-1]] == [("genesis", 5)]

@@ -273,6 +273,35 @@ def trail_group() -> None:
     """The orgs' tamper-evident trails."""
 
 
+@trail_group.command("init")
+def trail_init() -> None:
+    """Start the trail of every org that has none yet (after upgrading a large database: the
+    genesis entry digests each existing session, which a first ingest should not have to do)."""
+
+    async def go(dsn: str) -> list[str]:
+        await _migrate(dsn)
+        conn = await db.connect(dsn)
+        try:
+            orgs = await conn.fetch(
+                "SELECT o.id, o.name FROM orgs o WHERE NOT EXISTS"
+                " (SELECT 1 FROM trail_heads h WHERE h.org_id = o.id) ORDER BY o.name"
+            )
+            out = []
+            for org in orgs:
+                async with conn.transaction():
+                    head = await trail.lock_head(conn, org["id"], 86_400.0)
+                out.append(f"{org['name']}: trail started (head {head.hash.hex()[:16]}…)")
+            return out
+        finally:
+            await conn.close()
+
+    with database(_config()) as dsn:
+        lines = asyncio.run(go(dsn))
+    for line in lines:
+        click.echo(line)
+    click.echo(f"{len(lines)} org(s) started")
+
+
 @trail_group.command("verify")
 @click.option("--org", "org_name", required=True, help="The org (by name).")
 def trail_verify(org_name: str) -> None:
