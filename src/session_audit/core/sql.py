@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from functools import lru_cache
 from typing import Any
 
 _SLOT = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -38,35 +37,25 @@ class _Bound:
         self.value = value
 
 
-class Sql:
-    """An immutable SQL fragment: `texts` interleaved with bound values
-    (texts[0] v[0] texts[1] v[1] … texts[-1])."""
+_Part = str | _Bound
+_new = tuple.__new__
 
-    __slots__ = ("_texts", "_values")
 
-    def __init__(self, text: str = "") -> None:
-        if "$" in text and (_POSITIONAL.search(text) or _SLOT.search(text)):
-            raise ValueError(f"parameter marker in plain SQL text (use Template): {text!r}")
-        self._texts: tuple[str, ...] = (text,)
-        self._values: tuple[_Bound, ...] = ()
+class Sql(tuple[_Part, ...]):
+    """An immutable SQL fragment: code text and bound values, in order (a tuple of parts)."""
 
-    @classmethod
-    def _of(cls, texts: tuple[str, ...], values: tuple[_Bound, ...]) -> Sql:
-        out = cls.__new__(cls)
-        out._texts = texts
-        out._values = values
-        return out
+    __slots__ = ()
 
-    def __add__(self, other: Sql | str) -> Sql:
-        o = other if isinstance(other, Sql) else Sql(other)
-        texts = (*self._texts[:-1], self._texts[-1] + o._texts[0], *o._texts[1:])
-        return Sql._of(texts, self._values + o._values)
+    def __new__(cls, text: str = "") -> Sql:
+        return _new(cls, (_code(text),))
+
+    def __add__(self, other: Sql | str) -> Sql:  # type: ignore[override]
+        if type(other) is Sql:
+            return _new(Sql, (*self, *other))
+        return _new(Sql, (*self, _code(other)))  # type: ignore[arg-type]
 
     def __radd__(self, other: str) -> Sql:
-        return Sql(other) + self
-
-    def __bool__(self) -> bool:
-        return bool(self._values) or self._texts != ("",)
+        return _new(Sql, (_code(other), *self))
 
     def __repr__(self) -> str:
         text, args = self.render()
@@ -74,81 +63,106 @@ class Sql:
 
     def render(self) -> tuple[str, list[Any]]:
         """The statement text with `$1…$n` and its arguments, in order of appearance."""
-        if not self._values:
-            return self._texts[0], []
-        out = [self._texts[0]]
+        out: list[str] = []
         args: list[Any] = []
-        numbers: dict[int, int] = {}
-        for bound, text in zip(self._values, self._texts[1:], strict=True):
-            n = numbers.get(id(bound))
-            if n is None:
-                args.append(bound.value)
-                n = numbers[id(bound)] = len(args)
-            out.append(f"${n}")
-            out.append(text)
+        numbers: dict[int, str] = {}
+        for part in self:
+            if type(part) is str:
+                out.append(part)
+                continue
+            marker = numbers.get(id(part))
+            if marker is None:
+                args.append(part.value)  # type: ignore[union-attr]
+                marker = numbers[id(part)] = f"${len(args)}"
+            out.append(marker)
         return "".join(out), args
+
+
+def _code(text: str) -> str:
+    if "$" in text and (_POSITIONAL.search(text) or _SLOT.search(text)):
+        raise ValueError(f"parameter marker in plain SQL text (use Template): {text!r}")
+    return text
 
 
 def param(value: Any) -> Sql:
     """A fragment that is one bound value (reuse the fragment to reuse the parameter)."""
-    return Sql._of(("", ""), (_Bound(value),))
+    return _new(Sql, (_Bound(value),))
 
 
 def join(separator: str, parts: Iterable[Sql]) -> Sql:
     """`parts` with `separator` (code) between them."""
-    texts: list[str] = [""]
-    values: list[_Bound] = []
+    out: list[_Part] = []
     for i, part in enumerate(parts):
         if i:
-            texts[-1] += separator
-        texts[-1] += part._texts[0]
-        texts.extend(part._texts[1:])
-        values.extend(part._values)
-    return Sql._of(tuple(texts), tuple(values))
+            out.append(separator)
+        out.extend(part)
+    return _new(Sql, out)
 
 
 class Template:
     """SQL text with named `$slot`s, parsed once."""
 
-    __slots__ = ("_slots", "_texts")
+    __slots__ = ("_first", "_one", "_rest", "_slots")
 
     def __init__(self, text: str) -> None:
         if _POSITIONAL.search(text):
             raise ValueError(f"positional parameter in SQL template: {text!r}")
         pieces = _SLOT.split(text)
-        self._texts: tuple[str, ...] = tuple(pieces[0::2])
-        self._slots: tuple[str, ...] = tuple(pieces[1::2])
+        self._first = pieces[0]
+        # (slot name, the text after it)
+        self._rest = tuple(zip(pieces[1::2], pieces[2::2], strict=True))
+        self._slots = frozenset(pieces[1::2])
+        self._one = len(self._rest) == 1
 
     @property
     def slots(self) -> frozenset[str]:
-        return frozenset(self._slots)
+        return self._slots
 
     def __call__(self, **fill: Any) -> Sql:
-        if fill.keys() != set(self._slots):
-            missing = set(self._slots) - fill.keys()
-            extra = fill.keys() - set(self._slots)
-            raise TypeError(f"SQL template slots: missing {sorted(missing)}, extra {sorted(extra)}")
-        bound = {k: v if isinstance(v, Sql) else param(v) for k, v in fill.items()}
-        texts: list[str] = [self._texts[0]]
-        values: list[_Bound] = []
-        for name, text in zip(self._slots, self._texts[1:], strict=True):
-            frag = bound[name]
-            texts[-1] += frag._texts[0]
-            texts.extend(frag._texts[1:])
-            values.extend(frag._values)
-            texts[-1] += text
-        return Sql._of(tuple(texts), tuple(values))
+        return self.fill(fill)
+
+    def fill(self, fill: dict[str, Any]) -> Sql:
+        """The fragment with `fill[name]` in each slot (`fill` is consumed)."""
+        if fill.keys() != self._slots:
+            missing = sorted(self._slots - fill.keys())
+            extra = sorted(fill.keys() - self._slots)
+            raise TypeError(f"SQL template slots: missing {missing}, extra {extra}")
+        if self._one:  # the common `column = $value`
+            name, text = self._rest[0]
+            v = fill[name]
+            if type(v) is Sql:
+                return _new(Sql, (self._first, *v, text))
+            return _new(Sql, (self._first, _Bound(v), text))
+        out: list[_Part] = [self._first]
+        for name, text in self._rest:
+            v = fill[name]
+            if type(v) is Sql:
+                out.extend(v)
+            elif type(v) is _Bound:
+                out.append(v)
+            else:
+                v = fill[name] = _Bound(v)  # bound once, however often the slot appears
+                out.append(v)
+            out.append(text)
+        return _new(Sql, out)
 
 
-@lru_cache(maxsize=1024)
+_TEMPLATES: dict[str, Template] = {}
+
+
 def template(text: str) -> Template:
-    """The parsed template of `text` (cached: call sites pass code constants)."""
-    return Template(text)
+    """The parsed template of `text`, cached (call sites pass code, a bounded set of texts)."""
+    found = _TEMPLATES.get(text)
+    if found is None:
+        if len(_TEMPLATES) >= 4096:
+            _TEMPLATES.clear()
+        found = _TEMPLATES[text] = Template(text)
+    return found
 
 
 def q(text: str, **fill: Any) -> Sql:
     """`Template(text)(**fill)` with the parse cached: `q("s.connection = $v", v=name)`."""
-    return template(text)(**fill)
+    return template(text).fill(fill)
 
 
 TRUE = Sql("TRUE")
@@ -164,10 +178,18 @@ class Where:
         self.conditions: list[Sql] = []
 
     def add(self, condition: str | Sql, **fill: Any) -> Where:
-        self.conditions.append(condition if isinstance(condition, Sql) else q(condition, **fill))
+        if type(condition) is Sql:
+            self.conditions.append(condition)
+        else:
+            self.conditions.append(template(condition).fill(fill))  # type: ignore[arg-type]
         return self
 
     def sql(self) -> Sql:
         if not self.conditions:
             return TRUE
-        return join(" AND ", ("(" + c + ")" for c in self.conditions))
+        out: list[_Part] = []
+        for i, c in enumerate(self.conditions):
+            out.append(") AND (" if i else "(")
+            out.extend(c)
+        out.append(")")
+        return _new(Sql, out)
