@@ -123,6 +123,8 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is un
         principal = await authenticate(
             app.pool, context, access.roles, access.action, app.timeout(context), app.tokens
         )
+        # Calls that run at the same time run in different asyncio tasks, each with its own
+        # copy of the context; every guarded call sets the value before its method runs.
         _CALLER.set(principal)
 
     async def intercept_service(
