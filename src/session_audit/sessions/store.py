@@ -119,7 +119,7 @@ COUNT_CAPPED = Template(
 
 
 def filters_where(where: Where, f: Filters) -> Where:
-    """The document's filters. Exact matches unless noted; see README 'List semantics'."""
+    """The document's filters. Exact matches unless noted; see docs/sessions.md."""
     if f.user_id is not None:
         where.add("s.user_id = $v", v=f.user_id)
     if f.connection is not None:
