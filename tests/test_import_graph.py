@@ -1,6 +1,6 @@
 """The import rule of docs/architecture.md, read from the source with `ast`: core imports no
 domain; a domain imports core and itself, and another domain only through the allowed doors
-(today: sessions.ingest keeps analytics.rollups current); the process edges (cli, server, …)
+(see DOORS); the process edges (cli, server, …)
 may import anything."""
 
 from __future__ import annotations
@@ -11,9 +11,17 @@ from pathlib import Path
 import session_audit
 
 ROOT = Path(session_audit.__file__).parent
-DOMAINS = ("sessions", "analytics", "reports")
+DOMAINS = ("sessions", "analytics", "reports", "retention")
 # (importing domain, imported module): the only arrows between domains.
-DOORS = {("sessions", "session_audit.analytics.rollups")}
+DOORS = {
+    ("sessions", "session_audit.analytics.rollups"),
+    # Every ingest batch locks what the gateway labelled or a legal hold matches, and appends
+    # its trail entry: one call, retention.ingest.on_ingest (docs/retention.md).
+    ("sessions", "session_audit.retention.ingest"),
+    # Legal holds use the Reports API filter language, and the purge deletes old reports,
+    # through the reports package's public functions (reports/__init__.py).
+    ("retention", "session_audit.reports"),
+}
 
 
 def imports(path: Path) -> set[str]:

@@ -19,8 +19,9 @@ import pytest
 
 from session_audit.analytics import requests, store
 from session_audit.analytics.q import parse_q
-from session_audit.analytics.timebins import bin_starts, parse_zone
+from session_audit.analytics.timebins import bin_starts
 from session_audit.core import auth, db
+from session_audit.core.validation import parse_zone
 from session_audit.retention import purge
 from session_audit.v1 import sessions_pb2 as pb
 from tests import analytics_reference as ref

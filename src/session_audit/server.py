@@ -63,7 +63,7 @@ SERVICES: list[ServiceEntry] = [
         AnalyticsService,
     ),
     (
-        retention_pb2.DESCRIPTOR.services_by_name["RetentionService"].full_name,
+        retention_pb2.DESCRIPTOR.services_by_name["RetentionService"],
         retention_pb2_grpc.add_RetentionServiceServicer_to_server,
         RetentionService,
     ),

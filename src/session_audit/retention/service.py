@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from typing import TypeVar
 
 import grpc
 import orjson
 from google.api import httpbody_pb2
 from google.protobuf import struct_pb2
-from google.protobuf.message import Message
 
 from session_audit import reports
 from session_audit.core import trail
 from session_audit.core.app import App
 from session_audit.core.auth import ORG_READERS, Principal
-from session_audit.core.errors import InvalidArgument, abort_for, rpc
+from session_audit.core.errors import InvalidArgument
 from session_audit.core.json_body import parse_strict
+from session_audit.core.rpc import caller, roles
 from session_audit.retention import store
 from session_audit.retention.config import RetentionConfig
 from session_audit.retention.purge import Purger
@@ -26,7 +24,6 @@ from session_audit.v1 import retention_pb2 as pb
 from session_audit.v1 import retention_pb2_grpc as pb_grpc
 
 ADMINS = frozenset({"admin"})
-M = TypeVar("M", bound=Message)
 
 
 def _session_id(raw: str) -> uuid.UUID:
@@ -66,53 +63,39 @@ class RetentionService(pb_grpc.RetentionServiceServicer):
         )
         self.background_tasks: list[Purger] = [self.purger] if self.config.enabled else []
 
-    async def _body(
-        self,
-        request: pb.RetentionJsonBody,
-        cls: type[M],
-        context: grpc.aio.ServicerContext,
-        roles: frozenset[str],
-        action: str,
-    ) -> M:
-        """The caller first (401/403 before anything about the body), then the body."""
-        await self.app.caller(context, roles, action)
-        return parse_strict(request.body.data, cls)
-
     # -- policy ---------------------------------------------------------------------------------
 
-    @rpc("GetRetentionPolicy")
+    @roles(ADMINS, "read the retention policy")
     async def GetRetentionPolicy(
         self, request: pb.GetRetentionPolicyRequest, context: grpc.aio.ServicerContext
     ) -> pb.RetentionPolicy:
-        who = await self.app.caller(context, ADMINS, "read the retention policy")
+        who = caller()
         return _policy(await store.get_policy(self.app.pool, who.org_id, self.app.timeout(context)))
 
-    @rpc("SetRetentionPolicy")
+    @roles(ADMINS, "set the retention policy")
     async def SetRetentionPolicy(
         self, request: pb.SetRetentionPolicyRequest, context: grpc.aio.ServicerContext
     ) -> pb.RetentionPolicy:
-        who = await self.app.caller(context, ADMINS, "set the retention policy")
+        who = caller()
         days = store.check_days(request.days if request.HasField("days") else None)
         async with self.app.pool.acquire() as conn:
             await store.set_policy(conn, who, days, self.app.timeout(context))
         return _policy(days)
 
-    @rpc("SetRetentionPolicy")
+    @roles(ADMINS, "set the retention policy")
     async def SetRetentionPolicyJson(
         self, request: pb.RetentionJsonBody, context: grpc.aio.ServicerContext
     ) -> pb.RetentionPolicy:
-        body = await self._body(
-            request, pb.SetRetentionPolicyRequest, context, ADMINS, "set the retention policy"
-        )
+        body = parse_strict(request.body.data, pb.SetRetentionPolicyRequest)
         return await self.SetRetentionPolicy(body, context)
 
     # -- locks and holds ------------------------------------------------------------------------
 
-    @rpc("SetRetentionLock")
+    @roles(ORG_READERS, "lock sessions")
     async def SetRetentionLock(
         self, request: pb.SetRetentionLockRequest, context: grpc.aio.ServicerContext
     ) -> pb.RetentionLock:
-        who = await self.app.caller(context, ORG_READERS, "lock sessions")
+        who = caller()
         sid = _session_id(request.id)
         reason = store.check_reason(request.reason, required=False)
         async with self.app.pool.acquire() as conn:
@@ -123,13 +106,11 @@ class RetentionService(pb_grpc.RetentionServiceServicer):
             id=str(sid), locked=state.locked, holds=[str(h) for h in state.holds]
         )
 
-    @rpc("SetRetentionLock")
+    @roles(ORG_READERS, "lock sessions")
     async def SetRetentionLockJson(
         self, request: pb.RetentionJsonBody, context: grpc.aio.ServicerContext
     ) -> pb.RetentionLock:
-        body = await self._body(
-            request, pb.SetRetentionLockRequest, context, ORG_READERS, "lock sessions"
-        )
+        body = parse_strict(request.body.data, pb.SetRetentionLockRequest)
         if body.id and body.id != request.id:
             raise InvalidArgument(
                 f"id: given in the path ({request.id[:40]}); leave it out of the body"
@@ -137,11 +118,11 @@ class RetentionService(pb_grpc.RetentionServiceServicer):
         body.id = request.id
         return await self.SetRetentionLock(body, context)
 
-    @rpc("CreateHold")
+    @roles(ORG_READERS, "create legal holds")
     async def CreateHold(
         self, request: pb.CreateHoldRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateHoldResponse:
-        who = await self.app.caller(context, ORG_READERS, "create legal holds")
+        who = caller()
         reason = store.check_reason(request.reason, required=True)
         # Validated (400 naming query_filter) and stored in canonical form.
         query_filter = reports.canonical_filter(request.query_filter)
@@ -152,20 +133,18 @@ class RetentionService(pb_grpc.RetentionServiceServicer):
             )
         return pb.CreateHoldResponse(id=str(hold_id), locked=locked)
 
-    @rpc("CreateHold")
+    @roles(ORG_READERS, "create legal holds")
     async def CreateHoldJson(
         self, request: pb.RetentionJsonBody, context: grpc.aio.ServicerContext
     ) -> pb.CreateHoldResponse:
-        body = await self._body(
-            request, pb.CreateHoldRequest, context, ORG_READERS, "create legal holds"
-        )
+        body = parse_strict(request.body.data, pb.CreateHoldRequest)
         return await self.CreateHold(body, context)
 
-    @rpc("ListHolds")
+    @roles(ORG_READERS, "read legal holds")
     async def ListHolds(
         self, request: pb.ListHoldsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListHoldsResponse:
-        who = await self.app.caller(context, ORG_READERS, "read legal holds")
+        who = caller()
         rows = await store.list_holds(self.app.pool, who.org_id, self.app.timeout(context))
         reply = pb.ListHoldsResponse()
         for r in rows:
@@ -180,11 +159,11 @@ class RetentionService(pb_grpc.RetentionServiceServicer):
             h.created_at.FromDatetime(r["created_at"])
         return reply
 
-    @rpc("DeleteHold")
+    @roles(ORG_READERS, "release legal holds")
     async def DeleteHold(
         self, request: pb.DeleteHoldRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteHoldResponse:
-        who = await self.app.caller(context, ORG_READERS, "release legal holds")
+        who = caller()
         hold_id = _hold_id(request.id)
         async with self.app.pool.acquire() as conn:
             released = await store.delete_hold(conn, who, hold_id, self.app.timeout(context))
@@ -192,30 +171,23 @@ class RetentionService(pb_grpc.RetentionServiceServicer):
 
     # -- the trail ------------------------------------------------------------------------------
 
-    @rpc("VerifyTrail")
+    @roles(ORG_READERS, "verify the trail")
     async def VerifyTrail(
         self, request: pb.VerifyTrailRequest, context: grpc.aio.ServicerContext
     ) -> pb.VerifyTrailResponse:
-        who = await self.app.caller(context, ORG_READERS, "verify the trail")
+        who = caller()
         async with self.app.pool.acquire() as conn:
             verdict = await trail.verify(conn, who.org_id, self.app.timeout(context))
         return verdict_to_proto(verdict)
 
+    @roles(ORG_READERS, "read the trail")
     async def GetTrail(
         self, request: pb.GetTrailRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        try:
-            who = await self.app.caller(context, ORG_READERS, "read the trail")
-            async for chunk in self._trail_lines(who, context):
-                yield chunk
-        except (grpc.aio.AbortError, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            await abort_for(context, "GetTrail", exc)
+        async for chunk in self._trail_lines(caller()):
+            yield chunk
 
-    async def _trail_lines(
-        self, who: Principal, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+    async def _trail_lines(self, who: Principal) -> AsyncIterator[httpbody_pb2.HttpBody]:
         # The download streams for as long as it takes (Envoy's route has no timeout).
         timeout = self.app.config.default_query_timeout
         content_type = "application/x-ndjson"

@@ -17,7 +17,7 @@ from session_audit.core import trail
 from session_audit.core.auth import Principal
 from session_audit.core.db import Conn
 from session_audit.core.errors import InvalidArgument, NotFound
-from session_audit.core.sql import Params, Where
+from session_audit.core.sql import TRUE, Template, Where, q
 
 MAX_DAYS = 36_500
 MAX_REASON = 1000
@@ -226,19 +226,26 @@ RETURNING s.id
 """
 
 
-def hold_match_sql(query_filter: str, ids: bool) -> tuple[str, list[Any]]:
-    """INSERT the lock rows of hold $2 (by $3) for the org's sessions matching the filter
-    (only among $4 when `ids`); RETURNING the sessions. Parameters from $5 are the filter's."""
-    where = Where(Params([None, None, None] + ([None] if ids else [])))
-    reports.session_filter(where, query_filter)
-    scope = "s.org_id = $1" + (" AND s.id = any($4::uuid[])" if ids else "")
-    # The filter's SQL is code (reports.filters); every value in it is a parameter.
-    sql = (
-        "INSERT INTO retention_locks (org_id, hold_id, session_id, locked_by)"  # noqa: S608
-        f" SELECT s.org_id, $2, s.id, $3 FROM sessions s WHERE {scope} AND {where.sql()}"
-        " ON CONFLICT DO NOTHING RETURNING session_id"
-    )
-    return sql, where.args[3 + int(ids) :]
+HOLD_MATCH = Template("""
+INSERT INTO retention_locks (org_id, hold_id, session_id, locked_by)
+SELECT s.org_id, $hold, s.id, $actor
+  FROM sessions s
+ WHERE s.org_id = $org AND $scope AND $filter
+ON CONFLICT DO NOTHING
+RETURNING session_id
+""")
+
+
+def hold_match_sql(
+    org_id: uuid.UUID, hold_id: int, actor: str, query_filter: str,
+    ids: list[uuid.UUID] | None = None,
+) -> tuple[str, list[Any]]:  # fmt: skip
+    """INSERT the lock rows of the hold for the org's sessions matching its filter (only among
+    `ids` when given), RETURNING the sessions."""
+    where = reports.session_filter(Where(), query_filter)
+    scope = TRUE if ids is None else q("s.id = any($ids::uuid[])", ids=ids)
+    return HOLD_MATCH(hold=hold_id, actor=actor, org=org_id, scope=scope,
+                      filter=where.sql()).render()  # fmt: skip
 
 
 def parse_report_ids(raw: Sequence[str]) -> list[int]:
@@ -259,15 +266,13 @@ async def create_hold(
     timeout: float,
 ) -> tuple[int, int]:
     """Returns (hold id, sessions it holds)."""
-    sql, args = hold_match_sql(query_filter, ids=False)
+    reports.canonical_filter(query_filter)  # a bad filter is a 400 before anything is written
     async with conn.transaction():
         hold_id = await conn.fetchval(
             NEW_HOLD, who.org_id, reason, query_filter, report_ids, who.email, timeout=timeout
         )
-        held = [
-            r["session_id"]
-            for r in await conn.fetch(sql, who.org_id, hold_id, who.email, *args, timeout=timeout)
-        ]
+        sql, args = hold_match_sql(who.org_id, hold_id, who.email, query_filter)
+        held = [r["session_id"] for r in await conn.fetch(sql, *args, timeout=timeout)]
         changed = [r["id"] for r in await conn.fetch(LOCK_HELD, who.org_id, held, timeout=timeout)]
         content = {
             "reason": reason,
@@ -342,7 +347,7 @@ async def lock_arrived(
     matches (in the batch's transaction)."""
     held: list[uuid.UUID] = []
     for hold in await conn.fetch(ACTIVE_FILTERS, org_id, timeout=timeout):
-        sql, args = hold_match_sql(hold["query_filter"], ids=True)
-        rows = await conn.fetch(sql, org_id, hold["id"], actor, ids, *args, timeout=timeout)
+        sql, args = hold_match_sql(org_id, hold["id"], actor, hold["query_filter"], ids)
+        rows = await conn.fetch(sql, *args, timeout=timeout)
         held += [r["session_id"] for r in rows]
     await conn.execute(LOCK_ARRIVED, org_id, ids, held, timeout=timeout)
