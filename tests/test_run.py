@@ -81,7 +81,8 @@ def test_run_prints_commands_that_work_and_ctrl_c_stops_everything(
 ) -> None:
     grpc_port, http_port = free_port(), free_port()
     env = {**os.environ, "DATABASE_URL": empty_database, "GRPC_PORT": str(grpc_port),
-           "HTTP_PORT": str(http_port), "SESSION_AUDIT_DATA_DIR": str(tmp_path)}  # fmt: skip
+           "HTTP_PORT": str(http_port), "SESSION_AUDIT_DATA_DIR": str(tmp_path),
+           "METRICS_PORT": str(free_port()), "ENVOY_METRICS_PORT": str(free_port())}  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "session_audit.cli", "run"],
         env=env,

@@ -17,7 +17,7 @@ import click
 
 from session_audit import envoy, seed, server
 from session_audit.analytics import rollups
-from session_audit.core import auth, db, migrate
+from session_audit.core import auth, db, logs, migrate
 from session_audit.core.config import Config, ConfigError
 from session_audit.embedded import EmbeddedPostgres
 
@@ -58,11 +58,10 @@ async def _migrate(dsn: str) -> list[str]:
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
 def main(verbose: bool) -> None:
     """Session Audit Service: the system of record for privileged sessions."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        logs.configure(logging.INFO if verbose else logging.WARNING)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @main.command("migrate")
@@ -239,7 +238,10 @@ def run_cmd() -> None:
 
         def ready(grpc_port: int) -> None:
             nonlocal proxy
-            proxy = envoy.start(config.http_port, grpc_port, config.data_dir)
+            proxy = envoy.start(
+                config.http_port, grpc_port, config.data_dir,
+                metrics_port=config.envoy_metrics_port,
+            )  # fmt: skip
             _print_banner(config, grpc_port, org, admin)
 
         asyncio.run(server.serve(config, dsn, on_ready=ready))

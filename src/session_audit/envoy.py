@@ -26,18 +26,42 @@ def envoy_binary() -> str:
     return found
 
 
-def render(http_port: int, grpc_port: int, root: Path | None = None) -> str:
-    """envoy.yaml with the listener, upstream port and descriptor path filled in."""
+METRICS_BEGIN = "  # >>> metrics listener"
+METRICS_END = "  # <<< metrics listener\n"
+ADMIN_SOCKET = "envoy-admin.sock"
+
+
+def render(
+    http_port: int,
+    grpc_port: int,
+    root: Path | None = None,
+    *,
+    metrics_port: int = 0,
+    admin_socket: Path | None = None,
+    access_log: str = "/dev/stdout",
+) -> str:
+    """envoy.yaml with the listener, upstream port and descriptor path filled in; the admin
+    socket in `admin_socket`, the access log to `access_log`, and the /stats/prometheus
+    listener on `metrics_port` (none when 0)."""
     base = root or project_root()
     text = (base / TEMPLATE).read_text()
     descriptor = base / DESCRIPTOR
     if not descriptor.exists():
         raise FileNotFoundError(f"{descriptor}: missing; run 'make descriptor'")
+    begin, end = text.find(METRICS_BEGIN), text.find(METRICS_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"{TEMPLATE}: expected the metrics listener between its markers")
+    if metrics_port == 0:
+        text = text[:begin] + text[end + len(METRICS_END) :]
     replacements = {
         "port_value: 8080": f"port_value: {http_port}",
         "port_value: 50051": f"port_value: {grpc_port}",
         f"proto_descriptor: {DESCRIPTOR}": f"proto_descriptor: {descriptor}",
+        f"path: {ADMIN_SOCKET}": f"path: {admin_socket or ADMIN_SOCKET}",
+        "path: /dev/stdout": f"path: {access_log}",
     }
+    if metrics_port:
+        replacements["port_value: 9465"] = f"port_value: {metrics_port}"
     for old, new in replacements.items():
         if old not in text:
             raise ValueError(f"{TEMPLATE}: expected '{old}' in the template")
@@ -56,13 +80,27 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 
 
 def start(
-    http_port: int, grpc_port: int, workdir: Path, log_level: str = "warn"
+    http_port: int,
+    grpc_port: int,
+    workdir: Path,
+    log_level: str = "warn",
+    *,
+    metrics_port: int = 0,
+    access_log: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start Envoy in its own session (so it outlives no one but is not killed with a shell's
-    process group) and wait until it listens."""
+    process group) and wait until it listens. Its access log goes to `access_log` (default:
+    envoy-<port>-access.log in `workdir`; "/dev/stdout" for a terminal)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / f"envoy-{http_port}.yaml"
-    config.write_text(render(http_port, grpc_port))
+    admin = workdir / f"envoy-{http_port}-admin.sock"
+    admin.unlink(missing_ok=True)
+    config.write_text(
+        render(
+            http_port, grpc_port, metrics_port=metrics_port, admin_socket=admin,
+            access_log=access_log or str(workdir / f"envoy-{http_port}-access.log"),
+        )
+    )  # fmt: skip
     # Distinct base ids let several Envoys share the machine (tests, run, bench).
     base_id = 10_000 + (http_port % 50_000) + os.getpid() % 1000 * 50_000
     proc = subprocess.Popen(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import asyncpg
 import grpc
@@ -19,6 +19,11 @@ class App:
     # Connections without the JSON codec, for the ingest write path (see db.create_pool).
     ingest_pool: asyncpg.Pool
     tokens: auth.TokenCache = field(default_factory=auth.TokenCache)
+
+    def pools(self) -> dict[str, asyncpg.Pool]:
+        """Every pool the app holds, by field name (the `pool` label of the metrics)."""
+        found = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: p for name, p in found.items() if isinstance(p, asyncpg.Pool)}
 
     def timeout(self, context: grpc.aio.ServicerContext) -> float:
         """Seconds a query may run: the caller's remaining deadline, else the default."""

@@ -24,6 +24,8 @@ from typing import Any, NoReturn, TypeVar, cast
 import asyncpg
 import grpc
 
+from session_audit.core import metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -74,6 +76,7 @@ async def abort_for(context: grpc.aio.ServicerContext, rpc: str, exc: Exception)
     if isinstance(exc, ServiceError):
         await context.abort(exc.code, exc.message)
     elif isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
+        metrics.STATEMENT_TIMEOUTS.labels("rpc").inc()
         await context.abort(
             grpc.StatusCode.DEADLINE_EXCEEDED,
             f"{rpc}: the query did not finish before the deadline",
