@@ -170,6 +170,11 @@ class Flaky(pb_grpc.SessionServiceServicer):
         await self._maybe_fail("StreamIngestSessions", context)
         return pb.IngestSessionsResponse(accepted=n, written=n)
 
+    async def _unused(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in this stub")
+
+    GetSession = IngestSessions = IngestSessionsJson = _unused
+
 
 def with_flaky(code: grpc.StatusCode, failures: int, body: Any) -> dict[str, int]:
     async def go() -> dict[str, int]:
