@@ -302,3 +302,29 @@ def test_traceparent_validation() -> None:
     for bad in ("", "00-abc", TRACEPARENT.upper(), "00-" + "0" * 32 + "-00f067aa0ba902b7-01",
                 "ff" + TRACEPARENT[2:], TRACEPARENT + "-extra"):  # fmt: skip
         assert logs.traceparent(bad) is None, bad
+
+
+def test_report_generation_is_counted(stack: Stack) -> None:
+    from session_audit.client import Client
+
+    token = stack.token(stack.new_org("metrics-report"), "admin")
+    ready = {"outcome": "ready"}
+    before = server_metrics(stack)
+    with Client(stack.grpc_target, token=token) as c:
+        assert c.wait_report(c.create_report(), poll=0.05).status == "ready"
+    after = eventually(lambda: _generated(stack, before))
+    assert value(after, "session_audit_report_generation_seconds_sum", **ready) > value(
+        before, "session_audit_report_generation_seconds_sum", **ready
+    )
+    # The queue depth is published (sampled from the reports table every poll).
+    assert ("session_audit_report_queue_depth", frozenset()) in after
+    assert value(after, "session_audit_report_generation_failures_total") == value(
+        before, "session_audit_report_generation_failures_total"
+    )
+
+
+def _generated(stack: Stack, before: Samples) -> Samples:
+    now = server_metrics(stack)
+    name = "session_audit_report_generation_seconds_count"
+    assert value(now, name, outcome="ready") - value(before, name, outcome="ready") >= 1
+    return now

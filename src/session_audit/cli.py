@@ -253,6 +253,15 @@ def run_cmd() -> None:
         click.echo("stopped.", err=True)
 
 
+def _metrics_line(config: Config) -> str:
+    urls = []
+    if config.metrics_port:
+        urls.append(f"http://127.0.0.1:{config.metrics_port}/metrics")
+    if config.envoy_metrics_port:
+        urls.append(f"http://127.0.0.1:{config.envoy_metrics_port}/stats/prometheus")
+    return f"  metrics {'  '.join(urls)}\n" if urls else ""
+
+
 def _print_banner(config: Config, grpc_port: int, org: str, admin: str) -> None:
     http = f"http://127.0.0.1:{config.http_port}"
     today = datetime.now(UTC).date()
@@ -265,7 +274,7 @@ Session Audit Service is up.
   gRPC   127.0.0.1:{grpc_port}   (reflection on)
   REST   {http}   (Envoy)
   data   {config.database_url or config.data_dir}
-
+{_metrics_line(config)}
 Admin token for org '{org}':
   export TOKEN={admin}
 
