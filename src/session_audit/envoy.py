@@ -28,21 +28,25 @@ def envoy_binary() -> str:
 
 METRICS_BEGIN = "  # >>> metrics listener"
 METRICS_END = "  # <<< metrics listener\n"
-ADMIN_SOCKET = "envoy-admin.sock"
+ADMIN_SOCKET = "/tmp/session-audit-envoy-admin.sock"  # noqa: S108 - the template's; replaced
+
+
+def admin_socket(workdir: Path, http_port: int) -> Path:
+    return workdir / f"envoy-admin-{http_port}.sock"
 
 
 def render(
     http_port: int,
     grpc_port: int,
     root: Path | None = None,
+    admin: Path | None = None,
     *,
     metrics_port: int = 0,
-    admin_socket: Path | None = None,
     access_log: str = "/dev/stdout",
 ) -> str:
-    """envoy.yaml with the listener, upstream port and descriptor path filled in; the admin
-    socket in `admin_socket`, the access log to `access_log`, and the /stats/prometheus
-    listener on `metrics_port` (none when 0)."""
+    """envoy.yaml with the listener, upstream port, descriptor and admin socket filled in; the
+    access log to `access_log`, and the /stats/prometheus listener on `metrics_port` (none
+    when 0)."""
     base = root or project_root()
     text = (base / TEMPLATE).read_text()
     descriptor = base / DESCRIPTOR
@@ -57,9 +61,11 @@ def render(
         "port_value: 8080": f"port_value: {http_port}",
         "port_value: 50051": f"port_value: {grpc_port}",
         f"proto_descriptor: {DESCRIPTOR}": f"proto_descriptor: {descriptor}",
-        f"path: {ADMIN_SOCKET}": f"path: {admin_socket or ADMIN_SOCKET}",
         "path: /dev/stdout": f"path: {access_log}",
     }
+    if admin is not None:
+        # Both the admin address and the envoy_admin cluster that the metrics listener uses.
+        replacements[f"path: {ADMIN_SOCKET}"] = f"path: {admin}"
     if metrics_port:
         replacements["port_value: 9465"] = f"port_value: {metrics_port}"
     for old, new in replacements.items():
@@ -93,11 +99,11 @@ def start(
     envoy-<port>-access.log in `workdir`; "/dev/stdout" for a terminal)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / f"envoy-{http_port}.yaml"
-    admin = workdir / f"envoy-{http_port}-admin.sock"
+    admin = admin_socket(workdir, http_port)
     admin.unlink(missing_ok=True)
     config.write_text(
         render(
-            http_port, grpc_port, metrics_port=metrics_port, admin_socket=admin,
+            http_port, grpc_port, admin=admin, metrics_port=metrics_port,
             access_log=access_log or str(workdir / f"envoy-{http_port}-access.log"),
         )
     )  # fmt: skip
