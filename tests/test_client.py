@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import re
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -18,7 +19,7 @@ from session_audit.client import AsyncClient, Client, ReportFailed
 from session_audit.v1 import sessions_pb2 as pb
 from session_audit.v1 import sessions_pb2_grpc as pb_grpc
 from tests.factories import T0, Spec
-from tests.support import Stack
+from tests.support import ROOT, Stack
 
 
 def specs(n: int, bad: set[int]) -> tuple[list[pb.Session], list[Spec]]:
@@ -233,3 +234,19 @@ def test_retries_give_up_after_five_attempts() -> None:
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
     assert with_flaky(grpc.StatusCode.UNAVAILABLE, 100, body) == {"ListSessions": 5}
+
+
+def test_the_documented_example_runs(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The five lines of docs/operability.md (the README's client example), as written."""
+    text = (ROOT / "docs" / "operability.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(snippet.strip().splitlines()) == 5
+    token = stack.token(stack.new_org("example"), "admin")
+    sessions = [Spec(connection="pg-prod", subtype="ssh").to_proto() for _ in range(3)]
+    monkeypatch.chdir(tmp_path)
+    code = snippet.replace("127.0.0.1:50051", stack.grpc_target)
+    exec(compile(code, "docs/operability.md", "exec"), {"TOKEN": token, "sessions": sessions})  # noqa: S102
+    (pdf,) = tmp_path.glob("*.pdf")
+    assert pdf.read_bytes().startswith(b"%PDF-")
