@@ -291,8 +291,9 @@ SELECT $report, row_number() OVER (ORDER BY a.at, a.id),
   FROM audit_log a
  WHERE $scope
 """),
-    note="Changes made through this service: report definitions, reports, subscriptions and API "
-         "tokens. Session filters do not apply.",
+    note="Changes made through this service: report definitions, reports, subscriptions, API "
+         "tokens, the retention policy, locks, legal holds and purges (counted). Session filters "
+         "do not apply.",
 )  # fmt: skip
 
 USER_PRIVILEGE = ReportType(
