@@ -14,6 +14,7 @@ from session_audit.core.config import project_root
 
 TEMPLATE = Path("envoy/envoy.yaml")
 DESCRIPTOR = Path("envoy/session_audit.pb")
+OPENAPI = Path("envoy/openapi.json")
 
 
 def envoy_binary() -> str:
@@ -37,6 +38,7 @@ def render(http_port: int, grpc_port: int, root: Path | None = None) -> str:
         "port_value: 8080": f"port_value: {http_port}",
         "port_value: 50051": f"port_value: {grpc_port}",
         f"proto_descriptor: {DESCRIPTOR}": f"proto_descriptor: {descriptor}",
+        f"filename: {OPENAPI}": f"filename: {base / OPENAPI}",
     }
     for old, new in replacements.items():
         if old not in text:

@@ -22,6 +22,7 @@ from session_audit.core import db
 from session_audit.core.app import App
 from session_audit.core.auth import TokenCache
 from session_audit.core.config import Config
+from session_audit.core.decode import DecodeGuard
 from session_audit.reports.service import ReportService
 from session_audit.sessions.service import SessionService
 from session_audit.v1 import (
@@ -145,6 +146,7 @@ async def serve(
     ingest_pool = await db.create_pool(dsn, 1, max(2, config.pool_max // 2), json_codec=False)
     app = App(config, pool, ingest_pool)
     server = grpc.aio.server(
+        interceptors=[DecodeGuard()],
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.so_reuseport", 1 if reuse_port else 0),

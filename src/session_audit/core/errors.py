@@ -10,7 +10,8 @@
 
 Anything else that escapes an RPC is mapped by `rpc`: a query cancelled by the caller's
 deadline → DEADLINE_EXCEEDED, a lost or refused database connection → UNAVAILABLE, and the
-rest → INTERNAL (logged with its traceback, never shown to the caller).
+rest → INTERNAL (logged as class, SQLSTATE and frames by redact.describe — never the
+message, which can carry session data — and never shown to the caller).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any, NoReturn, TypeVar, cast
 
 import asyncpg
 import grpc
+
+from session_audit.core import redact
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +82,10 @@ async def abort_for(context: grpc.aio.ServicerContext, rpc: str, exc: Exception)
             f"{rpc}: the query did not finish before the deadline",
         )
     elif isinstance(exc, _UNAVAILABLE):
-        log.warning("%s: database unavailable: %s", rpc, exc)
+        log.warning("%s: database unavailable: %s", rpc, redact.describe(exc))
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"{rpc}: the database is unavailable")
     else:
-        log.error("%s failed", rpc, exc_info=exc)
+        log.error("%s failed: %s", rpc, redact.describe(exc))
         await context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error")
     raise AssertionError("context.abort returned")
 
