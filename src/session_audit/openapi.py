@@ -217,14 +217,13 @@ class Builder:
         return out
 
     def field_schema(self, f: FD) -> dict[str, Any]:
-        single = self._single(f)
         if f.label == FD.LABEL_REPEATED:
             entry = self.c.messages.get(f.type_name)
             if entry is not None and entry.proto.options.map_entry:
                 value = next(x for x in entry.proto.field if x.name == "value")
                 return {"type": "object", "additionalProperties": self._single(value)}
-            return {"type": "array", "items": single}
-        return single
+            return {"type": "array", "items": self._single(f)}
+        return self._single(f)
 
     def _single(self, f: FD) -> dict[str, Any]:
         t = f.type
