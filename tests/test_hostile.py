@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import grpc
 import httpx
 import pytest
 
+from session_audit import logcap
 from session_audit.analytics.q import _glob, wildcard_match
 from session_audit.reports.generate import failure_reason
 from session_audit.v1 import sessions_pb2 as pb
@@ -424,7 +426,7 @@ def test_envoy_answers_in_the_service_vocabulary(
     assert not [h for h in r.headers if h.lower().startswith("grpc-")]
     if status == 405:
         allowed = {m.strip() for m in r.headers["allow"].split(",")}
-        assert method not in allowed and allowed <= {"GET", "POST", "PATCH", "DELETE"}
+        assert method not in allowed and allowed <= {"GET", "HEAD", "POST", "PATCH", "DELETE"}
 
 
 def test_logs_stay_quiet_and_carry_no_session_content(
@@ -445,3 +447,36 @@ def test_logs_stay_quiet_and_carry_no_session_content(
     server_log = (workdir / f"server-{stack.server.port}.log").read_text(errors="replace")
     assert "Traceback" not in server_log, server_log[-3000:]
     assert secret not in server_log and admin not in server_log
+
+
+def test_envoy_log_is_rotated_at_its_cap(tmp_path: Path) -> None:
+    path = tmp_path / "envoy.log"
+    lines = [f"[warning] line {i} {'x' * 50}\n".encode() for i in range(400)]
+    logcap.copy(iter(lines), path, 4096)
+    rotated = path.with_name("envoy.log.1")
+    assert path.stat().st_size <= 4096 and rotated.stat().st_size <= 4096
+    # The newest lines are kept, in order, across the two files.
+    kept = (rotated.read_bytes() + path.read_bytes()).splitlines(keepends=True)
+    assert kept == lines[-len(kept) :] and len(kept) > 4096 // 80
+
+
+def test_head_answers_the_get_headers_without_a_body(
+    stack: Stack, org: tuple[str, str, str]
+) -> None:
+    _, admin, _ = org
+    created = stack.rest("POST", "/api/v2/report", admin, json={"defined_report_id": "5"})
+    rid = created.json()["report"]["id"]
+    for _ in range(600):
+        report = stack.rest("GET", f"/api/v2/report/{rid}", admin).json()["report"]
+        if report["status"] != "pending":
+            break
+        time.sleep(0.05)
+    assert report["status"] == "ready", report
+    for path in (f"/api/v2/report/{rid}/csv", f"/api/v2/report/{rid}/pdf", "/api/sessions"):
+        got = stack.rest("GET", path, admin)
+        head = stack.rest("HEAD", path, admin)
+        assert (head.status_code, head.content) == (200, b"")
+        assert head.headers["content-length"] == str(len(got.content))
+        assert head.headers["content-type"] == got.headers["content-type"]
+    r = stack.rest("POST", "/api/sessions", admin, json={})
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"

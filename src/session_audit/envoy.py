@@ -15,6 +15,7 @@ from session_audit.core.config import project_root
 TEMPLATE = Path("envoy/envoy.yaml")
 DESCRIPTOR = Path("envoy/session_audit.pb")
 OPENAPI = Path("envoy/openapi.json")
+ENVOY_LOG_MAX_BYTES = 10 * 1024 * 1024
 
 
 def envoy_binary() -> str:
@@ -67,11 +68,20 @@ def start(
     config.write_text(render(http_port, grpc_port))
     # Distinct base ids let several Envoys share the machine (tests, run, bench).
     base_id = 10_000 + (http_port % 50_000) + os.getpid() % 1000 * 50_000
+    # Envoy's log goes through logcap: envoy-<port>.log is rotated to .log.1 at
+    # ENVOY_LOG_MAX_BYTES, so at most twice that stays on disk (Envoy has no size limit).
     proc = subprocess.Popen(
         [envoy_binary(), "-c", str(config), "--base-id", str(base_id), "-l", log_level,
-         "--concurrency", "2", "--log-path", str(workdir / f"envoy-{http_port}.log")],
-        start_new_session=True,
+         "--concurrency", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
+    assert proc.stderr is not None
+    subprocess.Popen(
+        [sys.executable, "-m", "session_audit.logcap", str(workdir / f"envoy-{http_port}.log"),
+         "--max-bytes", str(ENVOY_LOG_MAX_BYTES)],
+        stdin=proc.stderr, start_new_session=True,
+    )  # fmt: skip
+    proc.stderr.close()  # logcap holds the pipe; it ends when Envoy does
     try:
         wait_port(http_port)
     except TimeoutError:

@@ -110,10 +110,6 @@ def _free(kind: type, expected: str) -> Convert:
     return convert
 
 
-# proto3 JSON: an integer may be a string of ASCII digits ('²' and '--1' are not integers).
-_DECIMAL = re.compile(r"-?[0-9]{1,20}", re.ASCII)
-
-
 def _integer(kind: int) -> Convert:
     low, high = _INT_RANGES[kind]
     expected = f"expected an integer from {low} to {high}"
@@ -124,7 +120,7 @@ def _integer(kind: int) -> Convert:
             number = value
         elif kind_of is float and value.is_integer():
             number = int(value)
-        elif kind_of is str and _DECIMAL.fullmatch(value) is not None:
+        elif kind_of is str and validation.DECIMAL.fullmatch(value) is not None:
             number = int(value)
         else:
             _bad(path, "expected an integer", value)

@@ -75,18 +75,9 @@ def clamp(value: datetime) -> datetime:
 
 
 # -- integers ------------------------------------------------------------------------------------
-_DECIMAL = re.compile(r"-?[0-9]{1,20}", re.ASCII)
-
-
-def integer_text(name: str, value: str, lo: int, hi: int) -> int:
-    """A decimal integer written in ASCII digits (optional leading `-`), within lo..hi."""
-    text = value.strip()
-    if _DECIMAL.fullmatch(text) is None:
-        raise InvalidArgument(f"{name}: expected an integer, got {truncate(value)!r}")
-    number = int(text)
-    if not lo <= number <= hi:
-        raise InvalidArgument(f"{name}: expected an integer from {lo} to {hi}, got {text}")
-    return number
+# A decimal integer as text (query parameters, proto3 JSON's integers-as-strings, cursors):
+# ASCII digits with an optional leading '-' ('²', '--1', '١', '1_0', ' 1' are not integers).
+DECIMAL = re.compile(r"-?[0-9]{1,20}", re.ASCII)
 
 
 # -- JSON ----------------------------------------------------------------------------------------

@@ -457,9 +457,12 @@ def row_to_proto(r: asyncpg.Record) -> pb.Session:
         s.connection_tags.update(r["connection_tags"])
     if r["labels"]:
         s.labels.update(r["labels"])
+    # Empty objects print as {} like labels and connection_tags do (set, with no fields).
     for col in ("integrations_metadata", "metadata", "metrics"):
-        if r[col] is not None:
-            getattr(s, col).update(r[col])
+        struct = getattr(s, col)
+        struct.SetInParent()
+        if r[col]:
+            struct.update(r[col])
     if "script" in r and r["script"] is not None:
         s.script.data = r["script"]
     if "event_stream" in r and r["event_stream"] is not None:
