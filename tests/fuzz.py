@@ -683,6 +683,18 @@ class Fuzzer:
         started = time.monotonic()
         try:
             r = self.client.request(req.method, url, headers=headers, content=req.body)
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            # A kept-alive connection that Envoy closed after a refusal (it closes one whose
+            # request body it did not read): the same request on a new connection decides.
+            self.client.close()
+            self.client = httpx.Client(timeout=30)
+            started = time.monotonic()
+            try:
+                r = self.client.request(req.method, url, headers=headers, content=req.body)
+            except httpx.HTTPError as exc:
+                self.tally.total += 1
+                self.tally.server_errors.append(f"{req.label()}: {type(exc).__name__}")
+                return
         except httpx.HTTPError as exc:
             self.tally.total += 1
             self.tally.server_errors.append(f"{req.label()}: {type(exc).__name__}")

@@ -302,8 +302,10 @@ def _split(lo: datetime, hi: datetime, b: int, grain: int, finest: int) -> list[
         return [Piece(RAW, lo, hi, b)]
     inner_lo = _ceil(lo, grain)
     inner_hi = _floor(hi, grain)
-    if inner_lo >= inner_hi:
+    if inner_lo > inner_hi:  # no boundary of this grain inside
         return _split(lo, hi, b, grain - 1, finest)
+    # One boundary inside (inner_lo == inner_hi) still cuts the interval in two.
     left = _split(lo, inner_lo, b, grain - 1, finest) if lo < inner_lo else []
     right = _split(inner_hi, hi, b, grain - 1, finest) if inner_hi < hi else []
-    return [*left, Piece(grain, inner_lo, inner_hi, b), *right]
+    middle = [Piece(grain, inner_lo, inner_hi, b)] if inner_lo < inner_hi else []
+    return [*left, *middle, *right]
