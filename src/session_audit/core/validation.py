@@ -18,13 +18,22 @@ docs/input-domains.md; keep the two in step.
 from __future__ import annotations
 
 import re
+import zoneinfo
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
+from functools import cache
 from typing import Any
 
 from session_audit.core.errors import InvalidArgument
 
 MAX_TEXT = 256
+# Paging of every list (limit/offset), one definition for all surfaces.
+DEFAULT_LIMIT = 20
+MAX_LIMIT = 100
+MAX_OFFSET = 10_000
+# The zone of a request that names none.
+DEFAULT_ZONE = "Etc/UTC"
+_ZONE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+)*$")
 
 # -- time ----------------------------------------------------------------------------------------
 MIN_INSTANT = datetime(1, 1, 2, tzinfo=UTC)
@@ -167,6 +176,30 @@ def rfc3339(name: str, value: str) -> datetime | None:
     except ValueError:
         raise InvalidArgument(f"{name}: not a valid date-time: {truncate(value)!r}") from None
     return instant(name, parsed, value)
+
+
+@cache
+def _zone_names() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def parse_zone(name: str, param: str = "time_zone") -> tuple[str, zoneinfo.ZoneInfo]:
+    """(name, zone) for an IANA time zone name (exact spelling); empty means DEFAULT_ZONE."""
+    if name == "":
+        return DEFAULT_ZONE, zoneinfo.ZoneInfo(DEFAULT_ZONE)
+    if len(name) > 64 or not _ZONE_NAME.match(name) or name not in _zone_names():
+        raise InvalidArgument(
+            f"{param}: expected an IANA time zone name such as Europe/Berlin or Etc/UTC, "
+            f"got {truncate(name)!r}"
+        )
+    return name, zoneinfo.ZoneInfo(name)
+
+
+def paging(limit_set: bool, limit: int, offset_set: bool, offset: int) -> tuple[int, int]:
+    """(limit, offset) of a list request; unset fields take the defaults."""
+    lim = int_range("limit", limit, 1, MAX_LIMIT) if limit_set else DEFAULT_LIMIT
+    off = int_range("offset", offset, 0, MAX_OFFSET) if offset_set else 0
+    return lim, off
 
 
 def int_range(name: str, value: int, lo: int, hi: int) -> int:
