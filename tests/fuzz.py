@@ -644,19 +644,21 @@ def _from_case(case: Any) -> Req:
 class Tally:
     by_status: Counter[int] = field(default_factory=Counter)
     server_errors: list[str] = field(default_factory=list)
+    transport_errors: list[str] = field(default_factory=list)
     slow: list[str] = field(default_factory=list)
     leaks: list[str] = field(default_factory=list)
     total: int = 0
     seconds: float = 0.0
 
     def failures(self) -> list[str]:
-        return [*self.server_errors, *self.slow, *self.leaks]
+        return [*self.server_errors, *self.transport_errors, *self.slow, *self.leaks]
 
     def summary(self) -> str:
         counts = ", ".join(f"{status}: {n}" for status, n in sorted(self.by_status.items()))
         return (
             f"{self.total} requests in {self.seconds:.0f} s; by status: {counts}; "
-            f"5xx: {len(self.server_errors)}; slower than {SLOW:.0f} s: {len(self.slow)}; "
+            f"5xx: {len(self.server_errors)}; broken connections: {len(self.transport_errors)}; "
+            f"slower than {SLOW:.0f} s: {len(self.slow)}; "
             f"leaks: {len(self.leaks)}"
         )
 
@@ -693,11 +695,11 @@ class Fuzzer:
                 r = self.client.request(req.method, url, headers=headers, content=req.body)
             except httpx.HTTPError as exc:
                 self.tally.total += 1
-                self.tally.server_errors.append(f"{req.label()}: {type(exc).__name__}")
+                self.tally.transport_errors.append(f"{req.label()}: {type(exc).__name__}")
                 return
         except httpx.HTTPError as exc:
             self.tally.total += 1
-            self.tally.server_errors.append(f"{req.label()}: {type(exc).__name__}")
+            self.tally.transport_errors.append(f"{req.label()}: {type(exc).__name__}")
             return
         elapsed = time.monotonic() - started
         t = self.tally
@@ -788,6 +790,9 @@ def main(argv: list[str]) -> int:
                 f"fuzzing {stack.http} with {args.requests} requests, seed {args.seed}", flush=True
             )
             tally = fuzz(stack.http, tokens, args.requests, args.seed)
+            # The server's own account of any internal error (class, SQLSTATE, frames).
+            log = (work / f"server-{stack.server.port}.log").read_text(errors="replace")
+            errors = [line for line in log.splitlines() if " ERROR " in line]
         finally:
             envoy.stop(stack.envoy_proc)
             stack.server.stop()
@@ -795,6 +800,8 @@ def main(argv: list[str]) -> int:
     print(tally.summary())
     for line in tally.failures()[:50]:
         print("  " + line)
+    for line in errors[:20]:
+        print("  server log: " + line[:400])
     return 1 if tally.failures() or tally.total < args.requests else 0
 
 

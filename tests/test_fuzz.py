@@ -26,6 +26,7 @@ def test_fixed_seed_slice_of_the_fuzz_suite(stack: Stack) -> None:
     tally = fuzz(stack.http, tokens, SLICE, SEED)
     assert tally.total >= SLICE
     assert tally.server_errors == [], tally.summary()
+    assert tally.transport_errors == [], tally.summary()
     assert tally.leaks == [], tally.summary()
     # Answers were sorted: both refusals and successes occurred.
     assert tally.by_status[400] > 0 and tally.by_status[200] > 0, tally.summary()
