@@ -18,8 +18,9 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from session_audit import observability
 from session_audit.analytics.service import AnalyticsService
-from session_audit.core import db
+from session_audit.core import db, logs
 from session_audit.core.app import App
 from session_audit.core.auth import TokenCache
 from session_audit.core.config import Config
@@ -145,14 +146,18 @@ async def serve(
     reuse_port: bool = False,
     on_ready: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
+    metrics_endpoint: bool = True,
 ) -> None:
-    """Run until SIGTERM/SIGINT (or `stop` is set), then drain in-flight RPCs."""
+    """Run until SIGTERM/SIGINT (or `stop` is set), then drain in-flight RPCs. The /metrics
+    endpoint is this process's unless a parent serves it for all workers."""
     pool = await db.create_pool(dsn, config.pool_min, config.pool_max)
     ingest_pool = await db.create_pool(dsn, 1, max(2, config.pool_max // 2), json_codec=False)
     app = App(config, pool, ingest_pool)
     guard = Guard(app)
     server = grpc.aio.server(
-        interceptors=[guard, DecodeGuard()],
+        # Observer first: outermost, so it sees the status the Guard settled on; DecodeGuard
+        # innermost, answering an undecodable request once the caller is known.
+        interceptors=[observability.Observer(), guard, DecodeGuard()],
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
@@ -160,7 +165,7 @@ async def serve(
     )
     names = []
     # A servicer may carry `background_tasks` (start()/async stop()): run while serving.
-    background: list[Any] = []
+    background: list[Any] = [observability.PoolSampler(app.pools)]
     for service, add, factory in SERVICES:
         servicer = factory(app)
         guard.register(service, servicer)
@@ -179,6 +184,7 @@ async def serve(
     log.info("gRPC listening on %s:%d (pid %d)", config.grpc_host, port, os.getpid())
     for task in background:
         task.start()
+    metrics_server = observability.serve_metrics(config.metrics_port) if metrics_endpoint else None
     if on_ready is not None:
         on_ready(port)
 
@@ -195,11 +201,13 @@ async def serve(
         await task.stop()
     await pool.close()
     await ingest_pool.close()
+    if metrics_server is not None:
+        metrics_server.shutdown()
 
 
-def _worker(config: Config, dsn: str) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(serve(config, dsn, reuse_port=True))
+def _worker(config: Config, dsn: str, log_format: str) -> None:
+    logs.configure(logging.INFO, log_format)
+    asyncio.run(serve(config, dsn, reuse_port=True, metrics_endpoint=False))
 
 
 def serve_workers(config: Config, dsn: str) -> None:
@@ -209,9 +217,17 @@ def serve_workers(config: Config, dsn: str) -> None:
         return
     if config.grpc_port == 0:
         raise SystemExit("GRPC_PORT: several workers need a fixed port, not 0")
+    with observability.multiprocess_dir():
+        _run_workers(config, dsn)
+
+
+def _run_workers(config: Config, dsn: str) -> None:
+    # The workers write their metrics to PROMETHEUS_MULTIPROC_DIR; this process serves the sum.
+    metrics_server = observability.serve_metrics(config.metrics_port)
     ctx = multiprocessing.get_context("spawn")
+    fmt = logs.log_format()
     procs = [
-        ctx.Process(target=_worker, args=(replace(config, workers=1), dsn), daemon=False)
+        ctx.Process(target=_worker, args=(replace(config, workers=1), dsn, fmt), daemon=False)
         for _ in range(config.workers)
     ]
     for p in procs:
@@ -226,3 +242,7 @@ def serve_workers(config: Config, dsn: str) -> None:
     signal.signal(signal.SIGINT, forward)
     for p in procs:
         p.join()
+        if p.pid is not None:
+            observability.worker_gone(p.pid)
+    if metrics_server is not None:
+        metrics_server.shutdown()

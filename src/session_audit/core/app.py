@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import asyncpg
 import grpc
@@ -18,6 +18,11 @@ class App:
     # Connections without the JSON codec, for the ingest write path (see db.create_pool).
     ingest_pool: asyncpg.Pool
     tokens: auth.TokenCache = field(default_factory=auth.TokenCache)
+
+    def pools(self) -> dict[str, asyncpg.Pool]:
+        """Every pool the app holds, by field name (the `pool` label of the metrics)."""
+        found = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: p for name, p in found.items() if isinstance(p, asyncpg.Pool)}
 
     def remaining(self, context: grpc.aio.ServicerContext) -> float:
         """Seconds left of the caller's deadline; the default query bound when it set none.
