@@ -197,6 +197,18 @@ def test_q_nested_deeply_is_400(stack: Stack, org: tuple[str, str, str]) -> None
     assert r.status_code == 400 and _clean(r).startswith("q: expected at most 128 terms")
 
 
+def test_integers_beyond_64_bits_are_400(stack: Stack, org: tuple[str, str, str]) -> None:
+    """Found by `make fuzz`: the message showing the value failed on a 70-bit integer (500)."""
+    r = _ingest(stack, org[1], [_session(exit_code=2**70)])
+    assert r.status_code == 400, r.text
+    assert _clean(r).startswith("sessions[0].exit_code: expected an integer from -2147483648")
+    r = _ingest(stack, org[1], [_session(verb=2**70)])
+    assert r.status_code == 400 and _clean(r).startswith("body: ")
+    r = _ingest(stack, org[1], [_session(event_size=-(2**70))])
+    assert r.status_code == 200 and r.json()["rejected"] == 1, r.text
+    assert r.json()["rejections"][0]["reason"].startswith("event_size: expected a whole number")
+
+
 @pytest.mark.parametrize("code", ["--1", "²", "1_0", "١", " 1", "0x10", "1e3"])
 def test_exit_codes_that_are_not_integers_are_400(
     stack: Stack, org: tuple[str, str, str], code: str

@@ -65,7 +65,10 @@ def _shown(value: Any) -> str:
     elif isinstance(value, dict | list) and validation.json_depth(value, 8) > 8:
         text = "{…}" if isinstance(value, dict) else "[…]"
     else:
-        text = orjson.dumps(value).decode()
+        try:
+            text = orjson.dumps(value).decode()
+        except TypeError:  # integers beyond 64 bits, which JSON (and the parser) allow
+            text = json.dumps(value)
     return text if len(text) <= 60 else text[:60] + "…"
 
 
