@@ -10,7 +10,7 @@ PROTOC  = PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Ip
           -I$$($(BIN)/python -c 'import grpc_tools,os;print(os.path.join(os.path.dirname(grpc_tools.__file__),"_proto"))') \
           -I$$($(BIN)/python -c 'import google.api.annotations_pb2 as m,os;print(os.path.dirname(os.path.dirname(os.path.dirname(m.__file__))))')
 
-.PHONY: all venv proto check-proto descriptor lint test run bench bench-reports bench-analytics clean
+.PHONY: all venv proto check-proto descriptor lint test test-citus run bench bench-reports bench-analytics clean
 
 all: venv descriptor
 
@@ -48,6 +48,17 @@ lint: $(STAMP)
 
 test: $(STAMP) check-proto $(DESC) lint
 	$(BIN)/pytest
+
+# The API test modules on a Citus cluster: a coordinator and two workers started for the run
+# (binaries from CITUS_PG_BIN, else built by ../shared/citus/build-citus), stopped afterwards.
+# Includes the router-plan check (tests/test_citus_router.py). See docs/scaling.md.
+CITUS_TESTS ?= tests/test_citus_router.py tests/test_sessions_list.py tests/test_ingest.py \
+               tests/test_analytics_api.py tests/test_rollups.py tests/test_reports_api.py \
+               tests/test_report_downloads.py tests/test_report_filter.py \
+               tests/test_report_scheduler.py tests/test_report_crash.py tests/test_contract.py
+test-citus: $(STAMP) $(DESC)
+	$(BIN)/python -m tests.citus_cluster run -- $(BIN)/pytest -p no:cacheprovider \
+	  --basetemp=.pytest-tmp-citus $(CITUS_TESTS)
 
 run: $(STAMP) $(DESC)
 	$(BIN)/session-audit run

@@ -196,9 +196,9 @@ def load(stack: Stack, world: World) -> tuple[uuid.UUID, list[Spec]]:
         if world.deleted:
             conn = await db.connect(stack.dsn)
             try:
-                await conn.execute(
-                    "DELETE FROM sessions WHERE id = any($1::uuid[])",
-                    [uuid.UUID(s.id) for s in world.deleted],
+                # The service's delete (no trigger): rollups follow in the same transaction.
+                await rollups.delete_sessions(
+                    conn, org, [uuid.UUID(s.id) for s in world.deleted], 60.0
                 )
             finally:
                 await conn.close()

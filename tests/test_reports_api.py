@@ -721,11 +721,14 @@ def test_a_report_whose_generation_keeps_dying_is_failed_not_retried_forever(
     a finished report leaves no count."""
 
     def pending(title: str, attempts: int) -> str:
+        org = stack.sql("SELECT id FROM orgs WHERE name = $1", world.org)[0]["id"]
         rows = stack.sql(
-            "WITH r AS (INSERT INTO reports (org_id, owner, owner_scope, defined_report_id, type,"
-            " title) SELECT id, 'admin@acme.example', 'org', 11, 'session_summary', $2 FROM orgs"
-            " WHERE name = $1 RETURNING id), a AS (INSERT INTO report_attempts"
-            " SELECT id, $3 FROM r) SELECT id FROM r", world.org, title, attempts)  # fmt: skip
+            "INSERT INTO reports (org_id, owner, owner_scope, defined_report_id, type, title)"
+            " VALUES ($1, 'admin@acme.example', 'org', 11, 'session_summary', $2) RETURNING id",
+            org, title)  # fmt: skip
+        stack.sql(
+            "INSERT INTO report_attempts (org_id, report_id, attempts) VALUES ($1, $2, $3)",
+            org, rows[0]["id"], attempts)  # fmt: skip
         return str(rows[0]["id"])
 
     doomed, survivor = pending("doomed", 3), pending("survivor", 2)

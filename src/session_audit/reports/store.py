@@ -2,7 +2,9 @@
 
 Who sees what (README "Reports: permissions"): every statement is scoped by the caller's org;
 a `user` reads only objects they own (owner = their token's e-mail, lower case), admin and
-auditor read the whole org's. Predefined definitions (org_id NULL) are visible to everyone.
+auditor read the whole org's. Predefined definitions (owner NULL; every org has its copy,
+ids 5-16) are visible to everyone. Every statement names the org (`org_id = …` on each table
+it reads), so on Citus it is routed to the one node holding the org (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -117,13 +119,14 @@ def _definition_select(me: Owner) -> SelectFn:
     def select(p: Params) -> str:
         org, email, reads = p(me.org_id), p(me.email), p(me.reads_org)
         return f"""
-SELECT d.id, d.org_id, d.title, d.type, d.query_filter, d.query_order, d.owner,
-       d.created_at, d.modified_at,
+SELECT d.id, CASE WHEN d.owner IS NOT NULL THEN d.org_id END AS org_id, d.title, d.type,
+       d.query_filter, d.query_order, d.owner, d.created_at, d.modified_at,
        EXISTS (SELECT 1 FROM report_subscriptions rs
-                WHERE rs.defined_report_id = d.id AND rs.org_id = {org} AND rs.owner = {email})
+                WHERE rs.org_id = d.org_id AND rs.defined_report_id = d.id
+                  AND rs.org_id = {org} AND rs.owner = {email})
            AS subscribed,
        EXISTS (SELECT 1 FROM reports r
-                WHERE r.defined_report_id = d.id AND r.org_id = {org}
+                WHERE r.org_id = d.org_id AND r.defined_report_id = d.id AND r.org_id = {org}
                   AND ({reads}::boolean OR r.owner = {email})) AS has_reports
   FROM defined_reports d"""  # noqa: S608
 
@@ -131,11 +134,9 @@ SELECT d.id, d.org_id, d.title, d.type, d.query_filter, d.query_order, d.owner,
 
 
 def _definitions_where(me: Owner) -> Where:
-    where = Where()
-    if me.reads_org:
-        where.add("d.org_id IS NULL OR d.org_id = {}", me.org_id)
-    else:
-        where.add("d.org_id IS NULL OR (d.org_id = {} AND d.owner = {})", me.org_id, me.email)
+    where = Where().add("d.org_id = {}", me.org_id)
+    if not me.reads_org:
+        where.add("d.owner IS NULL OR d.owner = {}", me.email)
     return where
 
 
@@ -220,7 +221,8 @@ async def delete_definition(conn: Conn, me: Owner, id_: int, timeout: float) -> 
         gone = await conn.fetchrow(
             "DELETE FROM defined_reports WHERE id = $1 AND org_id = $2"
             " RETURNING title, type, owner,"
-            " (SELECT count(*) FROM report_subscriptions WHERE defined_report_id = $1)"
+            " (SELECT count(*) FROM report_subscriptions"
+            "   WHERE org_id = $2 AND defined_report_id = $1)"
             "   AS subscriptions",
             id_, me.org_id, timeout=timeout,
         )  # fmt: skip
@@ -237,7 +239,8 @@ r.period_end, r.status, r.failure, r.row_count, r.generated_at, r.created_at, r.
 
 REPORT_SELECT = f"""
 SELECT {REPORT_COLUMNS}, d.title AS defined_report_title
-  FROM reports r LEFT JOIN defined_reports d ON d.id = r.defined_report_id"""  # noqa: S608
+  FROM reports r
+  LEFT JOIN defined_reports d ON d.org_id = r.org_id AND d.id = r.defined_report_id"""  # noqa: S608
 
 
 async def list_reports(
@@ -307,6 +310,13 @@ async def create_report(conn: Conn, me: Owner, r: NewReport, timeout: float) -> 
     return id_
 
 
+DELETE_REPORT = (
+    "DELETE FROM report_rows WHERE org_id = $1 AND report_id = $2",
+    "DELETE FROM reports WHERE org_id = $1 AND id = $2",
+    "DELETE FROM report_attempts WHERE org_id = $1 AND report_id = $2",
+)
+
+
 async def delete_report(conn: Conn, me: Owner, id_: int, timeout: float) -> None:
     """Waits at most 2 s for a generation holding the report (then 409)."""
     async with conn.transaction():
@@ -320,32 +330,35 @@ async def delete_report(conn: Conn, me: Owner, id_: int, timeout: float) -> None
         except asyncpg.LockNotAvailableError:
             raise Conflict(f"report {id_} is being generated; try again when it is ready") from None
         assert row is not None
-        await conn.execute("DELETE FROM report_rows WHERE report_id = $1", id_, timeout=timeout)
-        await conn.execute("DELETE FROM reports WHERE id = $1", id_, timeout=timeout)
-        await conn.execute("DELETE FROM report_attempts WHERE report_id = $1", id_, timeout=timeout)
+        for sql in DELETE_REPORT:
+            await conn.execute(sql, me.org_id, id_, timeout=timeout)
         await audit(conn, me, "delete", "report", id_, dict(row), timeout)
 
 
 # -- snapshot reads (downloads) ----------------------------------------------------------------
 
 REPORT_CONTENT = """
-SELECT summary, chart, note FROM reports WHERE id = $1
+SELECT summary, chart, note FROM reports WHERE org_id = $1 AND id = $2
 """
-ROWS = "SELECT cells FROM report_rows WHERE report_id = $1 AND n > $2 ORDER BY n LIMIT $3"
+ROWS = """
+SELECT cells FROM report_rows WHERE org_id = $1 AND report_id = $2 AND n > $3 ORDER BY n LIMIT $4
+"""
 
 
-async def report_content(conn: Conn | asyncpg.Pool, id_: int, timeout: float) -> asyncpg.Record:
-    row: asyncpg.Record | None = await conn.fetchrow(REPORT_CONTENT, id_, timeout=timeout)
+async def report_content(
+    conn: Conn | asyncpg.Pool, org_id: uuid.UUID, id_: int, timeout: float
+) -> asyncpg.Record:
+    row: asyncpg.Record | None = await conn.fetchrow(REPORT_CONTENT, org_id, id_, timeout=timeout)
     if row is None:
         raise NotFound(f"report {id_} not found")
     return row
 
 
 async def report_rows(
-    conn: Conn, id_: int, after: int, limit: int, timeout: float
+    conn: Conn, org_id: uuid.UUID, id_: int, after: int, limit: int, timeout: float
 ) -> list[list[str]]:
     """Rows n > after, in order (keyset pages: constant cost at any depth)."""
-    rows = await conn.fetch(ROWS, id_, after, limit, timeout=timeout)
+    rows = await conn.fetch(ROWS, org_id, id_, after, limit, timeout=timeout)
     return [r["cells"] for r in rows]
 
 
