@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from session_audit.core.config import project_root
@@ -26,8 +27,21 @@ def envoy_binary() -> str:
     return found
 
 
-def render(http_port: int, grpc_port: int, root: Path | None = None) -> str:
-    """envoy.yaml with the listener, upstream port and descriptor path filled in."""
+ENDPOINT = """\
+        - endpoint:
+            address:
+              socket_address: {address: 127.0.0.1, port_value: 50051}
+"""
+
+
+def render(
+    http_port: int,
+    grpc_port: int,
+    root: Path | None = None,
+    upstreams: Sequence[tuple[str, int]] = (),
+) -> str:
+    """envoy.yaml with the listener, upstream port and descriptor path filled in; with
+    `upstreams`, one endpoint per (host, port) instead of 127.0.0.1:grpc_port."""
     base = root or project_root()
     text = (base / TEMPLATE).read_text()
     descriptor = base / DESCRIPTOR
@@ -38,6 +52,15 @@ def render(http_port: int, grpc_port: int, root: Path | None = None) -> str:
         "port_value: 50051": f"port_value: {grpc_port}",
         f"proto_descriptor: {DESCRIPTOR}": f"proto_descriptor: {descriptor}",
     }
+    if upstreams:
+        if ENDPOINT not in text:
+            raise ValueError(f"{TEMPLATE}: expected one 127.0.0.1:50051 endpoint")
+        endpoints = "".join(
+            ENDPOINT.replace("127.0.0.1", host).replace("50051", str(port))
+            for host, port in upstreams
+        )
+        text = text.replace(ENDPOINT, endpoints)
+        replacements = {k: v for k, v in replacements.items() if k != "port_value: 50051"}
     for old, new in replacements.items():
         if old not in text:
             raise ValueError(f"{TEMPLATE}: expected '{old}' in the template")
@@ -56,13 +79,17 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 
 
 def start(
-    http_port: int, grpc_port: int, workdir: Path, log_level: str = "warn"
+    http_port: int,
+    grpc_port: int,
+    workdir: Path,
+    log_level: str = "warn",
+    upstreams: Sequence[tuple[str, int]] = (),
 ) -> subprocess.Popen[bytes]:
     """Start Envoy in its own session (so it outlives no one but is not killed with a shell's
-    process group) and wait until it listens."""
+    process group) and wait until it listens. `upstreams`: several server instances."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / f"envoy-{http_port}.yaml"
-    config.write_text(render(http_port, grpc_port))
+    config.write_text(render(http_port, grpc_port, upstreams=upstreams))
     # Distinct base ids let several Envoys share the machine (tests, run, bench).
     base_id = 10_000 + (http_port % 50_000) + os.getpid() % 1000 * 50_000
     proc = subprocess.Popen(
