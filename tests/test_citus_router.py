@@ -16,7 +16,7 @@ import asyncio
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -111,6 +111,10 @@ def statements(log: Path, offset: int) -> Iterator[tuple[str, dict[int, str]]]:
         yield sql, params
 
 
+def _literal(params: dict[int, str]) -> Callable[[re.Match[str]], str]:
+    return lambda m: params[int(m.group(1))]
+
+
 async def _explain_all(
     dsn: str, found: list[tuple[str, dict[int, str]]]
 ) -> tuple[dict[str, int], dict[str, str]]:
@@ -129,7 +133,7 @@ async def _explain_all(
             if key in CROSS_ORG:
                 continue
             # The logged values as literals (untyped: each takes its parameter's type).
-            text = re.sub(r"\$(\d+)\b", lambda m, p=params: p[int(m.group(1))], sql)
+            text = re.sub(r"\$(\d+)\b", _literal(params), sql)
             try:
                 plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {text}"))
             except asyncpg.PostgresError as exc:
