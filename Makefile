@@ -55,7 +55,8 @@ test: $(STAMP) check-proto $(DESC) lint
 CITUS_TESTS ?= tests/test_citus_router.py tests/test_sessions_list.py tests/test_ingest.py \
                tests/test_analytics_api.py tests/test_rollups.py tests/test_reports_api.py \
                tests/test_report_downloads.py tests/test_report_filter.py \
-               tests/test_report_scheduler.py tests/test_report_crash.py tests/test_contract.py
+               tests/test_report_scheduler.py tests/test_report_crash.py tests/test_contract.py \
+               tests/test_instances.py
 test-citus: $(STAMP) $(DESC)
 	$(BIN)/python -m tests.citus_cluster run -- $(BIN)/pytest -p no:cacheprovider \
 	  --basetemp=.pytest-tmp-citus $(CITUS_TESTS)

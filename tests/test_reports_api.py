@@ -261,7 +261,9 @@ def test_pending_report_is_409_then_downloads(stack: Stack, world: World) -> Non
                 " VALUES ($1, 'admin@acme.example', 'org', 11, 'session_summary', 'held')"
                 " RETURNING id", org_id)  # fmt: skip
             async with conn.transaction():
-                await conn.execute("SELECT 1 FROM reports WHERE id = $1 FOR UPDATE", rid)
+                await conn.execute(
+                    "SELECT 1 FROM reports WHERE org_id = $1 AND id = $2 FOR UPDATE", org_id, rid
+                )
                 await asyncio.sleep(0.3)
                 r = await asyncio.to_thread(stack.rest, "GET", f"/api/v2/report/{rid}/csv",
                                             world.admin)  # fmt: skip
@@ -702,7 +704,8 @@ def test_failed_generation_leaves_no_partial_rows(stack: Stack, world: World) ->
         conn: asyncpg.Connection = await db.connect(stack.dsn)
         try:
             n = await conn.fetchval(
-                "SELECT count(*) FROM report_rows rr JOIN reports r ON r.id = rr.report_id"
+                "SELECT count(*) FROM report_rows rr"
+                " JOIN reports r ON r.org_id = rr.org_id AND r.id = rr.report_id"
                 " WHERE r.status <> 'ready'"
             )
             assert n == 0
