@@ -24,8 +24,10 @@ class AnalyticsService(pb_grpc.AnalyticsServiceServicer):
     ) -> pb.SessionReport:
         who = await self.app.caller(context, READERS, "read session reports")
         query = requests.parse_report(request, datetime.now(UTC))
-        async with self.app.pool.acquire() as conn:
-            result = await store.report(conn, who, query, self.app.timeout(context))
+        timeout = self.app.timeout(context)
+        result = await self.app.read(
+            who.token_id, lambda conn: store.report(conn, who, query, timeout)
+        )
         return rows.report_to_proto(result)
 
     @rpc("GetSessionHistogram")
@@ -34,8 +36,10 @@ class AnalyticsService(pb_grpc.AnalyticsServiceServicer):
     ) -> pb.HistogramResponse:
         who = await self.app.caller(context, READERS, "read session histograms")
         query = requests.parse_histogram(request, datetime.now(UTC))
-        async with self.app.pool.acquire() as conn:
-            result = await store.histogram(conn, who, query, self.app.timeout(context))
+        timeout = self.app.timeout(context)
+        result = await self.app.read(
+            who.token_id, lambda conn: store.histogram(conn, who, query, timeout)
+        )
         return rows.histogram_to_proto(query, result, self._remaining(context))
 
     @rpc("GetSessionStats")
@@ -44,8 +48,10 @@ class AnalyticsService(pb_grpc.AnalyticsServiceServicer):
     ) -> pb.SessionStatsResponse:
         who = await self.app.caller(context, READERS, "read session statistics")
         query = requests.parse_stats(request, datetime.now(UTC))
-        async with self.app.pool.acquire() as conn:
-            result = await store.stats(conn, who, query, self.app.timeout(context))
+        timeout = self.app.timeout(context)
+        result = await self.app.read(
+            who.token_id, lambda conn: store.stats(conn, who, query, timeout)
+        )
         return rows.stats_to_proto(query, result, self._remaining(context))
 
     def _remaining(self, context: grpc.aio.ServicerContext) -> float:

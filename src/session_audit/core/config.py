@@ -53,6 +53,10 @@ class Config:
     shutdown_grace: float
     # Seconds between database probes of the health service.
     health_interval: float
+    # A streaming standby for read-only calls (core/reads.py); empty: all reads on the primary.
+    database_read_url: str = ""
+    # A standby further behind than this is not read from.
+    read_max_lag: float = 10.0
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -71,4 +75,6 @@ class Config:
             default_query_timeout=float(_int(env, "QUERY_TIMEOUT_SECONDS", 30, 1, 3600)),
             shutdown_grace=float(_int(env, "SHUTDOWN_GRACE_SECONDS", 10, 0, 600)),
             health_interval=float(_int(env, "HEALTH_INTERVAL_SECONDS", 2, 1, 60)),
+            database_read_url=env.get("DATABASE_READ_URL", ""),
+            read_max_lag=float(_int(env, "READ_MAX_LAG_SECONDS", 10, 0, 86400)),
         )

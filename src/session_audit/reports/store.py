@@ -20,7 +20,8 @@ import asyncpg
 
 from session_audit.core.auth import ORG_READERS, Principal
 from session_audit.core.db import Conn
-from session_audit.core.errors import Conflict, NotFound
+from session_audit.core.errors import Conflict
+from session_audit.core.reads import Behind
 from session_audit.core.sql import Params, Where
 
 
@@ -31,10 +32,12 @@ class Owner:
     org_id: uuid.UUID
     email: str  # lower case; the owner key of what they create
     role: str
+    # Which caller's reads these are (core.reads: read-your-writes on a standby).
+    token_id: int = 0
 
     @classmethod
     def of(cls, who: Principal) -> Owner:
-        return cls(who.org_id, who.email.strip().lower(), who.role)
+        return cls(who.org_id, who.email.strip().lower(), who.role, who.token_id)
 
     @property
     def reads_org(self) -> bool:
@@ -338,7 +341,7 @@ async def delete_report(conn: Conn, me: Owner, id_: int, timeout: float) -> None
 # -- snapshot reads (downloads) ----------------------------------------------------------------
 
 REPORT_CONTENT = """
-SELECT summary, chart, note FROM reports WHERE org_id = $1 AND id = $2
+SELECT summary, chart, note FROM reports WHERE org_id = $1 AND id = $2 AND status = 'ready'
 """
 ROWS = """
 SELECT cells FROM report_rows WHERE org_id = $1 AND report_id = $2 AND n > $3 ORDER BY n LIMIT $4
@@ -348,9 +351,11 @@ SELECT cells FROM report_rows WHERE org_id = $1 AND report_id = $2 AND n > $3 OR
 async def report_content(
     conn: Conn | asyncpg.Pool, org_id: uuid.UUID, id_: int, timeout: float
 ) -> asyncpg.Record:
+    """A ready report's summary, chart and note. Raises reads.Behind when this database does not
+    have it ready (a standby behind the primary, or the report deleted meanwhile)."""
     row: asyncpg.Record | None = await conn.fetchrow(REPORT_CONTENT, org_id, id_, timeout=timeout)
     if row is None:
-        raise NotFound(f"report {id_} not found")
+        raise Behind(f"report {id_} not ready here")
     return row
 
 
