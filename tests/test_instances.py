@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,6 +19,13 @@ from tests.factories import T0, Spec
 from tests.support import ServerProcess, Stack
 
 CLIENTS = 4
+
+
+def _until(check: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "reads did not progress"
+        time.sleep(0.05)
 
 
 def test_killing_one_of_two_instances_fails_no_read_beyond_those_in_flight(
@@ -62,13 +70,15 @@ def test_killing_one_of_two_instances_fails_no_read_beyond_those_in_flight(
     try:
         for t in threads:
             t.start()
-        time.sleep(1.5)
+        _until(lambda: len(results) >= 30)
         victim = instances[1].proc
         assert victim is not None
         killed_at.append(time.monotonic())
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait(10)
-        time.sleep(3.0)
+        done = len(results)
+        _until(lambda: len(results) >= done + 60)
+        time.sleep(1.0)
     finally:
         stop.set()
         for t in threads:
@@ -82,7 +92,7 @@ def test_killing_one_of_two_instances_fails_no_read_beyond_those_in_flight(
     # In flight on the killed instance: at most one per client, sent before the kill and
     # answered after it.
     in_flight = [r for r in results if r[0] <= kill <= r[1]]
-    assert len(before) > 20 and len(after) > 20, (len(before), len(after))
+    assert len(before) >= 20 and len(after) >= 50, (len(before), len(after))
     assert all(r in in_flight for r in failed), (failed, bodies)
     assert len(failed) <= CLIENTS
     print(f"\nreads: {len(results)}, {len(before)} before the kill, {len(after)} after; "
