@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -41,17 +41,13 @@ class App:
         if self.reads is not None:
             await self.reads.wrote(who.token_id)
 
-    def timeout(self, context: grpc.aio.ServicerContext) -> float:
-        """Seconds a query may run: the caller's remaining deadline, else the default."""
-        remaining: float | None = context.time_remaining()
-        default = self.config.default_query_timeout
-        if remaining is None:
-            return default
-        return max(0.001, min(default, remaining))
+    def remaining(self, context: grpc.aio.ServicerContext) -> float:
+        """Seconds left of the caller's deadline; the default query bound when it set none.
+        The one place a deadline is read."""
+        left: float | None = context.time_remaining()
+        return self.config.default_query_timeout if left is None else left
 
-    async def caller(
-        self, context: grpc.aio.ServicerContext, roles: Collection[str], action: str
-    ) -> auth.Principal:
-        return await auth.authenticate(
-            self.pool, context, roles, action, self.timeout(context), self.tokens
-        )
+    def timeout(self, context: grpc.aio.ServicerContext) -> float:
+        """Seconds a query may run: what is left of the caller's deadline, at most the default
+        (and never zero or negative)."""
+        return max(0.001, min(self.config.default_query_timeout, self.remaining(context)))
