@@ -468,8 +468,10 @@ async def ingest(url: str, conn: asyncpg.Connection, srv: ServerProcess, args: A
               f"(written {reply.written:,})")  # fmt: skip
         await channel.close()
     finally:
-        # Leave the data set as loaded (the trigger takes these out of the rollups too).
+        # Leave the data set as loaded: these orgs' sessions and rollup rows go.
         await writer.execute("DELETE FROM sessions WHERE org_id = any($1::uuid[])", orgs)
+        for f in rollups.FAMILIES:
+            await writer.execute(f"DELETE FROM {f.table} WHERE org_id = any($1::uuid[])", orgs)
         await writer.close()
 
 
