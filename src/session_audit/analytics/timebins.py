@@ -250,8 +250,13 @@ def _split(lo: datetime, hi: datetime, b: int, grain: int, finest: int) -> list[
         return [Piece(RAW, lo, hi, b)]
     inner_lo = _ceil(lo, grain)
     inner_hi = _floor(hi, grain)
-    if inner_lo >= inner_hi:
+    if inner_lo > inner_hi:
         return _split(lo, hi, b, grain - 1, finest)
+    if inner_lo == inner_hi:
+        # No whole unit inside, but a boundary: cut there, so each side is shorter than a unit
+        # (a raw remainder never spans a whole finest unit).
+        return [*_split(lo, inner_lo, b, grain - 1, finest),
+                *_split(inner_lo, hi, b, grain - 1, finest)]  # fmt: skip
     left = _split(lo, inner_lo, b, grain - 1, finest) if lo < inner_lo else []
     right = _split(inner_hi, hi, b, grain - 1, finest) if inner_hi < hi else []
     return [*left, Piece(grain, inner_lo, inner_hi, b), *right]
