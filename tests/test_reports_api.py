@@ -723,16 +723,25 @@ def test_a_report_whose_generation_keeps_dying_is_failed_not_retried_forever(
     failed on the next claim, with the reason. One interrupted attempt less still generates, and
     a finished report leaves no count."""
 
+    async def insert(title: str, attempts: int) -> str:
+        # One transaction: no generator may claim the report before its count is there.
+        conn = await db.connect(stack.dsn)
+        try:
+            async with conn.transaction():
+                org = await conn.fetchval("SELECT id FROM orgs WHERE name = $1", world.org)
+                rid = await conn.fetchval(
+                    "INSERT INTO reports (org_id, owner, owner_scope, defined_report_id, type,"
+                    " title) VALUES ($1, 'admin@acme.example', 'org', 11, 'session_summary', $2)"
+                    " RETURNING id", org, title)  # fmt: skip
+                await conn.execute(
+                    "INSERT INTO report_attempts (org_id, report_id, attempts) VALUES ($1, $2, $3)",
+                    org, rid, attempts)  # fmt: skip
+            return str(rid)
+        finally:
+            await conn.close()
+
     def pending(title: str, attempts: int) -> str:
-        org = stack.sql("SELECT id FROM orgs WHERE name = $1", world.org)[0]["id"]
-        rows = stack.sql(
-            "INSERT INTO reports (org_id, owner, owner_scope, defined_report_id, type, title)"
-            " VALUES ($1, 'admin@acme.example', 'org', 11, 'session_summary', $2) RETURNING id",
-            org, title)  # fmt: skip
-        stack.sql(
-            "INSERT INTO report_attempts (org_id, report_id, attempts) VALUES ($1, $2, $3)",
-            org, rows[0]["id"], attempts)  # fmt: skip
-        return str(rows[0]["id"])
+        return asyncio.run(insert(title, attempts))
 
     doomed, survivor = pending("doomed", 3), pending("survivor", 2)
     report = wait_report(stack, world.admin, doomed)
