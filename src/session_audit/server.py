@@ -18,8 +18,9 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from session_audit import observability
 from session_audit.analytics.service import AnalyticsService
-from session_audit.core import db
+from session_audit.core import db, logs
 from session_audit.core.app import App
 from session_audit.core.auth import TokenCache
 from session_audit.core.config import Config
@@ -145,8 +146,10 @@ async def serve(
     reuse_port: bool = False,
     on_ready: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
+    metrics_endpoint: bool = True,
 ) -> None:
-    """Run until SIGTERM/SIGINT (or `stop` is set), then drain in-flight RPCs."""
+    """Run until SIGTERM/SIGINT (or `stop` is set), then drain in-flight RPCs. The /metrics
+    endpoint is this process's unless a parent serves it for all workers."""
     pool = await db.create_pool(dsn, config.pool_min, config.pool_max)
     ingest_pool = await db.create_pool(dsn, 1, max(2, config.pool_max // 2), json_codec=False)
     standby = None
@@ -157,7 +160,8 @@ async def serve(
     app = App(config, pool, ingest_pool, reads=reads)
     guard = Guard(app)
     server = grpc.aio.server(
-        interceptors=[guard],
+        # Observer first: outermost, so it sees the status the Guard settled on.
+        interceptors=[observability.Observer(), guard],
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
@@ -165,7 +169,7 @@ async def serve(
     )
     names = []
     # A servicer may carry `background_tasks` (start()/async stop()): run while serving.
-    background: list[Any] = []
+    background: list[Any] = [observability.PoolSampler(app.pools)]
     for service, add, factory in SERVICES:
         servicer = factory(app)
         guard.register(service, servicer)
@@ -185,6 +189,7 @@ async def serve(
     for task in background:
         task.start()
     reads.start()
+    metrics_server = observability.serve_metrics(config.metrics_port) if metrics_endpoint else None
     if on_ready is not None:
         on_ready(port)
 
@@ -204,11 +209,13 @@ async def serve(
         await standby.close()
     await pool.close()
     await ingest_pool.close()
+    if metrics_server is not None:
+        metrics_server.shutdown()
 
 
-def _worker(config: Config, dsn: str) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(serve(config, dsn, reuse_port=True))
+def _worker(config: Config, dsn: str, log_format: str) -> None:
+    logs.configure(logging.INFO, log_format)
+    asyncio.run(serve(config, dsn, reuse_port=True, metrics_endpoint=False))
 
 
 def serve_workers(config: Config, dsn: str) -> None:
@@ -218,9 +225,17 @@ def serve_workers(config: Config, dsn: str) -> None:
         return
     if config.grpc_port == 0:
         raise SystemExit("GRPC_PORT: several workers need a fixed port, not 0")
+    with observability.multiprocess_dir():
+        _run_workers(config, dsn)
+
+
+def _run_workers(config: Config, dsn: str) -> None:
+    # The workers write their metrics to PROMETHEUS_MULTIPROC_DIR; this process serves the sum.
+    metrics_server = observability.serve_metrics(config.metrics_port)
     ctx = multiprocessing.get_context("spawn")
+    fmt = logs.log_format()
     procs = [
-        ctx.Process(target=_worker, args=(replace(config, workers=1), dsn), daemon=False)
+        ctx.Process(target=_worker, args=(replace(config, workers=1), dsn, fmt), daemon=False)
         for _ in range(config.workers)
     ]
     for p in procs:
@@ -235,3 +250,7 @@ def serve_workers(config: Config, dsn: str) -> None:
     signal.signal(signal.SIGINT, forward)
     for p in procs:
         p.join()
+        if p.pid is not None:
+            observability.worker_gone(p.pid)
+    if metrics_server is not None:
+        metrics_server.shutdown()

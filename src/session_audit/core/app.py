@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TypeVar
 
 import asyncpg
@@ -40,6 +40,11 @@ class App:
         has replayed past the primary's position now (which is past the commit)."""
         if self.reads is not None:
             await self.reads.wrote(who.token_id)
+
+    def pools(self) -> dict[str, asyncpg.Pool]:
+        """Every pool the app holds, by field name (the `pool` label of the metrics)."""
+        found = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: p for name, p in found.items() if isinstance(p, asyncpg.Pool)}
 
     def remaining(self, context: grpc.aio.ServicerContext) -> float:
         """Seconds left of the caller's deadline; the default query bound when it set none.

@@ -57,6 +57,11 @@ class Config:
     database_read_url: str = ""
     # A standby further behind than this is not read from.
     read_max_lag: float = 10.0
+    # Loopback port of the server's Prometheus /metrics (0: none).
+    metrics_port: int = 9464
+    # Loopback port where Envoy's /stats/prometheus is served, and nothing else of its admin
+    # interface (0: none).
+    envoy_metrics_port: int = 9465
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -77,4 +82,6 @@ class Config:
             health_interval=float(_int(env, "HEALTH_INTERVAL_SECONDS", 2, 1, 60)),
             database_read_url=env.get("DATABASE_READ_URL", ""),
             read_max_lag=float(_int(env, "READ_MAX_LAG_SECONDS", 10, 0, 86400)),
+            metrics_port=_int(env, "METRICS_PORT", 9464, 0, 65535),
+            envoy_metrics_port=_int(env, "ENVOY_METRICS_PORT", 9465, 0, 65535),
         )

@@ -36,6 +36,7 @@ import asyncpg
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
+from session_audit.core import metrics
 from session_audit.core.app import App
 from session_audit.core.auth import Principal, authenticate
 from session_audit.core.errors import UNAVAILABLE, ServiceError
@@ -85,6 +86,7 @@ async def abort_for(context: grpc.aio.ServicerContext, method: str, exc: Excepti
     if isinstance(exc, ServiceError):
         await context.abort(exc.code, exc.message)
     elif isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
+        metrics.STATEMENT_TIMEOUTS.labels("rpc").inc()
         await context.abort(
             grpc.StatusCode.DEADLINE_EXCEEDED,
             f"{method}: the query did not finish before the deadline",

@@ -24,6 +24,7 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
+from session_audit.core import metrics
 from session_audit.core.db import Conn
 from session_audit.core.errors import UNAVAILABLE, ServiceError
 from session_audit.core.sql import Sql, Template, Where
@@ -66,6 +67,8 @@ MARK_FAILED = """
 UPDATE reports SET status = 'failed', failure = $2, modified_at = now()
  WHERE org_id = $3 AND id = $1 AND status = 'pending'
 """
+# The generation queue's depth, for the metrics (the partial index reports_pending answers it).
+PENDING = "SELECT count(*) FROM reports WHERE status = 'pending'"
 # Largest number of chart bars; the bucket unit grows with the span to stay under it.
 MAX_BUCKETS = 800
 
@@ -302,6 +305,8 @@ async def generate_next(pool: asyncpg.Pool, timeout: float) -> int | None:
 async def _generate_in(pool: asyncpg.Pool, org_id: uuid.UUID, timeout: float) -> int | None:
     async with pool.acquire() as conn:
         claimed: int | None = None
+        began = time.monotonic()
+        built = False
         try:
             async with conn.transaction(isolation="repeatable_read"):
                 row = await conn.fetchrow(CLAIM, org_id, timeout=timeout)
@@ -314,9 +319,13 @@ async def _generate_in(pool: asyncpg.Pool, org_id: uuid.UUID, timeout: float) ->
                               attempt - 1)  # fmt: skip
                     await conn.execute(MARK_FAILED, claimed, interrupted_reason(attempt - 1),
                                        org_id)  # fmt: skip
+                    metrics.REPORT_FAILURES.inc()
                 else:
                     await build(conn, Claimed.of(row), time.monotonic() + timeout)
+                    built = True
             await conn.execute(FORGET_ATTEMPTS, org_id, claimed, timeout=timeout)
+            if built:
+                metrics.REPORT_SECONDS.labels("ready").observe(time.monotonic() - began)
             return claimed
         except asyncpg.SerializationError:
             # Another process finished it after our snapshot began: nothing to do.
@@ -329,6 +338,10 @@ async def _generate_in(pool: asyncpg.Pool, org_id: uuid.UUID, timeout: float) ->
             log.warning("report %s failed: %s", claimed, reason, exc_info=exc)
             await conn.execute(MARK_FAILED, claimed, reason, org_id)
             await conn.execute(FORGET_ATTEMPTS, org_id, claimed)
+            metrics.REPORT_FAILURES.inc()
+            metrics.REPORT_SECONDS.labels("failed").observe(time.monotonic() - began)
+            if isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
+                metrics.STATEMENT_TIMEOUTS.labels("report").inc()
             return claimed
 
 
@@ -375,9 +388,23 @@ class Generators:
                 await asyncio.wait_for(self._wake.wait(), self.poll)
             self._wake.clear()
 
+    async def _sample(self) -> None:
+        """Publish the queue depth every poll (at least 1 s; all processes read one table)."""
+        every = max(1.0, self.poll)
+        while True:
+            try:
+                metrics.REPORT_QUEUE.set(await self.pool.fetchval(PENDING, timeout=every))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("report queue depth not sampled: %s", exc)
+            await asyncio.sleep(every)
+
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._loop()) for _ in range(self.count)]
+        if self.count:
+            self._tasks.append(loop.create_task(self._sample()))
 
     async def stop(self) -> None:
         for t in self._tasks:

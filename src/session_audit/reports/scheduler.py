@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
+from session_audit.core import metrics
 from session_audit.reports import periods
 from session_audit.reports.config import Clock
 from session_audit.reports.store import NewReport, insert_report
@@ -29,7 +30,10 @@ from session_audit.reports.store import NewReport, insert_report
 log = logging.getLogger(__name__)
 
 # The one statement that spans orgs (no lock; on Citus one task per shard).
-DUE_ORGS = "SELECT DISTINCT org_id FROM report_subscriptions WHERE next_run_at <= $1"
+DUE_ORGS = """
+SELECT org_id, min(next_run_at) AS oldest FROM report_subscriptions WHERE next_run_at <= $1
+ GROUP BY org_id
+"""
 DUE = """
 SELECT s.id, s.org_id, s.owner, s.period, s.time_zone, s.next_period_start,
        s.next_run_at, d.id AS defined_report_id, d.title, d.type, d.query_filter,
@@ -81,7 +85,11 @@ def may_read(scope: str | None, report_type: str) -> bool:
 async def tick(pool: asyncpg.Pool, now: datetime, timeout: float = 60.0) -> int:
     """Create the reports of every period that ended at or before `now`. Returns how many."""
     created = 0
-    for row in await pool.fetch(DUE_ORGS, now, timeout=timeout):
+    due_orgs = await pool.fetch(DUE_ORGS, now, timeout=timeout)
+    # The longest overdue subscription of any org.
+    lag = max(((now - r["oldest"]).total_seconds() for r in due_orgs), default=0.0)
+    metrics.SCHEDULER_LAG.set(max(0.0, lag))
+    for row in due_orgs:
         created += await _tick_org(pool, row["org_id"], now, timeout)
     return created
 

@@ -9,6 +9,7 @@ import grpc
 from google.api import httpbody_pb2
 from google.protobuf import struct_pb2
 
+from session_audit.core import metrics
 from session_audit.core.app import App
 from session_audit.core.auth import READERS, WRITERS, Principal
 from session_audit.core.errors import InvalidArgument, NotFound
@@ -106,6 +107,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
                     await batch.add(session)
                 result = await batch.finish()
         await self.app.wrote(who)
+        metrics.ingested(result.written, result.unchanged, result.rejected)
         return result.to_proto()
 
     @roles(WRITERS, "ingest sessions")
@@ -123,4 +125,5 @@ class SessionService(pb_grpc.SessionServiceServicer):
                         await batch.add(session)
                 result = await batch.finish()
         await self.app.wrote(who)
+        metrics.ingested(result.written, result.unchanged, result.rejected)
         return result.to_proto()
