@@ -10,7 +10,7 @@ PROTOC  = PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Ip
           -I$$($(BIN)/python -c 'import grpc_tools,os;print(os.path.join(os.path.dirname(grpc_tools.__file__),"_proto"))') \
           -I$$($(BIN)/python -c 'import google.api.annotations_pb2 as m,os;print(os.path.dirname(os.path.dirname(os.path.dirname(m.__file__))))')
 
-.PHONY: all venv proto check-proto descriptor buf-lint buf-baseline lint test test-citus run bench bench-reports bench-analytics clean
+.PHONY: all venv proto check-proto descriptor buf-lint buf-baseline lint test test-citus run bench bench-reports bench-analytics bench-analytics-citus clean
 
 all: venv descriptor
 
@@ -93,6 +93,11 @@ bench-reports: $(STAMP) $(DESC)
 # Aggregations at 10M sessions; the data set is kept in .bench-data-analytics/ and reused.
 bench-analytics: $(STAMP) $(DESC)
 	$(BIN)/python bench/bench_analytics.py $(BENCH_ARGS)
+
+# The same bench against a fresh 3-node Citus cluster (docs/scaling.md: --seed, --t-end and
+# --answers in BENCH_ARGS give the same data as a single-node run, to compare answers).
+bench-analytics-citus: $(STAMP) $(DESC)
+	$(BIN)/python -m tests.citus_cluster run -- $(BIN)/python bench/bench_analytics.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .gen-check $(DESC) .pytest_cache .mypy_cache .ruff_cache build/buf-deps
