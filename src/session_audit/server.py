@@ -24,8 +24,8 @@ from session_audit.core import db, logs
 from session_audit.core.app import App
 from session_audit.core.auth import TokenCache
 from session_audit.core.config import Config
-from session_audit.core.reads import Reads
 from session_audit.core.decode import DecodeGuard
+from session_audit.core.reads import Reads
 from session_audit.core.rpc import Guard
 from session_audit.reports.service import ReportService
 from session_audit.sessions.service import SessionService
