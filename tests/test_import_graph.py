@@ -21,6 +21,8 @@ DOORS = {
     # Legal holds use the Reports API filter language, and the purge deletes old reports,
     # through the reports package's public functions (reports/__init__.py).
     ("retention", "session_audit.reports"),
+    # The purge deletes sessions through the one delete that keeps the rollups exact.
+    ("retention", "session_audit.analytics.rollups"),
 }
 
 

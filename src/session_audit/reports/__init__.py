@@ -57,10 +57,16 @@ async def purge_reports(
     ]
     if ids:
         await conn.execute(
-            "DELETE FROM report_rows WHERE report_id = any($1::bigint[])", ids, timeout=timeout
+            "DELETE FROM report_rows WHERE org_id = $1 AND report_id = any($2::bigint[])",
+            org_id,
+            ids,
+            timeout=timeout,
         )
         await conn.execute(
-            "DELETE FROM report_attempts WHERE report_id = any($1::bigint[])", ids, timeout=timeout
+            "DELETE FROM report_attempts WHERE org_id = $1 AND report_id = any($2::bigint[])",
+            org_id,
+            ids,
+            timeout=timeout,
         )
         await conn.execute(
             "DELETE FROM reports WHERE org_id = $1 AND id = any($2::bigint[])",

@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from session_audit import reports
+from session_audit.analytics import rollups
 from session_audit.core import trail
 from session_audit.core.db import Conn
 from session_audit.retention import store
@@ -59,7 +60,6 @@ SELECT id FROM sessions
  LIMIT $3
    FOR UPDATE SKIP LOCKED
 """
-DELETE = "DELETE FROM sessions WHERE org_id = $1 AND id = any($2::uuid[])"
 
 
 @dataclass
@@ -72,9 +72,9 @@ class PurgeResult:
 
 
 async def _delete_sessions(conn: Conn, org_id: uuid.UUID, ids: list[uuid.UUID], t: float) -> None:
-    # The DELETE trigger of migration 0010 takes the rows out of the rollups in this
-    # statement's transaction.
-    await conn.execute(DELETE, org_id, ids, timeout=t)
+    # No trigger (none on a distributed table): the rows' contributions leave the rollups in
+    # this transaction, from code.
+    await rollups.delete_sessions(conn, org_id, ids, t)
 
 
 async def purge_org(
