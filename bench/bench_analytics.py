@@ -132,6 +132,14 @@ async def load(conn: asyncpg.Connection, n: int, orgs: int, days: int) -> dateti
     t_end = datetime.now(UTC).replace(microsecond=0)
     per_org = n // orgs
     t = time.perf_counter()
+    # Secondary indexes are dropped while generating and built afterwards (several times
+    # faster than maintaining them row by row); the definitions are put back verbatim.
+    indexes = await conn.fetch(
+        "SELECT i.indexrelid::regclass::text AS name, pg_get_indexdef(i.indexrelid) AS ddl"
+        "  FROM pg_index i WHERE i.indrelid = 'sessions'::regclass AND NOT i.indisprimary"
+    )
+    for ix in indexes:
+        await conn.execute(f"DROP INDEX {ix['name']}")
     with tqdm(total=n, unit="session", desc="generate") as bar:
         for k in range(1, orgs + 1):
             org_id = await auth.ensure_org(conn, f"bench-org-{k}")
@@ -139,6 +147,8 @@ async def load(conn: asyncpg.Connection, n: int, orgs: int, days: int) -> dateti
                 size = min(LOAD_BATCH, per_org - done)
                 await conn.execute(data.GENERATE, org_id, k, size, t_end, days * 86400.0)
                 bar.update(size)
+    for ix in tqdm(indexes, desc="index"):
+        await conn.execute(ix["ddl"])
     generated = time.perf_counter() - t
     t = time.perf_counter()
     await rollups.rebuild(conn)
@@ -172,15 +182,18 @@ async def main() -> None:
     ap.add_argument("--skip-ingest", action="store_true")
     ap.add_argument("--fresh", action="store_true", help="drop and reload the data set")
     ap.add_argument("--load-only", action="store_true", help="load the data set and stop")
+    ap.add_argument("--data-dir", type=Path, default=DATA_DIR,
+                    help="embedded PostgreSQL data directory (one per data set size)")  # fmt: skip
     args = ap.parse_args()
+    data_dir: Path = args.data_dir
 
     print(f"machine  {machine()}")
     url = os.environ.get("DATABASE_URL", "")
     embedded = None
     if not url:
         if args.fresh:
-            shutil.rmtree(DATA_DIR, ignore_errors=True)
-        embedded = EmbeddedPostgres(DATA_DIR)
+            shutil.rmtree(data_dir, ignore_errors=True)
+        embedded = EmbeddedPostgres(data_dir)
         url = embedded.start()
     conn = await db.connect(url)
     if args.fresh and embedded is None:
@@ -200,9 +213,9 @@ async def main() -> None:
 
     auditor = await auth.create_token(conn, "bench-org-1", "auditor", "auditor@org1.example")
     user_token = await auth.create_token(conn, "bench-org-1", "user", "user-007@org1.example")
-    srv = ServerProcess(url, DATA_DIR).start()
+    srv = ServerProcess(url, data_dir).start()
     http_port = envoy.free_port()
-    proxy = envoy.start(http_port, srv.port, DATA_DIR)
+    proxy = envoy.start(http_port, srv.port, data_dir)
     pool = await db.create_pool(url, 2, 4)
     channel = grpc.aio.insecure_channel(
         srv.target, options=[("grpc.max_receive_message_length", 256 << 20)]

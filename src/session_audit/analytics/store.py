@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from session_audit.analytics import rollups
-from session_audit.analytics.fields import BASE, CUBE, FIELDS, USER
+from session_audit.analytics.fields import BASE, CUBE, FIELDS, USER, VALUES
 from session_audit.analytics.q import Query, compile_q
 from session_audit.analytics.requests import HistogramQuery, ReportQuery, StatsQuery
 from session_audit.analytics.timebins import EPOCH, HOUR, RAW, Piece, decompose
@@ -37,7 +37,7 @@ from session_audit.core.auth import ORG_READERS, Principal
 from session_audit.core.db import Conn
 from session_audit.core.sql import Params, Where
 
-ROLLUP_TABLES = {CUBE: "rollup_sessions", USER: "rollup_sessions_user"}
+ROLLUP_TABLES = {CUBE: "rollup_sessions", USER: "rollup_sessions_user", VALUES: "rollup_values"}
 # Dimension-less counters: every piece of a count that filters and groups nothing.
 TOTAL_TABLE = "rollup_sessions_total"
 LOOK_BACK = timedelta(hours=24)
@@ -51,7 +51,11 @@ REPORT_FINEST = {
     REPORT_CONN: rollups.REDACTIONS.finest,
     REPORT_USER: rollups.REDACTIONS_USER.finest,
 }
-FINEST = {CUBE: rollups.SESSIONS.finest, USER: rollups.SESSIONS_USER.finest}
+FINEST = {
+    CUBE: rollups.SESSIONS.finest,
+    USER: rollups.SESSIONS_USER.finest,
+    VALUES: rollups.VALUES.finest,
+}
 # group_by → SQL per report source
 REPORT_GROUP = {
     "connection": {BASE: "s.connection", REPORT_CONN: "r.connection"},
@@ -111,6 +115,10 @@ def _values_sql(spec: CountSpec, src: str) -> list[str]:
 
 def _filters(spec: CountSpec, src: str, p: Params) -> str:
     cond = compile_q(spec.q, src, p)
+    if src == VALUES:
+        # rollup_values holds every field's values: keep the one field this count is about.
+        (name,) = _needed(spec.q, *spec.groups)
+        cond += f" AND r.field = {p(name)}::text"
     if spec.top is not None:
         cond += f" AND {FIELDS[spec.groups[0]].sql[src]} = any({p(list(spec.top))}::text[])"
     return cond
@@ -144,18 +152,24 @@ def _rollup_parts(spec: CountSpec, pieces: Sequence[Piece], p: Params, table: st
     """One part per grain, the grain a constant: pieces and rollup rows share no equality, so
     each piece is a nested-loop index range scan (an equality on grain let the planner pick a
     merge join that rescans every row of the org per piece)."""
-    cols, positions = _group_cols(_values_sql(spec, spec.source))
+    values = _values_sql(spec, spec.source)
+    cols, positions = _group_cols([f"r.v{i}" for i in range(len(values))])
+    inner = "".join(f", {v} AS v{i}" for i, v in enumerate(values))
     ends = "sum(r.ends)::bigint" if spec.ends else "0::bigint"
     out = []
     for grain, group in sorted(_by_grain(pieces).items()):
         _, lo, hi, b = _arrays(group)
+        # LATERAL on the piece's bounds, fenced by OFFSET 0 (not flattened into a join): always
+        # one index range scan per piece (a plain join let the planner scan every row of the org
+        # and grain once and filter the ranges).
         out.append(
             f"SELECT p.bin{cols}, sum(r.starts)::bigint AS starts, {ends} AS ends"
             f" FROM unnest({p(lo)}::timestamptz[], {p(hi)}::timestamptz[], {p(b)}::int[])"
             f" AS p(lo, hi, bin)"
-            f" JOIN {table} r ON r.org_id = {p(spec.who.org_id)} AND r.grain = {int(grain)}"
+            f" CROSS JOIN LATERAL (SELECT r.starts, r.ends{inner} FROM {table} r"
+            f" WHERE r.org_id = {p(spec.who.org_id)} AND r.grain = {int(grain)}"
             f" AND r.bucket >= p.lo AND r.bucket < p.hi"
-            f" WHERE {_filters(spec, spec.source, p)}"
+            f" AND {_filters(spec, spec.source, p)} OFFSET 0) r"
             f" GROUP BY {positions}"
         )
     return out
@@ -257,6 +271,9 @@ def plan(who: Principal, needed: set[str], rollups_ok: bool) -> str:
     """The source that answers: a rollup carrying every needed field, else the base table."""
     if not rollups_ok or who.role not in ORG_READERS:
         return BASE
+    # One field only (grouped by and/or searched): its per-value totals, a few rows per day.
+    if len(needed) == 1 and VALUES in FIELDS[next(iter(needed))].sql:
+        return VALUES
     for source in (CUBE, USER):
         if all(source in FIELDS[name].sql for name in needed):
             return source
