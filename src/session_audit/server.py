@@ -7,6 +7,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import queue
 import signal
 from collections.abc import Callable
 from dataclasses import replace
@@ -188,21 +189,30 @@ async def serve(
     await ingest_pool.close()
 
 
-def _worker(config: Config, dsn: str) -> None:
+def _worker(config: Config, dsn: str, ready: Any = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(serve(config, dsn, reuse_port=True))
+
+    def on_ready(_port: int) -> None:
+        if ready is not None:
+            ready.put(os.getpid())
+
+    asyncio.run(serve(config, dsn, reuse_port=True, on_ready=on_ready))
 
 
-def serve_workers(config: Config, dsn: str) -> None:
-    """Several processes on one port (SO_REUSEPORT); the kernel spreads connections."""
+def serve_workers(
+    config: Config, dsn: str, *, on_ready: Callable[[int], None] | None = None
+) -> None:
+    """Several processes on one port (SO_REUSEPORT); the kernel spreads connections.
+    `on_ready(port)` runs in this process once every worker listens."""
     if config.workers == 1:
-        asyncio.run(serve(config, dsn))
+        asyncio.run(serve(config, dsn, on_ready=on_ready))
         return
     if config.grpc_port == 0:
         raise SystemExit("GRPC_PORT: several workers need a fixed port, not 0")
     ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(replace(config, workers=1), dsn), daemon=False)
+        ctx.Process(target=_worker, args=(replace(config, workers=1), dsn, ready), daemon=False)
         for _ in range(config.workers)
     ]
     for p in procs:
@@ -215,5 +225,18 @@ def serve_workers(config: Config, dsn: str) -> None:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    listening = 0
+    while listening < len(procs):
+        try:
+            ready.get(timeout=0.5)
+            listening += 1
+        except queue.Empty:
+            if any(not p.is_alive() for p in procs):
+                forward(signal.SIGTERM, None)
+                for p in procs:
+                    p.join()
+                raise SystemExit("a worker exited before listening") from None
+    if on_ready is not None:
+        on_ready(config.grpc_port)
     for p in procs:
         p.join()

@@ -32,7 +32,7 @@ from session_audit.analytics import rollups
 from session_audit.analytics.fields import BASE, CUBE, FIELDS, USER, VALUES
 from session_audit.analytics.q import Query, compile_q
 from session_audit.analytics.requests import HistogramQuery, ReportQuery, StatsQuery
-from session_audit.analytics.timebins import EPOCH, HOUR, RAW, Piece, decompose
+from session_audit.analytics.timebins import EPOCH, HOUR, RAW, Piece, decompose, shorten
 from session_audit.core.auth import ORG_READERS, Principal
 from session_audit.core.db import Conn
 from session_audit.core.sql import Params, Where
@@ -85,6 +85,10 @@ def _arrays(pieces: Sequence[Piece]) -> tuple[list[int], list[datetime], list[da
         [p.hi for p in pieces],
         [p.bin for p in pieces],
     )
+
+
+def _signs(pieces: Sequence[Piece]) -> list[int]:
+    return [p.sign for p in pieces]
 
 
 async def _rollups_usable(conn: Conn, who: Principal, opts: Options, timeout: float) -> bool:
@@ -155,17 +159,18 @@ def _rollup_parts(spec: CountSpec, pieces: Sequence[Piece], p: Params, table: st
     values = _values_sql(spec, spec.source)
     cols, positions = _group_cols([f"r.v{i}" for i in range(len(values))])
     inner = "".join(f", {v} AS v{i}" for i, v in enumerate(values))
-    ends = "sum(r.ends)::bigint" if spec.ends else "0::bigint"
+    ends = "sum(r.ends * p.sign)::bigint" if spec.ends else "0::bigint"
     out = []
     for grain, group in sorted(_by_grain(pieces).items()):
         _, lo, hi, b = _arrays(group)
+        signs = _signs(group)
         # LATERAL on the piece's bounds, fenced by OFFSET 0 (not flattened into a join): always
         # one index range scan per piece (a plain join let the planner scan every row of the org
         # and grain once and filter the ranges).
         out.append(
-            f"SELECT p.bin{cols}, sum(r.starts)::bigint AS starts, {ends} AS ends"
-            f" FROM unnest({p(lo)}::timestamptz[], {p(hi)}::timestamptz[], {p(b)}::int[])"
-            f" AS p(lo, hi, bin)"
+            f"SELECT p.bin{cols}, sum(r.starts * p.sign)::bigint AS starts, {ends} AS ends"
+            f" FROM unnest({p(lo)}::timestamptz[], {p(hi)}::timestamptz[], {p(b)}::int[],"
+            f" {p(signs)}::int[]) AS p(lo, hi, bin, sign)"
             f" CROSS JOIN LATERAL (SELECT r.starts, r.ends{inner} FROM {table} r"
             f" WHERE r.org_id = {p(spec.who.org_id)} AND r.grain = {int(grain)}"
             f" AND r.bucket >= p.lo AND r.bucket < p.hi"
@@ -247,6 +252,7 @@ async def count(
         pieces += decompose(lo, hi, b, finest)
     if open_at is not None and use_rollups:
         pieces += decompose(EPOCH, open_at, BASELINE, finest)
+    pieces = shorten(pieces)
     p = Params()
     parts = []
     rolled = [x for x in pieces if x.grain != RAW]
@@ -442,20 +448,23 @@ async def report(
     opts = opts or Options()
     usable = await _rollups_usable(conn, who, opts, timeout)
     source = report_plan(who, rq, usable)
-    pieces = decompose(rq.start, rq.end, 0, REPORT_FINEST[source])
+    pieces = shorten(decompose(rq.start, rq.end, 0, REPORT_FINEST[source]))
     p = Params()
     parts = []
     rolled = [x for x in pieces if x.grain != RAW]
     for grain, group in sorted(_by_grain(rolled).items()):
         _, lo, hi, _ = _arrays(group)
+        signs = _signs(group)
         parts.append(
             f"SELECT {REPORT_GROUP[rq.group_by][source]} AS resource, r.info_type,"
-            f" sum(r.sessions)::bigint, sum(r.redact_total)::bigint,"
-            f" sum(r.transformed_bytes)::bigint"
-            f" FROM unnest({p(lo)}::timestamptz[], {p(hi)}::timestamptz[]) AS p(lo, hi)"
-            f" JOIN {REPORT_TABLES[source]} r ON r.org_id = {p(who.org_id)}"
+            f" sum(r.sessions * p.sign)::bigint, sum(r.redact_total * p.sign)::bigint,"
+            f" sum(r.transformed_bytes * p.sign)::bigint"
+            f" FROM unnest({p(lo)}::timestamptz[], {p(hi)}::timestamptz[], {p(signs)}::int[])"
+            f" AS p(lo, hi, sign)"
+            f" CROSS JOIN LATERAL (SELECT * FROM {REPORT_TABLES[source]} r"
+            f" WHERE r.org_id = {p(who.org_id)}"
             f" AND r.grain = {int(grain)} AND r.bucket >= p.lo AND r.bucket < p.hi"
-            f" WHERE {_report_where(rq, source, p)}"
+            f" AND {_report_where(rq, source, p)} OFFSET 0) r"
             f" GROUP BY 1, 2"
         )
     raw = [x for x in pieces if x.grain == RAW]
