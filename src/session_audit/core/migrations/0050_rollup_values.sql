@@ -46,6 +46,11 @@ ALTER TABLE rollup_redactions_user
     ADD CONSTRAINT rollup_redactions_user_pkey PRIMARY KEY (org_id, grain, bucket, user_key,
         info_type) INCLUDE (sessions, redact_total, transformed_bytes);
 
+-- The top-N's per-bin counts read a few users over many pieces: per user, each piece is then
+-- one short range (the key above would walk every user of every day in the piece).
+CREATE INDEX rollup_sessions_user_by_user ON rollup_sessions_user (org_id, grain, user_key, bucket)
+    INCLUDE (starts, ends);
+
 -- 3. Deletes: where sessions still carry the delete/truncate triggers of migration 0010 (no
 --    application-side delete path yet), rollup_values follows them the same way. Where those
 --    triggers are gone (deletes maintain every rollups.FAMILIES table themselves), none is
