@@ -180,6 +180,7 @@ async def main() -> None:
     ap.add_argument("--ingest-sessions", type=int, default=100_000)
     ap.add_argument("--ingest-rounds", type=int, default=3)
     ap.add_argument("--skip-ingest", action="store_true")
+    ap.add_argument("--only-ingest", action="store_true", help="skip the latency cases")
     ap.add_argument("--fresh", action="store_true", help="drop and reload the data set")
     ap.add_argument("--load-only", action="store_true", help="load the data set and stop")
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR,
@@ -235,8 +236,8 @@ async def main() -> None:
             org_id=org_id,
             now=t_end,
         )
-        cases = build_cases(ctx, t_end.date())
-        await run_cases(cases, args)
+        if not args.only_ingest:
+            await run_cases(build_cases(ctx, t_end.date()), args)
         if not args.skip_ingest:
             await ingest(url, conn, srv, args, t_end)
     finally:
