@@ -17,7 +17,7 @@ import click
 
 from session_audit import envoy, seed, server
 from session_audit.analytics import rollups
-from session_audit.core import auth, db, migrate
+from session_audit.core import auth, db, logs, migrate
 from session_audit.core.config import Config, ConfigError
 from session_audit.embedded import EmbeddedPostgres
 
@@ -50,6 +50,8 @@ async def _migrate(dsn: str) -> list[str]:
     conn = await db.connect(dsn)
     try:
         return await migrate.migrate(conn)
+    except migrate.EditedMigration as exc:
+        raise click.ClickException(str(exc)) from None
     finally:
         await conn.close()
 
@@ -58,11 +60,10 @@ async def _migrate(dsn: str) -> list[str]:
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
 def main(verbose: bool) -> None:
     """Session Audit Service: the system of record for privileged sessions."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        logs.configure(logging.INFO if verbose else logging.WARNING)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @main.command("migrate")
@@ -239,7 +240,10 @@ def run_cmd() -> None:
 
         def ready(grpc_port: int) -> None:
             nonlocal proxy
-            proxy = envoy.start(config.http_port, grpc_port, config.data_dir)
+            proxy = envoy.start(
+                config.http_port, grpc_port, config.data_dir,
+                metrics_port=config.envoy_metrics_port,
+            )  # fmt: skip
             _print_banner(config, grpc_port, org, admin)
 
         # WORKERS processes share GRPC_PORT (SO_REUSEPORT); Envoy starts once all listen.
@@ -250,6 +254,15 @@ def run_cmd() -> None:
         if embedded is not None:
             embedded.stop()
         click.echo("stopped.", err=True)
+
+
+def _metrics_line(config: Config) -> str:
+    urls = []
+    if config.metrics_port:
+        urls.append(f"http://127.0.0.1:{config.metrics_port}/metrics")
+    if config.envoy_metrics_port:
+        urls.append(f"http://127.0.0.1:{config.envoy_metrics_port}/stats/prometheus")
+    return f"  metrics {'  '.join(urls)}\n" if urls else ""
 
 
 def _print_banner(config: Config, grpc_port: int, org: str, admin: str) -> None:
@@ -264,7 +277,7 @@ Session Audit Service is up.
   gRPC   127.0.0.1:{grpc_port}   (reflection on)
   REST   {http}   (Envoy)
   data   {config.database_url or config.data_dir}
-
+{_metrics_line(config)}
 Admin token for org '{org}':
   export TOKEN={admin}
 

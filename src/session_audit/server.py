@@ -15,14 +15,17 @@ from typing import Any
 
 import asyncpg
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from session_audit import observability
 from session_audit.analytics.service import AnalyticsService
-from session_audit.core import db
+from session_audit.core import db, logs
 from session_audit.core.app import App
 from session_audit.core.auth import TokenCache
 from session_audit.core.config import Config
+from session_audit.core.rpc import Guard
 from session_audit.reports.service import ReportService
 from session_audit.sessions.service import SessionService
 from session_audit.v1 import (
@@ -36,22 +39,25 @@ from session_audit.v1 import (
 
 log = logging.getLogger(__name__)
 
-# Every service this server answers for, registered with health and reflection. Later surfaces
-# append their (descriptor, add_to_server, servicer factory) here.
-ServiceEntry = tuple[str, Callable[[Any, grpc.aio.Server], None], Callable[[App], Any]]
+# Every service this server answers for, registered with the guard (core.rpc: auth and error
+# mapping), health and reflection. Later surfaces append their (descriptor, add_to_server,
+# servicer factory) here.
+ServiceEntry = tuple[
+    ServiceDescriptor, Callable[[Any, grpc.aio.Server], None], Callable[[App], Any]
+]
 SERVICES: list[ServiceEntry] = [
     (
-        sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+        sessions_pb2.DESCRIPTOR.services_by_name["SessionService"],
         sessions_pb2_grpc.add_SessionServiceServicer_to_server,
         SessionService,
     ),
     (
-        reports_pb2.DESCRIPTOR.services_by_name["ReportService"].full_name,
+        reports_pb2.DESCRIPTOR.services_by_name["ReportService"],
         reports_pb2_grpc.add_ReportServiceServicer_to_server,
         ReportService,
     ),
     (
-        analytics_pb2.DESCRIPTOR.services_by_name["AnalyticsService"].full_name,
+        analytics_pb2.DESCRIPTOR.services_by_name["AnalyticsService"],
         analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server,
         AnalyticsService,
     ),
@@ -140,12 +146,17 @@ async def serve(
     reuse_port: bool = False,
     on_ready: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
+    metrics_endpoint: bool = True,
 ) -> None:
-    """Run until SIGTERM/SIGINT (or `stop` is set), then drain in-flight RPCs."""
+    """Run until SIGTERM/SIGINT (or `stop` is set), then drain in-flight RPCs. The /metrics
+    endpoint is this process's unless a parent serves it for all workers."""
     pool = await db.create_pool(dsn, config.pool_min, config.pool_max)
     ingest_pool = await db.create_pool(dsn, 1, max(2, config.pool_max // 2), json_codec=False)
     app = App(config, pool, ingest_pool)
+    guard = Guard(app)
     server = grpc.aio.server(
+        # Observer first: outermost, so it sees the status the Guard settled on.
+        interceptors=[observability.Observer(), guard],
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
@@ -153,11 +164,12 @@ async def serve(
     )
     names = []
     # A servicer may carry `background_tasks` (start()/async stop()): run while serving.
-    background: list[Any] = []
-    for name, add, factory in SERVICES:
+    background: list[Any] = [observability.PoolSampler(app.pools)]
+    for service, add, factory in SERVICES:
         servicer = factory(app)
+        guard.register(service, servicer)
         add(servicer, server)
-        names.append(name)
+        names.append(service.full_name)
         background += getattr(servicer, "background_tasks", [])
     checker = Health(pool, names, config.health_interval, app.tokens, dsn)
     health_pb2_grpc.add_HealthServicer_to_server(checker.servicer, server)
@@ -171,6 +183,7 @@ async def serve(
     log.info("gRPC listening on %s:%d (pid %d)", config.grpc_host, port, os.getpid())
     for task in background:
         task.start()
+    metrics_server = observability.serve_metrics(config.metrics_port) if metrics_endpoint else None
     if on_ready is not None:
         on_ready(port)
 
@@ -187,16 +200,18 @@ async def serve(
         await task.stop()
     await pool.close()
     await ingest_pool.close()
+    if metrics_server is not None:
+        metrics_server.shutdown()
 
 
-def _worker(config: Config, dsn: str, ready: Any = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+def _worker(config: Config, dsn: str, log_format: str, ready: Any = None) -> None:
+    logs.configure(logging.INFO, log_format)
 
     def on_ready(_port: int) -> None:
         if ready is not None:
             ready.put(os.getpid())
 
-    asyncio.run(serve(config, dsn, reuse_port=True, on_ready=on_ready))
+    asyncio.run(serve(config, dsn, reuse_port=True, on_ready=on_ready, metrics_endpoint=False))
 
 
 def serve_workers(
@@ -209,10 +224,20 @@ def serve_workers(
         return
     if config.grpc_port == 0:
         raise SystemExit("GRPC_PORT: several workers need a fixed port, not 0")
+    with observability.multiprocess_dir():
+        _run_workers(config, dsn, on_ready)
+
+
+def _run_workers(config: Config, dsn: str, on_ready: Callable[[int], None] | None) -> None:
+    # The workers write their metrics to PROMETHEUS_MULTIPROC_DIR; this process serves the sum.
+    metrics_server = observability.serve_metrics(config.metrics_port)
     ctx = multiprocessing.get_context("spawn")
+    fmt = logs.log_format()
     ready = ctx.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(replace(config, workers=1), dsn, ready), daemon=False)
+        ctx.Process(
+            target=_worker, args=(replace(config, workers=1), dsn, fmt, ready), daemon=False
+        )
         for _ in range(config.workers)
     ]
     for p in procs:
@@ -240,3 +265,7 @@ def serve_workers(
         on_ready(config.grpc_port)
     for p in procs:
         p.join()
+        if p.pid is not None:
+            observability.worker_gone(p.pid)
+    if metrics_server is not None:
+        metrics_server.shutdown()

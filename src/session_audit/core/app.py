@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import asyncpg
 import grpc
@@ -20,17 +19,18 @@ class App:
     ingest_pool: asyncpg.Pool
     tokens: auth.TokenCache = field(default_factory=auth.TokenCache)
 
-    def timeout(self, context: grpc.aio.ServicerContext) -> float:
-        """Seconds a query may run: the caller's remaining deadline, else the default."""
-        remaining: float | None = context.time_remaining()
-        default = self.config.default_query_timeout
-        if remaining is None:
-            return default
-        return max(0.001, min(default, remaining))
+    def pools(self) -> dict[str, asyncpg.Pool]:
+        """Every pool the app holds, by field name (the `pool` label of the metrics)."""
+        found = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: p for name, p in found.items() if isinstance(p, asyncpg.Pool)}
 
-    async def caller(
-        self, context: grpc.aio.ServicerContext, roles: Collection[str], action: str
-    ) -> auth.Principal:
-        return await auth.authenticate(
-            self.pool, context, roles, action, self.timeout(context), self.tokens
-        )
+    def remaining(self, context: grpc.aio.ServicerContext) -> float:
+        """Seconds left of the caller's deadline; the default query bound when it set none.
+        The one place a deadline is read."""
+        left: float | None = context.time_remaining()
+        return self.config.default_query_timeout if left is None else left
+
+    def timeout(self, context: grpc.aio.ServicerContext) -> float:
+        """Seconds a query may run: what is left of the caller's deadline, at most the default
+        (and never zero or negative)."""
+        return max(0.001, min(self.config.default_query_timeout, self.remaining(context)))

@@ -53,6 +53,11 @@ class Config:
     shutdown_grace: float
     # Seconds between database probes of the health service.
     health_interval: float
+    # Loopback port of the server's Prometheus /metrics (0: none).
+    metrics_port: int = 9464
+    # Loopback port where Envoy's /stats/prometheus is served, and nothing else of its admin
+    # interface (0: none).
+    envoy_metrics_port: int = 9465
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -71,4 +76,6 @@ class Config:
             default_query_timeout=float(_int(env, "QUERY_TIMEOUT_SECONDS", 30, 1, 3600)),
             shutdown_grace=float(_int(env, "SHUTDOWN_GRACE_SECONDS", 10, 0, 600)),
             health_interval=float(_int(env, "HEALTH_INTERVAL_SECONDS", 2, 1, 60)),
+            metrics_port=_int(env, "METRICS_PORT", 9464, 0, 65535),
+            envoy_metrics_port=_int(env, "ENVOY_METRICS_PORT", 9465, 0, 65535),
         )

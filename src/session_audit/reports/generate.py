@@ -20,9 +20,10 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
+from session_audit.core import metrics
 from session_audit.core.db import Conn
-from session_audit.core.errors import _UNAVAILABLE, ServiceError
-from session_audit.core.sql import Params, Where
+from session_audit.core.errors import UNAVAILABLE, ServiceError
+from session_audit.core.sql import Sql, Template, Where
 from session_audit.reports import filters as rf
 from session_audit.reports.types import BY_KEY, ReportType
 
@@ -60,6 +61,8 @@ MARK_FAILED = """
 UPDATE reports SET status = 'failed', failure = $2, modified_at = now()
  WHERE id = $1 AND status = 'pending'
 """
+# The generation queue's depth, for the metrics (the partial index reports_pending answers it).
+PENDING = "SELECT count(*) FROM reports WHERE status = 'pending'"
 # Largest number of chart bars; the bucket unit grows with the span to stay under it.
 MAX_BUCKETS = 800
 
@@ -87,28 +90,28 @@ class Claimed:
 
 
 def scope(rep: Claimed, where: Where) -> Where:
-    """Which rows of the report's source it covers: org first (so it is the first parameter
-    the scope adds), the owner's visibility, the filter, the period."""
+    """Which rows of the report's source it covers: the org, the owner's visibility, the
+    filter, the period."""
     src = rep.kind.source
     if src == "sessions":
-        where.add("s.org_id = {}", rep.org_id)
+        where.add("s.org_id = $org", org=rep.org_id)
         if rep.owner_scope == "own":
-            where.add("lower(s.user_email) = {}", rep.owner)
+            where.add("lower(s.user_email) = $owner", owner=rep.owner)
         rf.apply_filter(where, rf.parse_filter(rep.query_filter))
         if rep.period_start is not None and rep.period_end is not None:
-            where.add("s.start_date >= {}", rep.period_start)
-            where.add("s.start_date < {}", rep.period_end)
+            where.add("s.start_date >= $start AND s.start_date < $end", start=rep.period_start,
+                      end=rep.period_end)  # fmt: skip
     elif src == "audit":
-        where.add("a.org_id = {}", rep.org_id)
+        where.add("a.org_id = $org", org=rep.org_id)
         if rep.owner_scope == "own":
-            where.add("lower(a.actor) = {}", rep.owner)
+            where.add("lower(a.actor) = $owner", owner=rep.owner)
         if rep.period_start is not None and rep.period_end is not None:
-            where.add("a.at >= {}", rep.period_start)
-            where.add("a.at < {}", rep.period_end)
+            where.add("a.at >= $start AND a.at < $end", start=rep.period_start,
+                      end=rep.period_end)  # fmt: skip
     elif src == "tokens":
-        where.add("t.org_id = {}", rep.org_id)
+        where.add("t.org_id = $org", org=rep.org_id)
         if rep.owner_scope == "own":
-            where.add("lower(t.email) = {}", rep.owner)
+            where.add("lower(t.email) = $owner", owner=rep.owner)
     return where
 
 
@@ -117,27 +120,27 @@ def _fmt(t: datetime | None) -> str:
 
 
 SUMMARY_SQL = {
-    "sessions": """
+    "sessions": Template("""
 SELECT count(*) AS n, count(DISTINCT lower(s.user_email)) AS users,
        count(DISTINCT s.connection) AS servers,
        count(*) FILTER (WHERE s.end_date IS NULL) AS open,
        min(s.start_date) AS first, max(s.start_date) AS last
-  FROM sessions s WHERE {scope}""",
-    "audit": """
+  FROM sessions s WHERE $scope"""),
+    "audit": Template("""
 SELECT count(*) AS n, count(DISTINCT a.actor) AS actors, min(a.at) AS first, max(a.at) AS last
-  FROM audit_log a WHERE {scope}""",
-    "tokens": """
+  FROM audit_log a WHERE $scope"""),
+    "tokens": Template("""
 SELECT count(*) AS n, count(DISTINCT lower(t.email)) AS users,
        count(*) FILTER (WHERE t.revoked_at IS NULL) AS active
-  FROM api_tokens t WHERE {scope}""",
+  FROM api_tokens t WHERE $scope"""),
 }
 CHART_SQL = {
-    "sessions": """
-SELECT date_trunc({unit}, s.start_date AT TIME ZONE {tz}) AS bucket, count(*) AS n
-  FROM sessions s WHERE {scope} GROUP BY 1 ORDER BY 1""",
-    "audit": """
-SELECT date_trunc({unit}, a.at AT TIME ZONE {tz}) AS bucket, count(*) AS n
-  FROM audit_log a WHERE {scope} GROUP BY 1 ORDER BY 1""",
+    "sessions": Template("""
+SELECT date_trunc($unit, s.start_date AT TIME ZONE $tz) AS bucket, count(*) AS n
+  FROM sessions s WHERE $scope GROUP BY 1 ORDER BY 1"""),
+    "audit": Template("""
+SELECT date_trunc($unit, a.at AT TIME ZONE $tz) AS bucket, count(*) AS n
+  FROM audit_log a WHERE $scope GROUP BY 1 ORDER BY 1"""),
 }
 
 
@@ -228,10 +231,8 @@ async def chart(
         return {"unit": "day", "buckets": [], "title": _chart_title(src)}
     unit = choose_unit(start, end)
     where = scope(rep, Where())
-    sql = CHART_SQL[src].format(
-        unit=where.params(unit), tz=where.params(str(rep.zone)), scope=where.sql()
-    )
-    rows = await conn.fetch(sql, *where.args, timeout=timeout)
+    sql, args = CHART_SQL[src](unit=unit, tz=str(rep.zone), scope=where.sql()).render()
+    rows = await conn.fetch(sql, *args, timeout=timeout)
     counts = {r["bucket"]: r["n"] for r in rows}
     local_start = start.astimezone(rep.zone).replace(tzinfo=None)
     local_end = end.astimezone(rep.zone).replace(tzinfo=None)
@@ -241,6 +242,15 @@ async def chart(
 
 def _chart_title(source: str) -> str:
     return "Sessions over time" if source == "sessions" else "Changes over time"
+
+
+def rows_sql(rep: Claimed, template: Template) -> Sql:
+    """The report type's INSERT … SELECT with the slots it uses filled."""
+    fill: dict[str, Any] = {"report": rep.id, "scope": scope(rep, Where()).sql(),
+                            "org": rep.org_id}  # fmt: skip
+    if "order" in template.slots:
+        fill["order"] = rf.order_sql(rf.parse_order(rep.query_order))
+    return template(**{k: v for k, v in fill.items() if k in template.slots})
 
 
 async def build(conn: Conn, rep: Claimed, deadline: float) -> None:
@@ -253,19 +263,15 @@ async def build(conn: Conn, rep: Claimed, deadline: float) -> None:
         return remaining
 
     rows = 0
-    if rep.kind.rows_sql:
-        where = scope(rep, Where(Params([rep.id])))
-        keys = rf.parse_order(rep.query_order)
-        sql = rep.kind.rows_sql.format(scope=where.sql(), order=rf.order_sql(keys))
-        status = await conn.execute(sql, *where.args, timeout=left())
+    if rep.kind.rows_sql is not None:
+        sql, args = rows_sql(rep, rep.kind.rows_sql).render()
+        status = await conn.execute(sql, *args, timeout=left())
         rows = int(status.rsplit(" ", 1)[-1])
     src = rep.kind.source
     summary_row = None
     if src in SUMMARY_SQL:
-        where = scope(rep, Where())
-        summary_row = await conn.fetchrow(
-            SUMMARY_SQL[src].format(scope=where.sql()), *where.args, timeout=left()
-        )
+        sql, args = SUMMARY_SQL[src](scope=scope(rep, Where()).sql()).render()
+        summary_row = await conn.fetchrow(sql, *args, timeout=left())
     first = summary_row["first"] if summary_row is not None and "first" in summary_row else None
     last = summary_row["last"] if summary_row is not None and "last" in summary_row else None
     drawn = await chart(conn, rep, first, last, left())
@@ -281,6 +287,8 @@ async def generate_next(pool: asyncpg.Pool, timeout: float) -> int | None:
     leaves it pending and raises."""
     async with pool.acquire() as conn:
         claimed: int | None = None
+        began = time.monotonic()
+        built = False
         try:
             async with conn.transaction(isolation="repeatable_read"):
                 row = await conn.fetchrow(CLAIM, timeout=timeout)
@@ -292,21 +300,29 @@ async def generate_next(pool: asyncpg.Pool, timeout: float) -> int | None:
                     log.error("report %s: %d generations were interrupted; failed", claimed,
                               attempt - 1)  # fmt: skip
                     await conn.execute(MARK_FAILED, claimed, interrupted_reason(attempt - 1))
+                    metrics.REPORT_FAILURES.inc()
                 else:
                     await build(conn, Claimed.of(row), time.monotonic() + timeout)
+                    built = True
             await conn.execute(FORGET_ATTEMPTS, claimed, timeout=timeout)
+            if built:
+                metrics.REPORT_SECONDS.labels("ready").observe(time.monotonic() - began)
             return claimed
         except asyncpg.SerializationError:
             # Another process finished it after our snapshot began: nothing to do.
             return -1
         except Exception as exc:
-            lost = isinstance(exc, _UNAVAILABLE) and not isinstance(exc, TimeoutError)
+            lost = isinstance(exc, UNAVAILABLE) and not isinstance(exc, TimeoutError)
             if claimed is None or lost:
                 raise
             reason = failure_reason(exc, timeout)
             log.warning("report %s failed: %s", claimed, reason, exc_info=exc)
             await conn.execute(MARK_FAILED, claimed, reason)
             await conn.execute(FORGET_ATTEMPTS, claimed)
+            metrics.REPORT_FAILURES.inc()
+            metrics.REPORT_SECONDS.labels("failed").observe(time.monotonic() - began)
+            if isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
+                metrics.STATEMENT_TIMEOUTS.labels("report").inc()
             return claimed
 
 
@@ -353,9 +369,23 @@ class Generators:
                 await asyncio.wait_for(self._wake.wait(), self.poll)
             self._wake.clear()
 
+    async def _sample(self) -> None:
+        """Publish the queue depth every poll (at least 1 s; all processes read one table)."""
+        every = max(1.0, self.poll)
+        while True:
+            try:
+                metrics.REPORT_QUEUE.set(await self.pool.fetchval(PENDING, timeout=every))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("report queue depth not sampled: %s", exc)
+            await asyncio.sleep(every)
+
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._loop()) for _ in range(self.count)]
+        if self.count:
+            self._tasks.append(loop.create_task(self._sample()))
 
     async def stop(self) -> None:
         for t in self._tasks:

@@ -9,10 +9,12 @@ import grpc
 from google.api import httpbody_pb2
 from google.protobuf import struct_pb2
 
+from session_audit.core import metrics
 from session_audit.core.app import App
 from session_audit.core.auth import READERS, WRITERS, Principal
-from session_audit.core.errors import InvalidArgument, NotFound, rpc
+from session_audit.core.errors import InvalidArgument, NotFound
 from session_audit.core.json_body import parse_strict
+from session_audit.core.rpc import caller, roles
 from session_audit.sessions import requests as listing
 from session_audit.sessions import store
 from session_audit.sessions.ingest import MAX_BATCH, IngestBatch
@@ -32,11 +34,11 @@ class SessionService(pb_grpc.SessionServiceServicer):
     def __init__(self, app: App) -> None:
         self.app = app
 
-    @rpc("ListSessions")
+    @roles(READERS, "list sessions")
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSessionsResponse:
-        who = await self.app.caller(context, READERS, "list sessions")
+        who = caller()
         query = listing.parse_list_request(request)
         async with self.app.pool.acquire() as conn:
             page = await store.list_sessions(conn, who, query, self.app.timeout(context))
@@ -56,29 +58,29 @@ class SessionService(pb_grpc.SessionServiceServicer):
             )
         return reply
 
-    @rpc("GetSession")
+    @roles(READERS, "read sessions")
     async def GetSession(
         self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.Session:
-        who = await self.app.caller(context, READERS, "read sessions")
+        who = caller()
         session_id = parse_session_id(request.id)
         row = await store.get_session(self.app.pool, who, session_id, self.app.timeout(context))
         if row is None:
             raise NotFound(f"session {session_id} not found")
         return row_to_proto(row)
 
-    @rpc("IngestSessions")
+    @roles(WRITERS, "ingest sessions")
     async def IngestSessions(
         self, request: pb.IngestSessionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.IngestSessionsResponse:
-        who = await self.app.caller(context, WRITERS, "ingest sessions")
+        who = caller()
         return await self._ingest(who, request, context)
 
-    @rpc("IngestSessionsJson")
+    @roles(WRITERS, "ingest sessions")
     async def IngestSessionsJson(
         self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext
     ) -> pb.IngestSessionsResponse:
-        who = await self.app.caller(context, WRITERS, "ingest sessions")
+        who = caller()
         parsed = parse_strict(request.data, pb.IngestSessionsRequest)
         return await self._ingest(who, parsed, context)
 
@@ -99,15 +101,16 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 for session in request.sessions:
                     await batch.add(session)
                 result = await batch.finish()
+        metrics.ingested(result.written, result.unchanged, result.rejected)
         return result.to_proto()
 
-    @rpc("StreamIngestSessions")
+    @roles(WRITERS, "ingest sessions")
     async def StreamIngestSessions(
         self,
         request_iterator: AsyncIterator[pb.IngestSessionsRequest],
         context: grpc.aio.ServicerContext,
     ) -> pb.IngestSessionsResponse:
-        who = await self.app.caller(context, WRITERS, "ingest sessions")
+        who = caller()
         timeout = self.app.timeout(context)
         async with self.app.ingest_pool.acquire() as conn, conn.transaction():
             async with IngestBatch(conn, who.org_id, timeout) as batch:
@@ -115,4 +118,5 @@ class SessionService(pb_grpc.SessionServiceServicer):
                     for session in chunk.sessions:
                         await batch.add(session)
                 result = await batch.finish()
+        metrics.ingested(result.written, result.unchanged, result.rejected)
         return result.to_proto()
