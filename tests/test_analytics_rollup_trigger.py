@@ -15,28 +15,34 @@ import pytest
 import session_audit.core.migrations
 from session_audit.analytics import rollups
 
-MIGRATION = Path(session_audit.core.migrations.__file__).parent / "0010_analytics_rollups.sql"
+MIGRATIONS = Path(session_audit.core.migrations.__file__).parent
+# The triggers of migration 0010, and those 0050 adds for rollup_values (created from a DO
+# block, so their bodies are quoted $body$).
+TRIGGERS = {
+    "0010_analytics_rollups.sql": ("rollups_forget_deleted", "rollups_forget_all"),
+    "0050_rollup_values.sql": ("rollup_values_forget_deleted", "rollup_values_forget_all"),
+}
 
 
 def normal(sql: str) -> str:
     return re.sub(r"\s+", " ", sql).strip()
 
 
-def _function(name: str) -> str:
-    text = MIGRATION.read_text()
-    m = re.search(rf"CREATE FUNCTION {name}\(\).*?\$\$(.*?)\$\$", text, re.DOTALL)
-    assert m is not None, f"{name} not found in {MIGRATION.name}"
-    return normal(m.group(1))
+def _function(migration: str, name: str) -> str:
+    text = (MIGRATIONS / migration).read_text()
+    m = re.search(rf"CREATE FUNCTION {name}\(\).*?\$(body)?\$(.*?)\$(body)?\$", text, re.DOTALL)
+    assert m is not None, f"{name} not found in {migration}"
+    return normal(m.group(2))
 
 
 def _inserts() -> dict[str, str]:
-    """The trigger's statements by the rollup table they write."""
-    body = _function("rollups_forget_deleted")
+    """The triggers' statements by the rollup table they write."""
     out: dict[str, str] = {}
-    for part in body.split("INSERT INTO ")[1:]:
-        table = part.split(" ", 1)[0]
-        assert table not in out, f"two statements write {table}"
-        out[table] = part
+    for migration, (deleted, _) in TRIGGERS.items():
+        for part in _function(migration, deleted).split("INSERT INTO ")[1:]:
+            table = part.split(" ", 1)[0]
+            assert table not in out, f"two statements write {table}"
+            out[table] = part
     return out
 
 
@@ -47,10 +53,12 @@ def on_deleted(expr: str) -> str:
 
 def test_the_trigger_writes_every_rollup_table_and_only_those() -> None:
     assert set(_inserts()) == {f.table for f in rollups.FAMILIES}
-    truncated = _function("rollups_forget_all")
-    m = re.search(r"TRUNCATE (.*?);", truncated)
-    assert m is not None
-    assert {t.strip() for t in m.group(1).split(",")} == {f.table for f in rollups.FAMILIES}
+    truncated: set[str] = set()
+    for migration, (_, truncate) in TRIGGERS.items():
+        m = re.search(r"TRUNCATE (.*?);", _function(migration, truncate))
+        assert m is not None
+        truncated |= {t.strip() for t in m.group(1).split(",")}
+    assert truncated == {f.table for f in rollups.FAMILIES}
 
 
 @pytest.mark.parametrize("family", rollups.FAMILIES, ids=lambda f: f.table)
