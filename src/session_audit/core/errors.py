@@ -10,7 +10,8 @@
 
 Anything else that escapes an RPC is mapped by core.rpc: a query cancelled by the caller's
 deadline → DEADLINE_EXCEEDED, a lost or refused database connection → UNAVAILABLE, and the
-rest → INTERNAL (logged with its traceback, never shown to the caller).
+rest → INTERNAL (logged as class, SQLSTATE and frames by redact.describe — never the
+message, which can carry session data — and never shown to the caller).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ to a gRPC status once, most specific first:
     ServiceError (errors.py)                  its own code (INVALID_ARGUMENT, NOT_FOUND, …)
     a query cancelled by the deadline         DEADLINE_EXCEEDED
     a lost or refused database connection     UNAVAILABLE
-    anything else                             INTERNAL, logged with its traceback
+    anything else                             INTERNAL, logged as class, SQLSTATE and frames
 
 A REST twin (e.g. IngestSessionsJson) is its own RPC with its own declaration; it calls the
 plain method directly, so the caller is authenticated once. A method of a registered service
@@ -36,7 +36,7 @@ import asyncpg
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
-from session_audit.core import metrics
+from session_audit.core import metrics, redact
 from session_audit.core.app import App
 from session_audit.core.auth import Principal, authenticate
 from session_audit.core.errors import UNAVAILABLE, ServiceError
@@ -92,10 +92,11 @@ async def abort_for(context: grpc.aio.ServicerContext, method: str, exc: Excepti
             f"{method}: the query did not finish before the deadline",
         )
     elif isinstance(exc, UNAVAILABLE):
-        log.warning("%s: database unavailable: %s", method, exc)
+        log.warning("%s: database unavailable: %s", method, redact.describe(exc))
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"{method}: the database is unavailable")
     else:
-        log.error("%s failed", method, exc_info=exc)
+        # Class, SQLSTATE and frames only: the message can carry session data (redact.py).
+        log.error("%s failed: %s", method, redact.describe(exc))
         await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error")
     raise AssertionError("context.abort returned")
 
