@@ -10,7 +10,7 @@ PROTOC  = PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Ip
           -I$$($(BIN)/python -c 'import grpc_tools,os;print(os.path.join(os.path.dirname(grpc_tools.__file__),"_proto"))') \
           -I$$($(BIN)/python -c 'import google.api.annotations_pb2 as m,os;print(os.path.dirname(os.path.dirname(os.path.dirname(m.__file__))))')
 
-.PHONY: all venv proto check-proto descriptor openapi check-openapi buf-lint buf-baseline lint test fuzz run bench bench-reports bench-analytics \
+.PHONY: all venv proto check-proto descriptor openapi check-openapi buf-lint buf-baseline lint test test-citus fuzz run bench bench-reports bench-analytics bench-analytics-citus \
         bench-throughput clean
 
 all: venv descriptor
@@ -78,6 +78,18 @@ lint: $(STAMP) buf-lint
 test: $(STAMP) check-proto $(DESC) check-openapi lint
 	$(BIN)/pytest
 
+# The API test modules on a Citus cluster: a coordinator and two workers started for the run
+# (binaries from CITUS_PG_BIN, else built by ../shared/citus/build-citus), stopped afterwards.
+# Includes the router-plan check (tests/test_citus_router.py). See docs/scaling.md.
+CITUS_TESTS ?= tests/test_citus_router.py tests/test_sessions_list.py tests/test_sessions_ingest.py \
+               tests/test_analytics_api.py tests/test_analytics_rollups.py tests/test_reports_api.py \
+               tests/test_reports_downloads.py tests/test_reports_filters.py \
+               tests/test_reports_scheduler.py tests/test_reports_crash.py tests/test_contract.py \
+               tests/test_instances.py
+test-citus: $(STAMP) $(DESC)
+	$(BIN)/python -m tests.citus_cluster run -- $(BIN)/pytest -p no:cacheprovider \
+	  --basetemp=.pytest-tmp-citus $(CITUS_TESTS)
+
 # Hostile-input fuzzing against the real stack (server + Envoy + PostgreSQL): schemathesis over
 # envoy/openapi.json and hypothesis strategies for every parameter; prints counts by status.
 fuzz: $(STAMP) $(DESC)
@@ -100,6 +112,11 @@ bench-analytics: $(STAMP) $(DESC)
 # Requests/s of cheap calls, REST (wrk, through Envoy) and gRPC, WORKERS=2 and 1; 30 s each.
 bench-throughput: $(STAMP) $(DESC)
 	$(BIN)/python bench/bench_throughput.py $(BENCH_ARGS)
+
+# The same bench against a fresh 3-node Citus cluster (docs/scaling.md: --seed, --t-end and
+# --answers in BENCH_ARGS give the same data as a single-node run, to compare answers).
+bench-analytics-citus: $(STAMP) $(DESC)
+	$(BIN)/python -m tests.citus_cluster run -- $(BIN)/python bench/bench_analytics.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .gen-check $(DESC) .pytest_cache .mypy_cache .ruff_cache build/buf-deps

@@ -26,6 +26,7 @@ from session_audit.core.app import App
 from session_audit.core.auth import TokenCache
 from session_audit.core.config import Config
 from session_audit.core.decode import DecodeGuard
+from session_audit.core.reads import Reads
 from session_audit.core.rpc import Guard
 from session_audit.reports.service import ReportService
 from session_audit.sessions.service import SessionService
@@ -153,7 +154,12 @@ async def serve(
     endpoint is this process's unless a parent serves it for all workers."""
     pool = await db.create_pool(dsn, config.pool_min, config.pool_max)
     ingest_pool = await db.create_pool(dsn, 1, max(2, config.pool_max // 2), json_codec=False)
-    app = App(config, pool, ingest_pool)
+    standby = None
+    if config.database_read_url:
+        # No connection at start: a standby that is down must not keep the service down.
+        standby = await db.create_pool(config.database_read_url, 0, config.pool_max)
+    reads = Reads(pool, standby, config.read_max_lag)
+    app = App(config, pool, ingest_pool, reads=reads)
     guard = Guard(app)
     server = grpc.aio.server(
         # Observer first: outermost, so it sees the status the Guard settled on; DecodeGuard
@@ -185,6 +191,7 @@ async def serve(
     log.info("gRPC listening on %s:%d (pid %d)", config.grpc_host, port, os.getpid())
     for task in background:
         task.start()
+    reads.start()
     metrics_server = observability.serve_metrics(config.metrics_port) if metrics_endpoint else None
     if on_ready is not None:
         on_ready(port)
@@ -200,6 +207,9 @@ async def serve(
     await server.stop(config.shutdown_grace)
     for task in background:
         await task.stop()
+    await reads.stop()
+    if standby is not None:
+        await standby.close()
     await pool.close()
     await ingest_pool.close()
     if metrics_server is not None:

@@ -53,6 +53,10 @@ class Config:
     shutdown_grace: float
     # Seconds between database probes of the health service.
     health_interval: float
+    # A streaming standby for read-only calls (core/reads.py); empty: all reads on the primary.
+    database_read_url: str = ""
+    # A standby further behind than this is not read from.
+    read_max_lag: float = 10.0
     # Loopback port of the server's Prometheus /metrics (0: none).
     metrics_port: int = 9464
     # Loopback port where Envoy's /stats/prometheus is served, and nothing else of its admin
@@ -76,6 +80,8 @@ class Config:
             default_query_timeout=float(_int(env, "QUERY_TIMEOUT_SECONDS", 30, 1, 3600)),
             shutdown_grace=float(_int(env, "SHUTDOWN_GRACE_SECONDS", 10, 0, 600)),
             health_interval=float(_int(env, "HEALTH_INTERVAL_SECONDS", 2, 1, 60)),
+            database_read_url=env.get("DATABASE_READ_URL", ""),
+            read_max_lag=float(_int(env, "READ_MAX_LAG_SECONDS", 10, 0, 86400)),
             metrics_port=_int(env, "METRICS_PORT", 9464, 0, 65535),
             envoy_metrics_port=_int(env, "ENVOY_METRICS_PORT", 9465, 0, 65535),
         )

@@ -64,7 +64,7 @@ class IngestBatch:
         self.org_id = org_id
         self.timeout = timeout
         self.maintain_rollups = maintain_rollups
-        self.deltas = rollups.Deltas(conn, timeout)
+        self.deltas = rollups.Deltas(conn, org_id, timeout)
         self.now = datetime.now(UTC)
         self.result = IngestResult()
         self._next_index = 0
@@ -133,7 +133,7 @@ class IngestBatch:
             # "the rest" meanwhile, the COPY fails (after waiting for that batch to commit)
             # and the next round finds and locks it: every stored row we overwrite is locked
             # before its old contribution to the rollups is read.
-            existing = await store.lock_existing(self.conn, ids, self.timeout)
+            existing = await store.lock_existing(self.conn, self.org_id, ids, self.timeout)
             fresh, known, rejected = self._partition(pending, existing)
             records = [item.record() for item in fresh.values()]
             if not fresh or await store.copy_new(self.conn, records, self.timeout):
@@ -167,8 +167,6 @@ class IngestBatch:
             old = existing.get(sid)
             if old is None:
                 fresh[sid] = item
-            elif old.org_id != self.org_id:
-                rejected.append((index, str(sid), "id: already used by another session"))
             elif (item.end_date or old.end_date or item.start_date) < item.start_date:
                 rejected.append((index, str(sid), "start_date: after the stored end_date"))
             else:
