@@ -12,7 +12,7 @@ PROTOC  = PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Ip
 
 .PHONY: all venv proto check-proto descriptor openapi check-openapi buf-lint buf-baseline lint test \
         test-citus fuzz run bench bench-reports bench-analytics bench-analytics-citus bench-retention \
-        clean
+        bench-throughput clean
 
 all: venv descriptor
 
@@ -109,6 +109,10 @@ bench-reports: $(STAMP) $(DESC)
 # Aggregations at 10M sessions; the data set is kept in .bench-data-analytics/ and reused.
 bench-analytics: $(STAMP) $(DESC)
 	$(BIN)/python bench/bench_analytics.py $(BENCH_ARGS)
+
+# Requests/s of cheap calls, REST (wrk, through Envoy) and gRPC, WORKERS=2 and 1; 30 s each.
+bench-throughput: $(STAMP) $(DESC)
+	$(BIN)/python bench/bench_throughput.py $(BENCH_ARGS)
 
 # The same bench against a fresh 3-node Citus cluster (docs/scaling.md: --seed, --t-end and
 # --answers in BENCH_ARGS give the same data as a single-node run, to compare answers).

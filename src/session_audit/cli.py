@@ -373,7 +373,8 @@ def run_cmd() -> None:
             )  # fmt: skip
             _print_banner(config, grpc_port, org, admin)
 
-        asyncio.run(server.serve(config, dsn, on_ready=ready))
+        # WORKERS processes share GRPC_PORT (SO_REUSEPORT); Envoy starts once all listen.
+        server.serve_workers(config, dsn, on_ready=ready)
     finally:
         if proxy is not None:
             envoy.stop(proxy)
