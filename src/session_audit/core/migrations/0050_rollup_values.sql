@@ -28,21 +28,22 @@ SELECT r.org_id, r.grain, r.bucket, f.field, f.value, sum(r.starts), sum(r.ends)
 HAVING sum(r.starts) <> 0 OR sum(r.ends) <> 0;
 
 -- 2. Covering keys: the counters ride in the primary key's index (INCLUDE), so the read paths
---    are index-only scans instead of one heap page per rollup row.
+--    are index-only scans instead of one heap page per rollup row. One subcommand per ALTER:
+--    Citus refuses ADD CONSTRAINT beside other subcommands on a distributed table.
+ALTER TABLE rollup_sessions DROP CONSTRAINT rollup_sessions_pkey;
 ALTER TABLE rollup_sessions
-    DROP CONSTRAINT rollup_sessions_pkey,
     ADD CONSTRAINT rollup_sessions_pkey PRIMARY KEY (org_id, grain, bucket, connection,
         connection_type, connection_subtype, verb, status, review_status) INCLUDE (starts, ends);
+ALTER TABLE rollup_sessions_user DROP CONSTRAINT rollup_sessions_user_pkey;
 ALTER TABLE rollup_sessions_user
-    DROP CONSTRAINT rollup_sessions_user_pkey,
     ADD CONSTRAINT rollup_sessions_user_pkey PRIMARY KEY (org_id, grain, bucket, user_key)
         INCLUDE (starts, ends);
+ALTER TABLE rollup_redactions DROP CONSTRAINT rollup_redactions_pkey;
 ALTER TABLE rollup_redactions
-    DROP CONSTRAINT rollup_redactions_pkey,
     ADD CONSTRAINT rollup_redactions_pkey PRIMARY KEY (org_id, grain, bucket, connection,
         connection_type, verb, info_type) INCLUDE (sessions, redact_total, transformed_bytes);
+ALTER TABLE rollup_redactions_user DROP CONSTRAINT rollup_redactions_user_pkey;
 ALTER TABLE rollup_redactions_user
-    DROP CONSTRAINT rollup_redactions_user_pkey,
     ADD CONSTRAINT rollup_redactions_user_pkey PRIMARY KEY (org_id, grain, bucket, user_key,
         info_type) INCLUDE (sessions, redact_total, transformed_bytes);
 
