@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from google.api import annotations_pb2
 
-from session_audit.v1 import analytics_pb2, reports_pb2, sessions_pb2
+from session_audit.v1 import analytics_pb2, reports_pb2, retention_pb2, sessions_pb2
 from tests.report_reference import RSpec
 from tests.support import Stack
 
@@ -46,7 +46,7 @@ def curl_calls(examples: str) -> list[tuple[str, str]]:
 def test_every_rpc_and_rest_path_has_an_example() -> None:
     examples = endpoint_examples()
     calls = curl_calls(examples)
-    for module in (sessions_pb2, analytics_pb2, reports_pb2):
+    for module in (sessions_pb2, analytics_pb2, reports_pb2, retention_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 rule = method.GetOptions().Extensions[annotations_pb2.http]

@@ -5,10 +5,15 @@
 -- the transaction of the change it records.
 
 -- A session's lock is now state the service sets: the gateway's label (at ingest), a lock by
--- the API (PUT /api/sessions/{id}/retention_lock) or a legal hold. Dropping the expression
--- keeps every value (no table rewrite); ingest locks labelled sessions itself from now on.
-ALTER TABLE sessions ALTER COLUMN retention_locked DROP EXPRESSION;
-ALTER TABLE sessions ALTER COLUMN retention_locked SET DEFAULT false;
+-- the API (PUT /api/sessions/{id}/retention_lock) or a legal hold. The generated column is
+-- replaced by a plain one holding the same values (Citus supports neither DROP EXPRESSION nor
+-- ALTER COLUMN … on a distributed table, only ADD/DROP COLUMN): a constant default adds it
+-- without a rewrite, only labelled rows are updated; ingest locks labelled sessions itself
+-- from now on.
+ALTER TABLE sessions ADD COLUMN retention_locked_set boolean NOT NULL DEFAULT false;
+UPDATE sessions SET retention_locked_set = true WHERE retention_locked;
+ALTER TABLE sessions DROP COLUMN retention_locked;
+ALTER TABLE sessions RENAME COLUMN retention_locked_set TO retention_locked;
 
 -- One row per org that set a policy. days NULL: keep forever (also the default without a row).
 -- next_purge_at is the claim of the background purge: the process whose UPDATE moves it
