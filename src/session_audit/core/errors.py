@@ -6,16 +6,23 @@
     ├── PermissionDenied     the token's role may not do this → PERMISSION_DENIED (HTTP 403)
     ├── NotFound             no such row in the caller's org → NOT_FOUND (HTTP 404)
     ├── Conflict             the row is not in a state that allows this → ABORTED (HTTP 409)
+    ├── Retryable            lost a race with a concurrent transaction; re-send → ABORTED (409)
+    ├── Unavailable          no capacity now (e.g. no pooled connection in time) → UNAVAILABLE
     └── FailedPrecondition   request valid but cannot be answered now → FAILED_PRECONDITION (400)
 
-Anything else that escapes an RPC is mapped by `rpc`: a query cancelled by the caller's
-deadline → DEADLINE_EXCEEDED, a lost or refused database connection → UNAVAILABLE, and the
-rest → INTERNAL (logged with its traceback, never shown to the caller).
+Anything else that escapes an RPC is mapped by `rpc` (`status_for`), most specific first:
+
+    deadlock / serialization failure            → ABORTED (retryable; docs/reliability.md)
+    query cancelled (deadline, statement_timeout) or asyncio timeout → DEADLINE_EXCEEDED
+    lost or refused database connection, server shutting down, network errors → UNAVAILABLE
+    anything else (asyncpg.InterfaceError: a client-side bug, among them) → INTERNAL, logged
+                                                once with its traceback, never shown
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -59,31 +66,71 @@ class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Retryable(ServiceError):
+    code = grpc.StatusCode.ABORTED
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+# PostgreSQL aborted the transaction to break a lock cycle or keep it serializable: running it
+# again is the remedy.
+RETRYABLE_DB = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+
+# The database cannot be reached or is going away. asyncpg.InterfaceError as a whole is NOT
+# here: it also covers client-side misuse (encoding a wrong type, a busy connection), our bugs;
+# only its "the connection is gone" subclass is.
 _UNAVAILABLE = (
     asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
+    asyncpg.ConnectionDoesNotExistError,
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.IdleInTransactionSessionTimeoutError,
     ConnectionError,
-    OSError,
 )
+_NETWORK_ERRNOS = frozenset({
+    errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH,
+    errno.ENETUNREACH, errno.ENETDOWN, errno.EPIPE, errno.ETIMEDOUT,
+})  # fmt: skip
+
+
+def _network_error(exc: Exception) -> bool:
+    """A socket error reaching the database (a missing Unix socket is ENOENT without a file
+    name; a missing file of ours has one)."""
+    if not isinstance(exc, OSError):
+        return False
+    return exc.errno in _NETWORK_ERRNOS or (exc.errno == errno.ENOENT and exc.filename is None)
+
+
+def status_for(rpc: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status and caller-safe message for `exc`; logs what an operator must see."""
+    if isinstance(exc, ServiceError):
+        return exc.code, exc.message
+    if isinstance(exc, RETRYABLE_DB):
+        log.info("%s: transaction aborted by the database: %s", rpc, exc)
+        return (
+            grpc.StatusCode.ABORTED,
+            f"{rpc}: conflicted with a concurrent transaction; retry the call",
+        )
+    if isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
+        return (
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"{rpc}: the query did not finish before the deadline",
+        )
+    if isinstance(exc, _UNAVAILABLE) or (isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS):
+        log.warning("%s: database unavailable: %s: %s", rpc, type(exc).__name__, exc)
+        return grpc.StatusCode.UNAVAILABLE, f"{rpc}: the database is unavailable"
+    log.error("%s failed", rpc, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"{rpc}: internal error"
 
 
 async def abort_for(context: grpc.aio.ServicerContext, rpc: str, exc: Exception) -> NoReturn:
     """Abort the call with the status that fits `exc`, most specific first."""
-    if isinstance(exc, ServiceError):
-        await context.abort(exc.code, exc.message)
-    elif isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
-        await context.abort(
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            f"{rpc}: the query did not finish before the deadline",
-        )
-    elif isinstance(exc, _UNAVAILABLE):
-        log.warning("%s: database unavailable: %s", rpc, exc)
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"{rpc}: the database is unavailable")
-    else:
-        log.error("%s failed", rpc, exc_info=exc)
-        await context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error")
+    code, message = status_for(rpc, exc)
+    await context.abort(code, message)
     raise AssertionError("context.abort returned")
 
 

@@ -198,12 +198,14 @@ async def update_definition(
 ) -> None:
     """`changes` maps column names (a fixed set, checked by the caller) to new values."""
     allowed = {"title", "query_filter", "query_order"}
-    assert set(changes) <= allowed
+    if not set(changes) <= allowed:
+        raise ValueError(f"update_definition: unexpected columns {sorted(set(changes) - allowed)}")
     sets = Where(Params([id_, me.org_id]))
     assignments = [f"{col} = {sets.params(value)}" for col, value in sorted(changes.items())]
     async with conn.transaction():
         old = await conn.fetchrow(LOCK_DEFINITION, id_, me.org_id, timeout=timeout)
-        assert old is not None
+        if old is None:  # deleted since the caller looked it up
+            raise NotFound(f"defined report {id_} not found")
         await conn.execute(
             f"UPDATE defined_reports SET {', '.join(assignments)}, modified_at = now()"  # noqa: S608
             " WHERE id = $1 AND org_id = $2",
@@ -224,7 +226,8 @@ async def delete_definition(conn: Conn, me: Owner, id_: int, timeout: float) -> 
             "   AS subscriptions",
             id_, me.org_id, timeout=timeout,
         )  # fmt: skip
-        assert gone is not None
+        if gone is None:  # a concurrent delete won
+            raise NotFound(f"defined report {id_} not found")
         await audit(conn, me, "delete", "defined_report", id_, dict(gone), timeout)
 
 
@@ -319,7 +322,8 @@ async def delete_report(conn: Conn, me: Owner, id_: int, timeout: float) -> None
             )  # fmt: skip
         except asyncpg.LockNotAvailableError:
             raise Conflict(f"report {id_} is being generated; try again when it is ready") from None
-        assert row is not None
+        if row is None:  # a concurrent delete won
+            raise NotFound(f"report {id_} not found")
         await conn.execute("DELETE FROM report_rows WHERE report_id = $1", id_, timeout=timeout)
         await conn.execute("DELETE FROM reports WHERE id = $1", id_, timeout=timeout)
         await conn.execute("DELETE FROM report_attempts WHERE report_id = $1", id_, timeout=timeout)
@@ -415,5 +419,6 @@ async def delete_subscription(conn: Conn, me: Owner, id_: int, timeout: float) -
             " RETURNING defined_report_id::text, period, time_zone, owner",
             id_, me.org_id, timeout=timeout,
         )  # fmt: skip
-        assert gone is not None
+        if gone is None:  # a concurrent delete won
+            raise NotFound(f"subscription {id_} not found")
         await audit(conn, me, "delete", "subscription", id_, dict(gone), timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -11,6 +12,7 @@ from google.protobuf import struct_pb2
 
 from session_audit.core.app import App
 from session_audit.core.auth import READERS, WRITERS, Principal
+from session_audit.core.db import Conn
 from session_audit.core.errors import InvalidArgument, NotFound, rpc
 from session_audit.core.json_body import parse_strict
 from session_audit.sessions import requests as listing
@@ -93,13 +95,22 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 f"sessions: expected at most {MAX_BATCH} per request, got {n}; "
                 "split the batch or use StreamIngestSessions"
             )
-        timeout = self.app.timeout(context)
-        async with self.app.ingest_pool.acquire() as conn, conn.transaction():
-            async with IngestBatch(conn, who.org_id, timeout) as batch:
-                for session in request.sessions:
-                    await batch.add(session)
-                result = await batch.finish()
+        async with self._batch(who, context) as batch:
+            for session in request.sessions:
+                await batch.add(session)
+            result = await batch.finish()
         return result.to_proto()
+
+    def _batch(self, who: Principal, context: grpc.aio.ServicerContext) -> IngestBatch:
+        """A batch that opens its own transaction on the ingest pool when it first writes,
+        with every statement bounded by the time left to the call's deadline."""
+
+        @contextlib.asynccontextmanager
+        async def transaction() -> AsyncIterator[Conn]:
+            async with self.app.ingest_pool.acquire() as conn, conn.transaction():
+                yield conn
+
+        return IngestBatch.on_pool(transaction, who.org_id, lambda: self.app.timeout(context))
 
     @rpc("StreamIngestSessions")
     async def StreamIngestSessions(
@@ -108,11 +119,9 @@ class SessionService(pb_grpc.SessionServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> pb.IngestSessionsResponse:
         who = await self.app.caller(context, WRITERS, "ingest sessions")
-        timeout = self.app.timeout(context)
-        async with self.app.ingest_pool.acquire() as conn, conn.transaction():
-            async with IngestBatch(conn, who.org_id, timeout) as batch:
-                async for chunk in request_iterator:
-                    for session in chunk.sessions:
-                        await batch.add(session)
-                result = await batch.finish()
+        async with self._batch(who, context) as batch:
+            async for chunk in request_iterator:
+                for session in chunk.sessions:
+                    await batch.add(session)
+            result = await batch.finish()
         return result.to_proto()

@@ -89,7 +89,7 @@ WITH t AS (
       FROM ingest_staging t
 )
 INSERT INTO sessions AS s ({", ".join(INGEST_COLUMNS)})
-SELECT {", ".join(INGEST_COLUMNS)} FROM t
+SELECT {", ".join(INGEST_COLUMNS)} FROM t ORDER BY id
 ON CONFLICT (id) DO UPDATE SET
     {", ".join(f"{c} = {_merged(c).replace('t.', 'EXCLUDED.')}" for c in _UPDATABLE)},
     updated_at = now()
@@ -97,7 +97,7 @@ ON CONFLICT (id) DO UPDATE SET
    AND ({", ".join(f"s.{c}" for c in _UPDATABLE)})
        IS DISTINCT FROM
        ({", ".join(_merged(c).replace("t.", "EXCLUDED.") for c in _UPDATABLE)})
-RETURNING (xmax = 0) AS inserted
+RETURNING s.id
 """  # noqa: S608 - every name above is a code constant
 
 GET = f"""
@@ -201,8 +201,9 @@ async def lock_existing(
 
 async def copy_new(conn: Conn, records: Sequence[tuple[Any, ...]], timeout: float) -> bool:
     """Binary COPY of sessions not stored yet straight into the table (the fast path, as fast
-    as a raw COPY). Runs in a savepoint: if a concurrent writer stored one of the ids
-    meanwhile, nothing of this chunk is kept and False tells the caller to upsert instead.
+    as a raw COPY); give the records in id order (the lock order). Runs in a savepoint: if a
+    concurrent writer stored one of the ids meanwhile, nothing of this chunk is kept and False
+    tells the caller to upsert instead.
     JSON columns must hold JSON text (a connection without the JSON codec)."""
     try:
         async with conn.transaction():
@@ -214,13 +215,13 @@ async def copy_new(conn: Conn, records: Sequence[tuple[Any, ...]], timeout: floa
     return True
 
 
-async def upsert(conn: Conn, records: Sequence[tuple[Any, ...]], timeout: float) -> tuple[int, int]:
-    """Write staged rows (must run inside a transaction). Returns (inserted, updated)."""
+async def upsert(conn: Conn, records: Sequence[tuple[Any, ...]], timeout: float) -> set[uuid.UUID]:
+    """Write staged rows (must run inside a transaction; give them in id order, the lock
+    order). Returns the ids of the rows inserted or changed."""
     await conn.execute(CREATE_STAGING)
     await conn.execute(TRUNCATE_STAGING)
     await conn.copy_records_to_table(
         "ingest_staging", records=records, columns=INGEST_COLUMNS, timeout=timeout
     )
     result = await conn.fetch(UPSERT, timeout=timeout)
-    inserted = sum(1 for r in result if r["inserted"])
-    return inserted, len(result) - inserted
+    return {r["id"] for r in result}
