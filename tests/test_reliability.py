@@ -5,6 +5,7 @@ frozen PostgreSQL under load) are in tests/soak/ (`make soak`)."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import uuid
 from collections import Counter
@@ -182,13 +183,17 @@ def test_delete_racing_patch_of_a_definition_never_500(
             "query_order": "!created_at"}))["defined_report"]["id"]
         for i in range(20)
     ]  # fmt: skip
-    calls = []
+
+    def patch(did: str, i: int) -> Any:
+        return stack.rest("PATCH", f"/api/v2/report/defined/{did}", token, json={"title": f"t{i}"})
+
+    def delete(did: str) -> Any:
+        return stack.rest("DELETE", f"/api/v2/report/defined/{did}", token)
+
+    calls: list[Any] = []
     for did in dids:
         for i in range(4):
-            calls.append(lambda did=did, i=i: stack.rest(
-                "PATCH", f"/api/v2/report/defined/{did}", token, json={"title": f"t{i}"}))  # fmt: skip
-            calls.append(lambda did=did: stack.rest(
-                "DELETE", f"/api/v2/report/defined/{did}", token))  # fmt: skip
+            calls += [functools.partial(patch, did, i), functools.partial(delete, did)]
     got = _race(calls)
     assert set(got) <= {200, 404}, got
     # Every definition was deleted exactly once.
