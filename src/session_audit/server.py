@@ -22,6 +22,7 @@ from session_audit.core import db
 from session_audit.core.app import App
 from session_audit.core.auth import TokenCache
 from session_audit.core.config import Config
+from session_audit.reports.config import ReportConfig
 from session_audit.reports.service import ReportService
 from session_audit.sessions.service import SessionService
 from session_audit.v1 import (
@@ -94,6 +95,7 @@ class Health:
         log.info("health: %s", "SERVING" if serving else "NOT_SERVING")
 
     async def probe(self) -> bool:
+        """One `SELECT 1` on the probe's own pool (a busy RPC pool is not an outage)."""
         try:
             async with asyncio.timeout(max(1.0, self.interval)):
                 await self.pool.fetchval("SELECT 1")
@@ -102,11 +104,27 @@ class Health:
             return False
 
     async def _keep_listening(self) -> None:
-        if self.tokens is None or (self._listener is not None and not self._listener.is_closed()):
+        """Keep the token cache's LISTEN connection alive, and prove it: a half-open TCP
+        connection looks open but hears nothing, so it must answer `SELECT 1` in time, else
+        the cache is disabled (every call looks its token up) until a new one listens."""
+        if self.tokens is None:
             return
+        listener = self._listener
+        if listener is not None and not listener.is_closed():
+            try:
+                async with asyncio.timeout(max(1.0, self.interval)):
+                    await listener.fetchval("SELECT 1")
+                return
+            except Exception as exc:
+                log.warning("token cache disabled: its listening connection is silent: %s", exc)
+                self.tokens.disable()
+                listener.terminate()
+                self._listener = None
         try:
-            self._listener = await self.tokens.listen(self.dsn)
+            async with asyncio.timeout(max(1.0, self.interval)):
+                self._listener = await self.tokens.listen(self.dsn)
         except Exception as exc:
+            self.tokens.disable()
             log.warning("token cache disabled: cannot listen for token changes: %s", exc)
 
     async def _watch(self) -> None:
@@ -114,6 +132,8 @@ class Health:
             serving = await self.probe()
             if serving:
                 await self._keep_listening()
+            elif self.tokens is not None:
+                self.tokens.disable()
             await self.set(serving)
             await asyncio.sleep(self.interval)
 
@@ -141,9 +161,27 @@ async def serve(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT (or `stop` is set), then drain in-flight RPCs."""
-    pool = await db.create_pool(dsn, config.pool_min, config.pool_max)
-    ingest_pool = await db.create_pool(dsn, 1, max(2, config.pool_max // 2), json_codec=False)
-    app = App(config, pool, ingest_pool)
+    # Separate pools, so no setting starves one use of connections with another: RPCs,
+    # ingest (a stream holds one for its transaction), report generation (each generator
+    # holds one for a generation and briefly takes a second; plus the scheduler), the probe.
+    wait, idle = config.pool_acquire_timeout, config.idle_in_transaction
+    pool = await db.create_pool(
+        dsn, config.pool_min, config.pool_max, name="RPC", acquire_timeout=wait,
+        idle_in_transaction=idle,
+    )  # fmt: skip
+    ingest_pool = await db.create_pool(
+        dsn, 1, max(2, config.pool_max // 2), json_codec=False, name="ingest",
+        acquire_timeout=wait, idle_in_transaction=idle,
+    )  # fmt: skip
+    generators = ReportConfig.from_environ().generators
+    report_pool = await db.create_pool(
+        dsn, 1, 2 * generators + 1, name="report generation", acquire_timeout=60.0,
+        idle_in_transaction=config.idle_in_transaction,
+    )  # fmt: skip
+    probe_pool = await db.create_pool(
+        dsn, 1, 1, name="health probe", acquire_timeout=max(1.0, config.health_interval)
+    )
+    app = App(config, pool, ingest_pool, report_pool=report_pool)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
@@ -158,7 +196,7 @@ async def serve(
         add(servicer, server)
         names.append(name)
         background += getattr(servicer, "background_tasks", [])
-    checker = Health(pool, names, config.health_interval, app.tokens, dsn)
+    checker = Health(probe_pool, names, config.health_interval, app.tokens, dsn)
     health_pb2_grpc.add_HealthServicer_to_server(checker.servicer, server)
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
@@ -184,8 +222,8 @@ async def serve(
     await server.stop(config.shutdown_grace)
     for task in background:
         await task.stop()
-    await pool.close()
-    await ingest_pool.close()
+    for p in (pool, ingest_pool, report_pool, probe_pool):
+        await p.close()
 
 
 def _worker(config: Config, dsn: str) -> None:

@@ -8,6 +8,8 @@
     ├── Conflict             the row is not in a state that allows this → ABORTED (HTTP 409)
     ├── Retryable            lost a race with a concurrent transaction; re-send → ABORTED (409)
     ├── Unavailable          no capacity now (e.g. no pooled connection in time) → UNAVAILABLE
+    ├── ResourceExhausted    a per-caller limit is reached (429) → RESOURCE_EXHAUSTED
+    ├── DeadlineExceeded     a time limit of ours ran out → DEADLINE_EXCEEDED (504)
     └── FailedPrecondition   request valid but cannot be answered now → FAILED_PRECONDITION (400)
 
 Anything else that escapes an RPC is mapped by `rpc` (`status_for`), most specific first:
@@ -30,6 +32,7 @@ from typing import Any, NoReturn, TypeVar, cast
 
 import asyncpg
 import grpc
+from google.protobuf.message import Message
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,14 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class ResourceExhausted(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 # PostgreSQL aborted the transaction to break a lock cycle or keep it serializable: running it
 # again is the remedy.
 RETRYABLE_DB = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
@@ -105,6 +116,11 @@ def _network_error(exc: Exception) -> bool:
     return exc.errno in _NETWORK_ERRNOS or (exc.errno == errno.ENOENT and exc.filename is None)
 
 
+def database_unreachable(exc: BaseException) -> bool:
+    """The database cannot be reached or is going away (not: it answered with an error)."""
+    return isinstance(exc, _UNAVAILABLE) or (isinstance(exc, Exception) and _network_error(exc))
+
+
 def status_for(rpc: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
     """The status and caller-safe message for `exc`; logs what an operator must see."""
     if isinstance(exc, ServiceError):
@@ -120,7 +136,7 @@ def status_for(rpc: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
             grpc.StatusCode.DEADLINE_EXCEEDED,
             f"{rpc}: the query did not finish before the deadline",
         )
-    if isinstance(exc, _UNAVAILABLE) or (isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS):
+    if database_unreachable(exc):
         log.warning("%s: database unavailable: %s: %s", rpc, type(exc).__name__, exc)
         return grpc.StatusCode.UNAVAILABLE, f"{rpc}: the database is unavailable"
     log.error("%s failed", rpc, exc_info=exc)
@@ -134,6 +150,40 @@ async def abort_for(context: grpc.aio.ServicerContext, rpc: str, exc: Exception)
     raise AssertionError("context.abort returned")
 
 
+def call_bound(servicer: Any, request: Any, context: grpc.aio.ServicerContext) -> float | None:
+    """Seconds a unary call may run in all when its caller set no deadline: the default query
+    timeout (QUERY_TIMEOUT_SECONDS). With a deadline gRPC itself cancels the call when it
+    passes; without one, this bound also ends a call stuck where no statement timeout reaches
+    (e.g. a ROLLBACK waiting on a frozen database). Client streams have their own bounds."""
+    if context.time_remaining() is not None or not isinstance(request, Message):
+        return None
+    config = getattr(getattr(servicer, "app", None), "config", None)
+    bound = getattr(config, "default_query_timeout", None)
+    return float(bound) if bound is not None else None
+
+
+# Calls given up on by `within`, still cleaning up; kept referenced until they end.
+_ABANDONED: set[asyncio.Task[Any]] = set()
+
+
+async def within(seconds: float, call: Awaitable[T]) -> T:
+    """Run `call`, answering TimeoutError after `seconds` even if its cleanup (a ROLLBACK on a
+    frozen database, say) cannot finish yet: it is cancelled and left to end on its own."""
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task in done:
+        return task.result()
+    task.cancel()
+    _ABANDONED.add(task)
+    task.add_done_callback(_ABANDONED.discard)
+    raise TimeoutError
+
+
+T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
@@ -144,7 +194,10 @@ def rpc(name: str) -> Callable[[F], F]:
         @functools.wraps(method)
         async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                return await method(self, request, context)
+                bound = call_bound(self, request, context)
+                if bound is None:
+                    return await method(self, request, context)
+                return await within(bound, method(self, request, context))
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:

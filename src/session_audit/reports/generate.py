@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from session_audit.core.db import Conn
-from session_audit.core.errors import _UNAVAILABLE, ServiceError
+from session_audit.core.errors import ServiceError, database_unreachable
 from session_audit.core.sql import Params, Where
 from session_audit.reports import filters as rf
 from session_audit.reports.types import BY_KEY, ReportType
@@ -300,7 +300,7 @@ async def generate_next(pool: asyncpg.Pool, timeout: float) -> int | None:
             # Another process finished it after our snapshot began: nothing to do.
             return -1
         except Exception as exc:
-            lost = isinstance(exc, _UNAVAILABLE) and not isinstance(exc, TimeoutError)
+            lost = database_unreachable(exc)
             if claimed is None or lost:
                 raise
             reason = failure_reason(exc, timeout)
