@@ -10,7 +10,7 @@ PROTOC  = PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Ip
           -I$$($(BIN)/python -c 'import grpc_tools,os;print(os.path.join(os.path.dirname(grpc_tools.__file__),"_proto"))') \
           -I$$($(BIN)/python -c 'import google.api.annotations_pb2 as m,os;print(os.path.dirname(os.path.dirname(os.path.dirname(m.__file__))))')
 
-.PHONY: all venv proto check-proto descriptor lint test run bench bench-reports bench-analytics clean
+.PHONY: all venv proto check-proto descriptor lint test soak run bench bench-reports bench-analytics clean
 
 all: venv descriptor
 
@@ -48,6 +48,11 @@ lint: $(STAMP)
 
 test: $(STAMP) check-proto $(DESC) lint
 	$(BIN)/pytest
+
+# Reliability soak (docs/reliability.md): concurrent overlapping ingest, kill -9 and replay,
+# mixed load with p50/p99 per call, event-loop probe. Bounded: about 5 minutes, at most 10.
+soak: $(STAMP) $(DESC)
+	SOAK=1 timeout 600 $(BIN)/pytest tests/soak -s -p no:cacheprovider
 
 run: $(STAMP) $(DESC)
 	$(BIN)/session-audit run

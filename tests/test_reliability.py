@@ -242,3 +242,39 @@ def test_errors_map_to_what_happened(exc: Exception, code: str) -> None:
     got, message = status_for("Call", exc)
     assert got == getattr(grpc.StatusCode, code)
     assert message.startswith("Call: ")
+
+
+# -- finding 9: group_by=id does not materialise an unbounded answer ---------------------------
+
+
+def test_session_report_by_id_is_bounded_with_a_400_pointing_to_the_export(
+    stack: Stack, org_admin: tuple[str, str]
+) -> None:
+    _, token = org_admin
+    day = T0.replace(hour=0, minute=0)
+    specs = [
+        Spec(start=day + timedelta(seconds=i), end=day + timedelta(seconds=i + 60),
+             connection="a" if i % 2 else "b", redactions=(("EMAIL_ADDRESS", 1, 10),))
+        for i in range(10_001)
+    ]  # fmt: skip
+    reply = stack.stub().StreamIngestSessions(
+        (pb.IngestSessionsRequest(sessions=[s.to_proto() for s in specs[i : i + 1000]])
+         for i in range(0, len(specs), 1000)),
+        metadata=auth_md(token),
+    )  # fmt: skip
+    assert reply.written == 10_001
+    window = {"start_date": day.date().isoformat(),
+              "end_date": (day + timedelta(days=1)).date().isoformat()}  # fmt: skip
+    r = stack.rest("GET", "/api/reports/sessions", token, params={**window, "group_by": "id"})
+    assert r.status_code == 400, r.text
+    message = r.json()["message"]
+    assert (
+        message.startswith("group_by: id lists at most 10000 items") and "/api/v2/report" in message
+    )
+    narrowed = stack.rest("GET", "/api/reports/sessions", token,
+                          params={**window, "group_by": "id", "connection_name": "b"})  # fmt: skip
+    assert narrowed.status_code == 200, narrowed.text
+    assert len(narrowed.json()["items"]) == 5001
+    by_connection = ok(stack.rest("GET", "/api/reports/sessions", token, params=window))
+    assert sorted((i["resource"], i["redact_total"]) for i in by_connection["items"]) == [
+        ("a", 5000), ("b", 5001)]  # fmt: skip

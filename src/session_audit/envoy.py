@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import logging
 import os
 import shutil
 import socket
@@ -11,6 +13,8 @@ import time
 from pathlib import Path
 
 from session_audit.core.config import project_root
+
+log = logging.getLogger(__name__)
 
 TEMPLATE = Path("envoy/envoy.yaml")
 DESCRIPTOR = Path("envoy/session_audit.pb")
@@ -26,8 +30,17 @@ def envoy_binary() -> str:
     return found
 
 
-def render(http_port: int, grpc_port: int, root: Path | None = None) -> str:
-    """envoy.yaml with the listener, upstream port and descriptor path filled in."""
+ADMIN_SOCKET = "/tmp/session-audit-envoy-admin.sock"  # noqa: S108 - the template's; replaced
+
+
+def admin_socket(workdir: Path, http_port: int) -> Path:
+    return workdir / f"envoy-admin-{http_port}.sock"
+
+
+def render(
+    http_port: int, grpc_port: int, root: Path | None = None, admin: Path | None = None
+) -> str:
+    """envoy.yaml with the listener, upstream port, descriptor and admin socket filled in."""
     base = root or project_root()
     text = (base / TEMPLATE).read_text()
     descriptor = base / DESCRIPTOR
@@ -38,6 +51,8 @@ def render(http_port: int, grpc_port: int, root: Path | None = None) -> str:
         "port_value: 50051": f"port_value: {grpc_port}",
         f"proto_descriptor: {DESCRIPTOR}": f"proto_descriptor: {descriptor}",
     }
+    if admin is not None:
+        replacements[f"path: {ADMIN_SOCKET}"] = f"path: {admin}"
     for old, new in replacements.items():
         if old not in text:
             raise ValueError(f"{TEMPLATE}: expected '{old}' in the template")
@@ -56,18 +71,21 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 
 
 def start(
-    http_port: int, grpc_port: int, workdir: Path, log_level: str = "warn"
+    http_port: int, grpc_port: int, workdir: Path, log_level: str = "warn", drain_time: int = 10
 ) -> subprocess.Popen[bytes]:
     """Start Envoy in its own session (so it outlives no one but is not killed with a shell's
     process group) and wait until it listens."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / f"envoy-{http_port}.yaml"
-    config.write_text(render(http_port, grpc_port))
+    admin = admin_socket(workdir, http_port)
+    admin.unlink(missing_ok=True)
+    config.write_text(render(http_port, grpc_port, admin=admin))
     # Distinct base ids let several Envoys share the machine (tests, run, bench).
     base_id = 10_000 + (http_port % 50_000) + os.getpid() % 1000 * 50_000
     proc = subprocess.Popen(
         [envoy_binary(), "-c", str(config), "--base-id", str(base_id), "-l", log_level,
-         "--concurrency", "2", "--log-path", str(workdir / f"envoy-{http_port}.log")],
+         "--concurrency", "2", "--log-path", str(workdir / f"envoy-{http_port}.log"),
+         "--drain-time-s", str(drain_time), "--drain-strategy", "immediate"],
         start_new_session=True,
     )  # fmt: skip
     try:
@@ -78,6 +96,62 @@ def start(
     if proc.poll() is not None:
         raise RuntimeError(f"envoy exited with {proc.returncode}; see {workdir}")
     return proc
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("envoy-admin", timeout=timeout)
+        self.path = str(path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.path)
+        self.sock = sock
+
+
+def _admin(admin: Path, method: str, path: str, timeout: float = 2.0) -> str:
+    """One request to Envoy's admin interface on its Unix socket."""
+    conn = _UnixHTTPConnection(admin, timeout)
+    try:
+        conn.request(method, path)
+        r = conn.getresponse()
+        body = r.read().decode()
+        if r.status != 200:
+            raise OSError(f"envoy admin {method} {path}: HTTP {r.status}: {body[:200]}")
+        return body
+    finally:
+        conn.close()
+
+
+def drain(admin: Path) -> None:
+    """Start a graceful drain: connections are asked to close (HTTP/1.1 `connection: close`,
+    HTTP/2 GOAWAY) as their requests end, and listeners close after --drain-time-s."""
+    try:
+        _admin(admin, "POST", "/drain_listeners?graceful")
+    except OSError as exc:
+        log.warning("envoy: could not start the drain: %s", exc)
+
+
+def active_requests(admin: Path) -> int:
+    """Downstream requests Envoy is still serving (responses still being sent included)."""
+    text = _admin(admin, "GET", "/stats?filter=^http%5C.rest%5C.downstream_rq_active$")
+    _, _, value = text.strip().partition(":")
+    return int(value.strip() or 0)
+
+
+def wait_idle(admin: Path, timeout: float) -> bool:
+    """Wait until Envoy has sent every response it is sending (a slow client's download
+    included), at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if active_requests(admin) == 0:
+                return True
+        except (OSError, ValueError):
+            return False
+        time.sleep(0.1)
+    return False
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

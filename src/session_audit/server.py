@@ -159,8 +159,11 @@ async def serve(
     reuse_port: bool = False,
     on_ready: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
+    on_stopping: Callable[[], None] | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT (or `stop` is set), then drain in-flight RPCs."""
+    """Run until SIGTERM/SIGINT (or `stop` is set), then drain: health turns NOT_SERVING
+    first, `on_stopping` runs (`run` starts Envoy's drain there), new RPCs are refused and
+    in-flight ones get SHUTDOWN_GRACE_SECONDS."""
     # Separate pools, so no setting starves one use of connections with another: RPCs,
     # ingest (a stream holds one for its transaction), report generation (each generator
     # holds one for a generation and briefly takes a second; plus the scheduler), the probe.
@@ -219,6 +222,8 @@ async def serve(
     await done.wait()
     log.info("shutting down: refusing new RPCs, draining for %.0fs", config.shutdown_grace)
     await checker.shutdown()
+    if on_stopping is not None:
+        await asyncio.to_thread(on_stopping)
     await server.stop(config.shutdown_grace)
     for task in background:
         await task.stop()
