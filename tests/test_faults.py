@@ -272,3 +272,50 @@ def test_a_token_revoked_mid_stream_stores_nothing_more(stack: Stack) -> None:
     n = stack.sql("SELECT count(*) FROM sessions WHERE id = any($1::uuid[])",
                   [s.id for s in specs])[0][0]  # fmt: skip
     assert n == 0
+
+
+def test_an_exhausted_pool_answers_unavailable_and_health_stays_serving(faulty: Faulty) -> None:
+    """Finding 7: every RPC connection (DB_POOL_MAX=2 here) waits on a lock; the next call
+    is told UNAVAILABLE after POOL_ACQUIRE_TIMEOUT_SECONDS (2) with a message, and the health
+    probe, on its own connection, still answers SERVING."""
+    import asyncio
+
+    from session_audit.core import db
+
+    async def scenario() -> list[Any]:
+        blocker = await db.connect(faulty.dsn)
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
+        try:
+            stuck = [asyncio.to_thread(faulty.grpc_list, 8.0) for _ in range(2)]
+            tasks = [asyncio.ensure_future(c) for c in stuck]
+            # Their statements wait on the lock until QUERY_TIMEOUT_SECONDS (3) ends them.
+            await asyncio.sleep(0.3)
+
+            def third() -> tuple[Any, str, float]:
+                t0 = time.monotonic()
+                with grpc.insecure_channel(faulty.server.target) as ch:
+                    try:
+                        pb_grpc.SessionServiceStub(ch).ListSessions(
+                            pb.ListSessionsRequest(), metadata=auth_md(faulty.token), timeout=8
+                        )
+                        return grpc.StatusCode.OK, "", time.monotonic() - t0
+                    except grpc.RpcError as err:
+                        return err.code(), err.details() or "", time.monotonic() - t0
+
+            code, details, took = await asyncio.to_thread(third)
+            serving = await asyncio.to_thread(health_status, faulty.server.target)
+        finally:
+            await tx.rollback()
+            await blocker.close()
+        stuck_codes = [r[0] for r in await asyncio.gather(*tasks)]
+        return [code, details, took, serving, stuck_codes]
+
+    code, details, took, serving, stuck_codes = run(scenario())
+    assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+    assert "no RPC connection became free within 2 s" in details
+    assert 1.5 < took < 4
+    assert serving == SERVING
+    # The calls holding the connections end by their statement timeout, not as errors of ours.
+    assert set(stuck_codes) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}
