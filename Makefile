@@ -10,7 +10,7 @@ PROTOC  = PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Ip
           -I$$($(BIN)/python -c 'import grpc_tools,os;print(os.path.join(os.path.dirname(grpc_tools.__file__),"_proto"))') \
           -I$$($(BIN)/python -c 'import google.api.annotations_pb2 as m,os;print(os.path.dirname(os.path.dirname(os.path.dirname(m.__file__))))')
 
-.PHONY: all venv proto check-proto descriptor lint test soak run bench bench-reports bench-analytics clean
+.PHONY: all venv proto check-proto descriptor buf-lint buf-baseline lint test soak run bench bench-reports bench-analytics clean
 
 all: venv descriptor
 
@@ -41,7 +41,26 @@ $(DESC): $(PROTOS) $(STAMP)
 
 descriptor: $(DESC)
 
-lint: $(STAMP)
+# buf (from the buf-bin wheel) reads the protos with the google/api ones from the
+# googleapis-common-protos wheel, linked into build/buf-deps (a second module of buf.yaml's
+# workspace), so it needs no network. Lint: STANDARD with the exceptions listed in buf.yaml.
+# Breaking: the contract must stay wire- and JSON-compatible with BUF_BASELINE (docs/contract.md).
+BUF_BASELINE := proto/buf-image-baseline.binpb
+BUF_DEPS      = mkdir -p build/buf-deps/google && ln -sfn \
+                "$$($(BIN)/python -c 'import google.api.annotations_pb2 as m,os;print(os.path.dirname(m.__file__))')" \
+                build/buf-deps/google/api
+
+buf-lint: $(STAMP)
+	$(BUF_DEPS)
+	$(BIN)/buf lint
+	$(BIN)/buf breaking proto --against $(BUF_BASELINE)
+
+# Only when a break is intended and announced: the current contract becomes the baseline.
+buf-baseline: $(STAMP)
+	$(BUF_DEPS)
+	$(BIN)/buf build proto --exclude-source-info -o $(BUF_BASELINE)
+
+lint: $(STAMP) buf-lint
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
@@ -69,4 +88,4 @@ bench-analytics: $(STAMP) $(DESC)
 	$(BIN)/python bench/bench_analytics.py $(BENCH_ARGS)
 
 clean:
-	rm -rf .gen-check $(DESC) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .gen-check $(DESC) .pytest_cache .mypy_cache .ruff_cache build/buf-deps

@@ -1,5 +1,5 @@
 """Plain-Python answers of the report, the histogram and the statistics over the same sessions
-the service stores, written from the README's definitions without any of the service's code
+the service stores, written from docs/analytics.md's definitions without any of the service's code
 (no pieces, no counters, no SQL): loop over the sessions and count."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Reports tests: sessions as plain Python, a plain-Python reference of the filter language and
-of each report type, written from the README's semantics (not from the service's code), and
+of each report type, written from docs/reports.md's semantics (not from the service's code), and
 helpers to drive the Reports API through Envoy."""
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class RSpec:
             s.integrations_metadata.update({"jira_issue_key": self.jira})
         return s
 
-    # The value of each filter attribute, as the README defines it: None = SQL NULL.
+    # The value of each filter attribute, as docs/reports.md defines it: None = SQL NULL.
     def value(self, attr: str) -> Any:
         return {
             "id": uuid.UUID(self.id),
@@ -155,7 +155,7 @@ def filter_text(terms: Iterable[T]) -> str:
 
 
 def _typed(kind: str, raw: str) -> Any:
-    """The raw value typed, or raise ValueError when the README says it is invalid."""
+    """The raw value typed, or raise ValueError when docs/reports.md says it is invalid."""
     if raw == "":
         raise ValueError("empty")
     if kind in ("string", "id"):

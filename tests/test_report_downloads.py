@@ -226,7 +226,7 @@ def test_html_matches_snapshot_and_escapes_everything(
 def test_html_chart_counts_sessions_per_bucket(stack: Stack, world: World) -> None:
     r = stack.rest("GET", f"/api/v2/report/{world.reports['session_summary']}/html", world.admin)
     html = r.content.decode()
-    # The sessions span 50 hours: more than 2 days, so one bar per day (README), zero-filled;
+    # The sessions span 50 hours: more than 2 days, so one bar per day (docs/reports.md), zero-filled;
     # each bar's <title> says "<day>: <count>".
     counts: dict[str, int] = {}
     for s in world.specs:

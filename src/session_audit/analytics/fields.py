@@ -27,7 +27,7 @@ class Field:
     values: tuple[str, ...] = ()
     # Usable as `field` / `sub_fields` of the histogram and statistics.
     groupable: bool = False
-    # What the field is, for error messages and the README.
+    # What the field is, for error messages and docs/analytics.md.
     doc: str = ""
 
 

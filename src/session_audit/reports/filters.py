@@ -10,7 +10,7 @@ attributes only. Values are URL-encoded (`%3A` → `:`, `%2C` → `,`, `%28`/`%2
 lark; attributes come from the published whitelist `ATTRIBUTES` and map to SQL expressions
 written here, never to request text. Every value becomes a `$n` parameter.
 
-Semantics (README "Filter language"): a comparison with a missing value (SQL NULL, or an empty
+Semantics (docs/reports.md): a comparison with a missing value (SQL NULL, or an empty
 text) is false, so `x.ne(v)` never matches sessions without x; `!term` is the exact complement
 of `term`. Text comparisons (lt…ge, order) use code-point order (COLLATE "C"). `user_id`
 ordering comparisons need digit strings and compare them as exact integers (no 2^53 limit).

@@ -1,6 +1,6 @@
 """SQL of the Reports API: definitions, reports, subscriptions and the audit log. No protobuf.
 
-Who sees what (README "Reports: permissions"): every statement is scoped by the caller's org;
+Who sees what (docs/reports.md, "Permissions"): every statement is scoped by the caller's org;
 a `user` reads only objects they own (owner = their token's e-mail, lower case), admin and
 auditor read the whole org's. Predefined definitions (org_id NULL) are visible to everyone.
 """

@@ -2,7 +2,7 @@
 
 Each type has a column set and one INSERT … SELECT that writes the report's snapshot rows
 (`report_rows`, cells rendered as text) from this service's data. Mapping of the document's
-vocabulary onto sessions (README "Predefined reports"):
+vocabulary onto sessions (docs/reports.md, "Predefined definitions"):
 
     server   = connection (name; its type and protocol beside it)
     account  = role name used on the connection

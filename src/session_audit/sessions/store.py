@@ -108,7 +108,7 @@ SELECT {GET_COLUMNS}
 
 
 def filters_where(where: Where, f: Filters) -> Where:
-    """The document's filters. Exact matches unless noted; see README 'List semantics'."""
+    """The document's filters. Exact matches unless noted; see docs/sessions.md."""
     if f.user_id is not None:
         where.add("s.user_id = {}", f.user_id)
     if f.connection is not None:
