@@ -322,7 +322,11 @@ class IngestBatch:
         # Most chunks are sessions never seen before: try the binary COPY first. It fails
         # fast (savepoint rolled back) when any id is already stored; then the chunk takes
         # the careful path.
-        folded = {sid: _fold(pending[sid].reports) for sid in ids}
+        folded: dict[uuid.UUID, _Folded] = {}
+        for n, sid in enumerate(ids):
+            folded[sid] = _fold(pending[sid].reports)
+            if n % (4 * YIELD_EVERY) == 0:
+                await asyncio.sleep(0)
         records = [folded[sid][0].record() for sid in ids]
         if await store.copy_new(conn, records, self.timeout):
             for sid in ids:
