@@ -133,6 +133,12 @@ def test_counts_add_up_per_item(stack: Stack, org_admin: tuple[str, str]) -> Non
     ])  # fmt: skip
     assert (two["accepted"], two["written"], two["unchanged"]) == (3, 2, 1)
     assert _stored(stack, [sid])[sid]["status"] == "done"
+    # A stored session reported again as stored, then ended: the first item changed nothing.
+    opened = {"id": str(uuid.uuid4()), "start_date": "2026-02-01T10:00:00Z", "connection": "pg",
+              "labels": {"team": "a"}}  # fmt: skip
+    _rest_ingest(stack, token, [opened])
+    again = _rest_ingest(stack, token, [opened, {**opened, "end_date": "2026-02-01T10:05:00Z"}])
+    assert (again["accepted"], again["written"], again["unchanged"]) == (2, 1, 1)
 
 
 def test_uuid_spellings_are_one_session(stack: Stack, org_admin: tuple[str, str]) -> None:

@@ -32,10 +32,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
+
+import orjson
 
 from session_audit.analytics import rollups
 from session_audit.core.db import Conn
 from session_audit.core.errors import RETRYABLE_DB, Retryable
+from session_audit.core.schema import JSON_COLUMNS
 from session_audit.sessions import store
 from session_audit.sessions.rows import IngestItem, ItemError, item_from_proto, merge_items
 from session_audit.v1 import sessions_pb2 as pb
@@ -108,6 +112,27 @@ class _Outcome:
 
 # The reports of one id merged, and per report whether it changed the session.
 _Folded = tuple[IngestItem, list[bool]]
+
+
+def _comparable(values: dict[str, Any]) -> dict[str, Any]:
+    """Column values with JSON compared by meaning (PostgreSQL's jsonb text differs from ours)."""
+    return {c: orjson.loads(v) if c in JSON_COLUMNS and isinstance(v, str) else v
+            for c, v in values.items()}  # fmt: skip
+
+
+def _changes_over(stored: dict[str, Any], reports: list[_Report]) -> list[bool]:
+    """Whether each report changed the session, applied one after another to the stored row
+    (as separate requests would be)."""
+    end = stored["end_date"]
+    state = IngestItem(stored["id"], stored["start_date"], end, True, stored)
+    before = _comparable(stored)
+    changed = []
+    for r in reports:
+        state = merge_items(state, r.item)
+        after = _comparable(state.values)
+        changed.append(after != before)
+        before = after
+    return changed
 
 
 def _fold(reports: list[_Report]) -> _Folded:
@@ -342,7 +367,7 @@ class IngestBatch:
             # read.
             existing = await store.lock_existing(conn, ids, self.timeout)
             out = _Outcome()
-            fresh, known = self._partition(pending, ids, existing, out)
+            fresh, known, kept = self._partition(pending, ids, existing, out)
             records = [fresh[sid][0].record() for sid in sorted(fresh)]
             if not fresh or await store.copy_new(conn, records, self.timeout):
                 break
@@ -352,13 +377,25 @@ class IngestBatch:
             await deltas.add_records(records)
         if known:
             known_ids = sorted(known)
+            # Several reports of a stored session: which of them changed it is told by
+            # applying them one by one to the stored row (rare: read it only then).
+            several = [sid for sid in known_ids if len(known[sid][1]) > 1]
+            exact: dict[uuid.UUID, list[bool]] = {}
+            if several:
+                rows = await store.stored_values(conn, several, self.timeout)
+                exact = {sid: _changes_over(rows[sid], kept[sid]) for sid in several}
             if self.maintain_rollups:
                 await deltas.subtract(known_ids)
             written = await store.upsert(
                 conn, [known[sid][0].record() for sid in known_ids], self.timeout
             )
             for sid in known_ids:
-                self._count(out, known[sid][1], sid in written)
+                if sid in exact:
+                    flags = exact[sid]
+                    out.written += sum(flags)
+                    out.unchanged += len(flags) - sum(flags)
+                else:
+                    self._count(out, known[sid][1], sid in written)
             if self.maintain_rollups:
                 await deltas.add(known_ids)
         return out
@@ -377,11 +414,12 @@ class IngestBatch:
         ids: list[uuid.UUID],
         existing: dict[uuid.UUID, store.Existing],
         out: _Outcome,
-    ) -> tuple[dict[uuid.UUID, _Folded], dict[uuid.UUID, _Folded]]:
+    ) -> tuple[dict[uuid.UUID, _Folded], dict[uuid.UUID, _Folded], dict[uuid.UUID, list[_Report]]]:
         """Split a chunk into new sessions and stored ones to merge; apply each stored one's
         reports in order against the stored row, rejecting the ones that do not fit."""
         fresh: dict[uuid.UUID, _Folded] = {}
         known: dict[uuid.UUID, _Folded] = {}
+        kept_reports: dict[uuid.UUID, list[_Report]] = {}
         for sid in ids:
             reports = pending[sid].reports
             old = existing.get(sid)
@@ -401,7 +439,8 @@ class IngestBatch:
                     end = r.item.end_date or end
             if kept:
                 known[sid] = _fold(kept)
-        return fresh, known
+                kept_reports[sid] = kept
+        return fresh, known, kept_reports
 
     async def finish(self) -> IngestResult:
         """Write what is pending and bring the rollups up to date. A batch made on a

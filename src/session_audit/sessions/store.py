@@ -199,6 +199,18 @@ async def lock_existing(
     return {r["id"]: Existing(r["org_id"], r["start_date"], r["end_date"]) for r in rows}
 
 
+async def stored_values(
+    conn: Conn, ids: Sequence[uuid.UUID], timeout: float
+) -> dict[uuid.UUID, dict[str, Any]]:
+    """The stored columns of `ids` (locked by the caller), as ingest items hold them."""
+    rows = await conn.fetch(
+        f"SELECT {GET_COLUMNS} FROM sessions s WHERE s.id = any($1::uuid[])",  # noqa: S608
+        list(ids),
+        timeout=timeout,
+    )
+    return {r["id"]: dict(r) for r in rows}
+
+
 async def copy_new(conn: Conn, records: Sequence[tuple[Any, ...]], timeout: float) -> bool:
     """Binary COPY of sessions not stored yet straight into the table (the fast path, as fast
     as a raw COPY); give the records in id order (the lock order). Runs in a savepoint: if a
