@@ -53,6 +53,8 @@ async def _migrate(dsn: str) -> list[str]:
     conn = await db.connect(dsn)
     try:
         return await migrate.migrate(conn)
+    except migrate.EditedMigration as exc:
+        raise click.ClickException(str(exc)) from None
     finally:
         await conn.close()
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -22,6 +23,7 @@ from session_audit.core import db
 from session_audit.core.app import App
 from session_audit.core.auth import TokenCache
 from session_audit.core.config import Config
+from session_audit.core.rpc import Guard
 from session_audit.reports.config import ReportConfig
 from session_audit.reports.service import ReportService
 from session_audit.sessions.service import SessionService
@@ -36,22 +38,25 @@ from session_audit.v1 import (
 
 log = logging.getLogger(__name__)
 
-# Every service this server answers for, registered with health and reflection. Later surfaces
-# append their (descriptor, add_to_server, servicer factory) here.
-ServiceEntry = tuple[str, Callable[[Any, grpc.aio.Server], None], Callable[[App], Any]]
+# Every service this server answers for, registered with the guard (core.rpc: auth and error
+# mapping), health and reflection. Later surfaces append their (descriptor, add_to_server,
+# servicer factory) here.
+ServiceEntry = tuple[
+    ServiceDescriptor, Callable[[Any, grpc.aio.Server], None], Callable[[App], Any]
+]
 SERVICES: list[ServiceEntry] = [
     (
-        sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+        sessions_pb2.DESCRIPTOR.services_by_name["SessionService"],
         sessions_pb2_grpc.add_SessionServiceServicer_to_server,
         SessionService,
     ),
     (
-        reports_pb2.DESCRIPTOR.services_by_name["ReportService"].full_name,
+        reports_pb2.DESCRIPTOR.services_by_name["ReportService"],
         reports_pb2_grpc.add_ReportServiceServicer_to_server,
         ReportService,
     ),
     (
-        analytics_pb2.DESCRIPTOR.services_by_name["AnalyticsService"].full_name,
+        analytics_pb2.DESCRIPTOR.services_by_name["AnalyticsService"],
         analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server,
         AnalyticsService,
     ),
@@ -185,7 +190,9 @@ async def serve(
         dsn, 1, 1, name="health probe", acquire_timeout=max(1.0, config.health_interval)
     )
     app = App(config, pool, ingest_pool, report_pool=report_pool)
+    guard = Guard(app)
     server = grpc.aio.server(
+        interceptors=[guard],
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
@@ -194,10 +201,11 @@ async def serve(
     names = []
     # A servicer may carry `background_tasks` (start()/async stop()): run while serving.
     background: list[Any] = []
-    for name, add, factory in SERVICES:
+    for service, add, factory in SERVICES:
         servicer = factory(app)
+        guard.register(service, servicer)
         add(servicer, server)
-        names.append(name)
+        names.append(service.full_name)
         background += getattr(servicer, "background_tasks", [])
     checker = Health(probe_pool, names, config.health_interval, app.tokens, dsn)
     health_pb2_grpc.add_HealthServicer_to_server(checker.servicer, server)

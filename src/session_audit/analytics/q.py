@@ -28,7 +28,7 @@ from luqum.parser import parser
 from session_audit.analytics.fields import CONTENT_FIELDS, FIELDS, Field
 from session_audit.analytics.timebins import parse_instant
 from session_audit.core.errors import InvalidArgument
-from session_audit.core.sql import Params
+from session_audit.core.sql import TRUE, Sql, join, q
 from session_audit.core.validation import truncate
 
 MAX_Q = 2000
@@ -314,43 +314,39 @@ def sources_for(query: Query | None) -> set[str]:
     return out
 
 
-def compile_q(query: Query | None, source: str, params: Params) -> str:
+def compile_q(query: Query | None, source: str) -> Sql:
     """A SQL condition over `source` (which must carry every field of the query)."""
     if query is None:
-        return "TRUE"
-    return _sql(query.root, source, params)
+        return TRUE
+    return _sql(query.root, source)
 
 
-def _sql(n: Node, source: str, p: Params) -> str:
+def _sql(n: Node, source: str) -> Sql:
     if isinstance(n, BoolOp):
         if n.op == "not":
-            return f"NOT ({_sql(n.items[0], source, p)})"
+            return "NOT (" + _sql(n.items[0], source) + ")"
         joiner = " AND " if n.op == "and" else " OR "
-        return "(" + joiner.join(f"({_sql(i, source, p)})" for i in n.items) + ")"
+        return "(" + join(joiner, ("(" + _sql(i, source) + ")" for i in n.items)) + ")"
     col = n.field.sql[source]
     kind = n.field.kind
     if n.op == "exists":
-        cond = f"{col} IS NOT NULL" if kind in ("time", "number", "uuid") else f"{col} <> ''"
+        cond = Sql(f"{col} IS NOT NULL" if kind in ("time", "number", "uuid") else f"{col} <> ''")
     elif n.op == "eq":
-        if kind == "uuid":
-            cond = f"{col} = {p(n.value)}::uuid"
-        elif kind == "number":
-            cond = f"{col} = {p(n.value)}::float8"
-        else:
-            cond = f"{col} = {p(n.value)}::text"
+        typ = {"uuid": "uuid", "number": "float8"}.get(kind, "text")
+        cond = q(f"{col} = $v::{typ}", v=n.value)
     elif n.op == "in":
-        cond = f"{col} = any({p(list(n.value))}::text[])"
+        cond = q(f"{col} = any($v::text[])", v=list(n.value))
     elif n.op == "like":
-        cond = f"{col} LIKE {p(n.value)}::text ESCAPE '\\'"
+        cond = q(f"{col} LIKE $v::text ESCAPE '\\'", v=n.value)
     else:
         assert n.bounds is not None
         lo, hi, inc_lo, inc_hi = n.bounds
         cast = "timestamptz" if kind == "time" else "float8"
         parts = []
         if lo is not None:
-            parts.append(f"{col} {'>=' if inc_lo else '>'} {p(lo)}::{cast}")
+            parts.append(q(f"{col} {'>=' if inc_lo else '>'} $v::{cast}", v=lo))
         if hi is not None:
-            parts.append(f"{col} {'<=' if inc_hi else '<'} {p(hi)}::{cast}")
-        cond = " AND ".join(parts)
+            parts.append(q(f"{col} {'<=' if inc_hi else '<'} $v::{cast}", v=hi))
+        cond = join(" AND ", parts)
     # NULL (no end, no exit code…) is "does not match", so NOT x matches those sessions.
-    return f"coalesce({cond}, false)"
+    return "coalesce(" + cond + ", false)"

@@ -87,7 +87,7 @@ def _choice(name: str, value: str, allowed: tuple[str, ...], default: str | None
 
 
 def parse_report(req: pb.SessionReportRequest, now: datetime) -> ReportQuery:
-    zone_name, zone = tb.parse_zone(req.time_zone)
+    zone_name, zone = v.parse_zone(req.time_zone)
     group_by = _choice("group_by", req.group_by, GROUP_BYS, "connection")
     verb = _choice("verb", req.verb, VERBS, None)
     session_id = None
@@ -179,7 +179,7 @@ def parse_histogram(req: pb.HistogramRequest, now: datetime) -> HistogramQuery:
     assert field is not None
     bin_size = _choice("bin-size", req.bin_size, tb.BIN_SIZES, "month")
     assert bin_size is not None
-    zone_name, zone = tb.parse_zone(req.time_zone)
+    zone_name, zone = v.parse_zone(req.time_zone)
     size = _size(req.HasField("size"), req.size, None)
     q = parse_q(req.q, zone)
     start, end = _range(req.start, req.end, zone, now)
@@ -202,7 +202,7 @@ def parse_stats(req: pb.SessionStatsRequest, now: datetime) -> StatsQuery:
     if "," in req.sub_fields:
         raise InvalidArgument(f"sub_fields: expected one field, got {v.truncate(req.sub_fields)!r}")
     sub = _field("sub_fields", req.sub_fields.strip(), required=False)
-    zone_name, zone = tb.parse_zone(req.time_zone)
+    zone_name, zone = v.parse_zone(req.time_zone)
     size = _size(req.HasField("size"), req.size, DEFAULT_STATS_SIZE)
     assert size is not None
     q = parse_q(req.q, zone)

@@ -9,7 +9,7 @@ import grpc
 from session_audit.analytics import requests, rows, store
 from session_audit.core.app import App
 from session_audit.core.auth import READERS
-from session_audit.core.errors import rpc
+from session_audit.core.rpc import caller, roles
 from session_audit.v1 import analytics_pb2 as pb
 from session_audit.v1 import analytics_pb2_grpc as pb_grpc
 
@@ -18,37 +18,32 @@ class AnalyticsService(pb_grpc.AnalyticsServiceServicer):
     def __init__(self, app: App) -> None:
         self.app = app
 
-    @rpc("GetSessionReport")
+    @roles(READERS, "read session reports")
     async def GetSessionReport(
         self, request: pb.SessionReportRequest, context: grpc.aio.ServicerContext
     ) -> pb.SessionReport:
-        who = await self.app.caller(context, READERS, "read session reports")
+        who = caller()
         query = requests.parse_report(request, datetime.now(UTC))
         async with self.app.pool.acquire() as conn:
             result = await store.report(conn, who, query, self.app.timeout(context))
         return rows.report_to_proto(result)
 
-    @rpc("GetSessionHistogram")
+    @roles(READERS, "read session histograms")
     async def GetSessionHistogram(
         self, request: pb.HistogramRequest, context: grpc.aio.ServicerContext
     ) -> pb.HistogramResponse:
-        who = await self.app.caller(context, READERS, "read session histograms")
+        who = caller()
         query = requests.parse_histogram(request, datetime.now(UTC))
         async with self.app.pool.acquire() as conn:
             result = await store.histogram(conn, who, query, self.app.timeout(context))
-        return rows.histogram_to_proto(query, result, self._remaining(context))
+        return rows.histogram_to_proto(query, result, self.app.remaining(context))
 
-    @rpc("GetSessionStats")
+    @roles(READERS, "read session statistics")
     async def GetSessionStats(
         self, request: pb.SessionStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.SessionStatsResponse:
-        who = await self.app.caller(context, READERS, "read session statistics")
+        who = caller()
         query = requests.parse_stats(request, datetime.now(UTC))
         async with self.app.pool.acquire() as conn:
             result = await store.stats(conn, who, query, self.app.timeout(context))
-        return rows.stats_to_proto(query, result, self._remaining(context))
-
-    def _remaining(self, context: grpc.aio.ServicerContext) -> float:
-        """Seconds left of the caller's deadline (the default query bound without one)."""
-        remaining: float | None = context.time_remaining()
-        return self.app.config.default_query_timeout if remaining is None else remaining
+        return rows.stats_to_proto(query, result, self.app.remaining(context))

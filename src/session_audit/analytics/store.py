@@ -36,7 +36,7 @@ from session_audit.analytics.timebins import EPOCH, HOUR, RAW, Piece, decompose
 from session_audit.core.auth import ORG_READERS, Principal
 from session_audit.core.db import Conn
 from session_audit.core.errors import InvalidArgument
-from session_audit.core.sql import Params, Where
+from session_audit.core.sql import Sql, Template, Where, join, param, q
 
 ROLLUP_TABLES = {CUBE: "rollup_sessions", USER: "rollup_sessions_user"}
 # Dimension-less counters: every piece of a count that filters and groups nothing.
@@ -113,18 +113,19 @@ def _values_sql(spec: CountSpec, src: str) -> list[str]:
     return [FIELDS[g].sql[src] for g in spec.groups]
 
 
-def _filters(spec: CountSpec, src: str, p: Params) -> str:
-    cond = compile_q(spec.q, src, p)
+def _filters(spec: CountSpec, src: str) -> Sql:
+    cond = compile_q(spec.q, src)
     if spec.top is not None:
-        cond += f" AND {FIELDS[spec.groups[0]].sql[src]} = any({p(list(spec.top))}::text[])"
+        top = FIELDS[spec.groups[0]].sql[src]
+        cond += q(f" AND {top} = any($top::text[])", top=list(spec.top))
     return cond
 
 
-def _group_cols(values: list[str]) -> tuple[str, str]:
+def _group_cols(values: list[str]) -> tuple[Sql, Sql]:
     """SELECT list and GROUP BY positions for bin + values."""
     cols = ", ".join(f"{v} AS v{i}" for i, v in enumerate(values))
     positions = ", ".join(str(i) for i in range(1, len(values) + 2))
-    return (", " + cols if cols else ""), positions
+    return Sql(", " + cols if cols else ""), Sql(positions)
 
 
 def _finest(spec: CountSpec) -> int | None:
@@ -144,71 +145,86 @@ def _by_grain(pieces: Sequence[Piece]) -> dict[int, list[Piece]]:
     return out
 
 
-def _rollup_parts(spec: CountSpec, pieces: Sequence[Piece], p: Params, table: str) -> list[str]:
+# Slots: $cols/$positions/$table/$grain/$ends are code; the rest are values.
+ROLLUP_PART = Template("""
+SELECT p.bin$cols, sum(r.starts)::bigint AS starts, $ends AS ends
+  FROM unnest($lo::timestamptz[], $hi::timestamptz[], $bin::int[]) AS p(lo, hi, bin)
+  JOIN $table r ON r.org_id = $org AND r.grain = $grain
+   AND r.bucket >= p.lo AND r.bucket < p.hi
+ WHERE $filters
+ GROUP BY $positions""")
+BASE_PART = Template("""
+SELECT p.bin$cols, $measures
+  FROM unnest($lo::timestamptz[], $hi::timestamptz[], $bin::int[]) AS p(lo, hi, bin)
+  JOIN sessions s ON s.$column >= p.lo AND s.$column < p.hi
+ WHERE $scope AND $filters
+ GROUP BY $positions""")
+BASE_OPEN_AT = Template(f"""
+SELECT {BASELINE}$cols, count(*), 0
+  FROM sessions s
+ WHERE $scope AND $window AND (s.end_date IS NULL OR s.end_date >= $at) AND $filters
+ GROUP BY $positions""")
+# Sessions open at $at: started in the look-back window, or earlier and still open. Only long
+# or open sessions qualify for the second, which the partial index sessions_org_long holds (its
+# predicate, verbatim, lets it be used).
+RECENT = Template("s.start_date >= $since AND s.start_date < $at")
+LONG_OR_OPEN = Template(
+    "(s.end_date IS NULL OR s.end_date - s.start_date > interval '24 hours')"
+    " AND s.start_date < $since"
+)
+SUMS = Sql("sum(r.ends)::bigint")
+NO_ENDS = Sql("0::bigint")
+
+
+def _rollup_parts(spec: CountSpec, pieces: Sequence[Piece], table: str) -> list[Sql]:
     """One part per grain, the grain a constant: pieces and rollup rows share no equality, so
     each piece is a nested-loop index range scan (an equality on grain let the planner pick a
     merge join that rescans every row of the org per piece)."""
     cols, positions = _group_cols(_values_sql(spec, spec.source))
-    ends = "sum(r.ends)::bigint" if spec.ends else "0::bigint"
     out = []
     for grain, group in sorted(_by_grain(pieces).items()):
         _, lo, hi, b = _arrays(group)
-        out.append(
-            f"SELECT p.bin{cols}, sum(r.starts)::bigint AS starts, {ends} AS ends"
-            f" FROM unnest({p(lo)}::timestamptz[], {p(hi)}::timestamptz[], {p(b)}::int[])"
-            f" AS p(lo, hi, bin)"
-            f" JOIN {table} r ON r.org_id = {p(spec.who.org_id)} AND r.grain = {int(grain)}"
-            f" AND r.bucket >= p.lo AND r.bucket < p.hi"
-            f" WHERE {_filters(spec, spec.source, p)}"
-            f" GROUP BY {positions}"
-        )
+        out.append(ROLLUP_PART(
+            cols=cols, ends=SUMS if spec.ends else NO_ENDS, lo=lo, hi=hi, bin=b,
+            table=Sql(table), org=spec.who.org_id, grain=Sql(str(int(grain))),
+            filters=_filters(spec, spec.source), positions=positions,
+        ))  # fmt: skip
     return out
 
 
-def _base_parts(spec: CountSpec, pieces: Sequence[Piece], p: Params) -> list[str]:
+_MEASURES = {"start_date": Sql("count(*), 0"), "end_date": Sql("0, count(*)")}
+
+
+def _base_parts(spec: CountSpec, pieces: Sequence[Piece]) -> list[Sql]:
     """Starts (and ends) of sessions in raw pieces, from the sessions table."""
     if not pieces:
         return []
     _, lo, hi, b = _arrays(pieces)
     cols, positions = _group_cols(_values_sql(spec, BASE))
-    arrays = (
-        f"unnest({p(lo)}::timestamptz[], {p(hi)}::timestamptz[], {p(b)}::int[]) AS p(lo, hi, bin)"
-    )
     out = []
-    for column, measures in (("start_date", "count(*), 0"), ("end_date", "0, count(*)")):
+    for column, measures in _MEASURES.items():
         if column == "end_date" and not spec.ends:
             continue
-        scope = spec.who.scope(Where(p), "s").sql()
-        out.append(
-            f"SELECT p.bin{cols}, {measures} FROM {arrays}"
-            f" JOIN sessions s ON s.{column} >= p.lo AND s.{column} < p.hi"
-            f" WHERE {scope} AND {_filters(spec, BASE, p)}"
-            f" GROUP BY {positions}"
-        )
+        out.append(BASE_PART(
+            cols=cols, measures=measures, lo=lo, hi=hi, bin=b, column=Sql(column),
+            scope=spec.who.scope(Where(), "s").sql(), filters=_filters(spec, BASE),
+            positions=positions,
+        ))  # fmt: skip
     return out
 
 
-def _base_open_at(spec: CountSpec, t0: datetime, p: Params) -> list[str]:
+def _base_open_at(spec: CountSpec, t0: datetime) -> list[Sql]:
     """Sessions open at t0 (started before it, not ended before it), counted as `starts` of
     the BASELINE bin, by a bounded look-back."""
     cols, positions = _group_cols(_values_sql(spec, BASE))
-    at, since = p(t0), p(t0 - LOOK_BACK)
-    still_open = f"(s.end_date IS NULL OR s.end_date >= {at})"
-    out = []
-    for window in (
-        f"s.start_date >= {since} AND s.start_date < {at}",
-        # Started earlier and still open at t0: only long or open sessions qualify, which the
-        # partial index sessions_org_long holds (its predicate, verbatim, lets it be used).
-        f"(s.end_date IS NULL OR s.end_date - s.start_date > interval '24 hours')"
-        f" AND s.start_date < {since}",
-    ):
-        scope = spec.who.scope(Where(p), "s").sql()
-        out.append(
-            f"SELECT {BASELINE}{cols}, count(*), 0 FROM sessions s"
-            f" WHERE {scope} AND {window} AND {still_open} AND {_filters(spec, BASE, p)}"
-            f" GROUP BY {positions}"
+    at, since = param(t0), param(t0 - LOOK_BACK)
+    return [
+        BASE_OPEN_AT(
+            cols=cols, scope=spec.who.scope(Where(), "s").sql(), window=window, at=at,
+            filters=_filters(spec, BASE), positions=positions,
         )
-    return out
+        for window in (RECENT(since=since, at=at), LONG_OR_OPEN(since=since))
+    ]  # fmt: skip
 
 
 Key = tuple[Any, ...]  # (bin, *values)
@@ -237,20 +253,19 @@ async def count(
         pieces += decompose(lo, hi, b, finest)
     if open_at is not None and use_rollups:
         pieces += decompose(EPOCH, open_at, BASELINE, finest)
-    p = Params()
     parts = []
     rolled = [x for x in pieces if x.grain != RAW]
     if rolled:
         table = TOTAL_TABLE if finest == HOUR else ROLLUP_TABLES[spec.source]
-        parts += _rollup_parts(spec, rolled, p, table)
-    parts += _base_parts(spec, [x for x in pieces if x.grain == RAW], p)
+        parts += _rollup_parts(spec, rolled, table)
+    parts += _base_parts(spec, [x for x in pieces if x.grain == RAW])
     if open_at is not None and not use_rollups:
-        parts += _base_open_at(spec, open_at, p)
+        parts += _base_open_at(spec, open_at)
     out = Counts()
     if not parts:
         return out
-    sql = " UNION ALL ".join(f"({part})" for part in parts)
-    for row in await conn.fetch(sql, *p.args, timeout=timeout):
+    sql, args = join(" UNION ALL ", ("(" + part + ")" for part in parts)).render()
+    for row in await conn.fetch(sql, *args, timeout=timeout):
         key = tuple(row)[:-2]
         out.starts[key] += row[-2]
         out.ends[key] += row[-1]
@@ -410,17 +425,45 @@ def report_plan(who: Principal, rq: ReportQuery, rollups_ok: bool) -> str:
     return BASE
 
 
-def _report_where(rq: ReportQuery, src: str, p: Params) -> str:
-    w = Where(p)
+def _report_where(rq: ReportQuery, src: str) -> Sql:
+    w = Where()
     if rq.connection:
-        w.add(f"{REPORT_FILTERS['connection'][src]} = {{}}", rq.connection)
+        w.add(f"{REPORT_FILTERS['connection'][src]} = $v", v=rq.connection)
     if rq.user_email:
-        w.add(f"{REPORT_FILTERS['user_email'][src]} = {{}}", rq.user_email)
+        w.add(f"{REPORT_FILTERS['user_email'][src]} = $v", v=rq.user_email)
     if rq.verb:
-        w.add(f"{REPORT_FILTERS['verb'][src]} = {{}}", rq.verb)
+        w.add(f"{REPORT_FILTERS['verb'][src]} = $v", v=rq.verb)
     if rq.session_id is not None and src == BASE:
-        w.add(f"{REPORT_FILTERS['id'][src]} = {{}}::uuid", rq.session_id)
+        w.add(f"{REPORT_FILTERS['id'][src]} = $v::uuid", v=rq.session_id)
     return w.sql()
+
+
+REPORT_ROLLUP_PART = Template("""
+SELECT $resource AS resource, r.info_type, sum(r.sessions)::bigint, sum(r.redact_total)::bigint,
+       sum(r.transformed_bytes)::bigint
+  FROM unnest($lo::timestamptz[], $hi::timestamptz[]) AS p(lo, hi)
+  JOIN $table r ON r.org_id = $org AND r.grain = $grain AND r.bucket >= p.lo AND r.bucket < p.hi
+ WHERE $filters
+ GROUP BY 1, 2""")
+# A session reports each info type once (ingest checks it), so with group_by=id the base rows
+# are already one per item: no grouping needed.
+REPORT_BASE_PART = Template("""
+SELECT $resource AS resource, x ->> 'info_type' AS info_type, $measures
+  FROM unnest($lo::timestamptz[], $hi::timestamptz[]) AS p(lo, hi)
+  JOIN sessions s ON s.end_date >= p.lo AND s.end_date < p.hi
+ CROSS JOIN LATERAL jsonb_array_elements(s.redactions) x
+ WHERE $scope AND jsonb_typeof(s.redactions) = 'array' AND $filters$group""")
+PER_SESSION = Sql("1, (x ->> 'count')::bigint, (x ->> 'transformed_bytes')::bigint")
+PER_GROUP = Sql("count(*), sum((x ->> 'count')::bigint), sum((x ->> 'transformed_bytes')::bigint)")
+GROUP_1_2 = Sql(" GROUP BY 1, 2")
+# Merged and ordered by PostgreSQL (byte order of UTF-8 = code point order); a row whose
+# sessions all moved away (sums back to zero) is not an item.
+REPORT_ORDER = ' ORDER BY resource COLLATE "C", info_type COLLATE "C"'
+REPORT_ONE = Template(f"SELECT * FROM ($part) u{REPORT_ORDER}")
+REPORT_MERGED = Template(f"""
+SELECT resource, info_type, sum(r)::bigint, sum(b)::bigint
+  FROM ($union) u(resource, info_type, n, r, b)
+ GROUP BY 1, 2 HAVING sum(n) > 0{REPORT_ORDER}""")
 
 
 async def report(
@@ -430,61 +473,37 @@ async def report(
     usable = await _rollups_usable(conn, who, opts, timeout)
     source = report_plan(who, rq, usable)
     pieces = decompose(rq.start, rq.end, 0, REPORT_FINEST[source])
-    p = Params()
-    parts = []
+    parts: list[Sql] = []
     rolled = [x for x in pieces if x.grain != RAW]
     for grain, group in sorted(_by_grain(rolled).items()):
         _, lo, hi, _ = _arrays(group)
-        parts.append(
-            f"SELECT {REPORT_GROUP[rq.group_by][source]} AS resource, r.info_type,"
-            f" sum(r.sessions)::bigint, sum(r.redact_total)::bigint,"
-            f" sum(r.transformed_bytes)::bigint"
-            f" FROM unnest({p(lo)}::timestamptz[], {p(hi)}::timestamptz[]) AS p(lo, hi)"
-            f" JOIN {REPORT_TABLES[source]} r ON r.org_id = {p(who.org_id)}"
-            f" AND r.grain = {int(grain)} AND r.bucket >= p.lo AND r.bucket < p.hi"
-            f" WHERE {_report_where(rq, source, p)}"
-            f" GROUP BY 1, 2"
-        )
+        parts.append(REPORT_ROLLUP_PART(
+            resource=Sql(REPORT_GROUP[rq.group_by][source]), lo=lo, hi=hi,
+            table=Sql(REPORT_TABLES[source]), org=who.org_id, grain=Sql(str(int(grain))),
+            filters=_report_where(rq, source),
+        ))  # fmt: skip
     raw = [x for x in pieces if x.grain == RAW]
-    # A session reports each info type once (ingest checks it), so with group_by=id the base
-    # rows are already one per item: no grouping needed.
     per_session = rq.group_by == "id"
     if raw:
         _, lo, hi, _ = _arrays(raw)
-        scope = who.scope(Where(p), "s").sql()
-        measures = (
-            "1, (x ->> 'count')::bigint, (x ->> 'transformed_bytes')::bigint"
-            if per_session
-            else "count(*), sum((x ->> 'count')::bigint), sum((x ->> 'transformed_bytes')::bigint)"
-        )
-        parts.append(
-            f"SELECT {REPORT_GROUP[rq.group_by][BASE]} AS resource, x ->> 'info_type' AS info_type,"
-            f" {measures}"
-            f" FROM unnest({p(lo)}::timestamptz[], {p(hi)}::timestamptz[]) AS p(lo, hi)"
-            f" JOIN sessions s ON s.end_date >= p.lo AND s.end_date < p.hi"
-            f" CROSS JOIN LATERAL jsonb_array_elements(s.redactions) x"
-            f" WHERE {scope} AND jsonb_typeof(s.redactions) = 'array'"
-            f" AND {_report_where(rq, BASE, p)}" + ("" if per_session else " GROUP BY 1, 2")
-        )
+        parts.append(REPORT_BASE_PART(
+            resource=Sql(REPORT_GROUP[rq.group_by][BASE]),
+            measures=PER_SESSION if per_session else PER_GROUP, lo=lo, hi=hi,
+            scope=who.scope(Where(), "s").sql(), filters=_report_where(rq, BASE),
+            group=Sql() if per_session else GROUP_1_2,
+        ))  # fmt: skip
     if not parts:
         return ReportResult([], source)
-    # Merged and ordered by PostgreSQL (byte order of UTF-8 = code point order); a row whose
-    # sessions all moved away (sums back to zero) is not an item.
-    order = ' ORDER BY resource COLLATE "C", info_type COLLATE "C"'
     if len(parts) == 1 and per_session:
-        sql = f"SELECT * FROM ({parts[0]}) u{order}"
+        statement = REPORT_ONE(part=parts[0])
     else:
-        union = " UNION ALL ".join(f"({part})" for part in parts)
-        sql = (
-            f"SELECT resource, info_type, sum(r)::bigint, sum(b)::bigint"
-            f" FROM ({union}) u(resource, info_type, n, r, b)"
-            f" GROUP BY 1, 2 HAVING sum(n) > 0{order}"
-        )
+        statement = REPORT_MERGED(union=join(" UNION ALL ", ("(" + x + ")" for x in parts)))
+    sql, args = statement.render()
     if per_session:
         # One item per session and info type: bounded, so memory does not grow with the
         # window (docs/reliability.md); the Reports API exports any number of sessions.
         sql += f" LIMIT {MAX_ID_ITEMS + 1}"
-    rows = await conn.fetch(sql, *p.args, timeout=timeout)
+    rows = await conn.fetch(sql, *args, timeout=timeout)
     if per_session and len(rows) > MAX_ID_ITEMS:
         raise InvalidArgument(
             f"group_by: id lists at most {MAX_ID_ITEMS} items and this window has more; "

@@ -16,9 +16,7 @@ the base table.
 
 from __future__ import annotations
 
-import functools
 import re
-import zoneinfo
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 
@@ -27,37 +25,18 @@ from session_audit.core.validation import truncate
 
 BIN_SIZES = ("second", "minute", "hour", "day", "week", "month", "year")
 FIXED = {"second": timedelta(seconds=1), "minute": timedelta(minutes=1), "hour": timedelta(hours=1)}
-DEFAULT_ZONE = "Etc/UTC"
 # The earliest instant a piece starts at ("all of history before T").
 EPOCH = datetime(1, 1, 1, tzinfo=UTC)
 
 HOUR, DAY, MONTH = 1, 2, 3  # rollup grains as stored
 RAW = 0  # a piece the rollups cannot answer: read the base table
 
-_ZONE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+)*$")
 _ISO = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})"
     r"(?:[Tt](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?"
     r"([Zz]|[+-]\d{2}(?::?\d{2})?)?)?$"
 )
 _DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
-
-
-@functools.cache
-def _zone_names() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
-
-
-def parse_zone(name: str, param: str = "time_zone") -> tuple[str, tzinfo]:
-    """(name, zone) for an IANA time zone name (exact spelling); empty means Etc/UTC."""
-    if name == "":
-        return DEFAULT_ZONE, zoneinfo.ZoneInfo(DEFAULT_ZONE)
-    if len(name) > 64 or not _ZONE_NAME.match(name) or name not in _zone_names():
-        raise InvalidArgument(
-            f"{param}: expected an IANA time zone name such as Europe/Berlin or Etc/UTC, "
-            f"got {truncate(name)!r}"
-        )
-    return name, zoneinfo.ZoneInfo(name)
 
 
 def local_to_instant(naive: datetime, zone: tzinfo) -> datetime:

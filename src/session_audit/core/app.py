@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -11,7 +9,6 @@ import grpc
 
 from session_audit.core import auth
 from session_audit.core.config import Config
-from session_audit.core.db import request_deadline
 
 
 @dataclass
@@ -26,21 +23,13 @@ class App:
     # hold a connection for a whole generation, can never starve RPCs or each other.
     report_pool: asyncpg.Pool | None = None
 
-    def timeout(self, context: grpc.aio.ServicerContext) -> float:
-        """Seconds a query may run: the caller's remaining deadline, else the default."""
-        remaining: float | None = context.time_remaining()
-        default = self.config.default_query_timeout
-        if remaining is None:
-            return default
-        return max(0.001, min(default, remaining))
+    def remaining(self, context: grpc.aio.ServicerContext) -> float:
+        """Seconds left of the caller's deadline; the default query bound when it set none.
+        The one place a deadline is read."""
+        left: float | None = context.time_remaining()
+        return self.config.default_query_timeout if left is None else left
 
-    async def caller(
-        self, context: grpc.aio.ServicerContext, roles: Collection[str], action: str
-    ) -> auth.Principal:
-        """Authenticate the call; from here on pool waits are bounded by its deadline."""
-        remaining: float | None = context.time_remaining()
-        if remaining is not None:
-            request_deadline.set(time.monotonic() + remaining)
-        return await auth.authenticate(
-            self.pool, context, roles, action, self.timeout(context), self.tokens
-        )
+    def timeout(self, context: grpc.aio.ServicerContext) -> float:
+        """Seconds a query may run: what is left of the caller's deadline, at most the default
+        (and never zero or negative)."""
+        return max(0.001, min(self.config.default_query_timeout, self.remaining(context)))

@@ -81,9 +81,9 @@ class Principal:
     def scope(self, where: Where, alias: str = "") -> Where:
         """Restrict `where` to the rows this caller may read."""
         col = f"{alias}." if alias else ""
-        where.add(f"{col}org_id = {{}}", self.org_id)
+        where.add(f"{col}org_id = $org", org=self.org_id)
         if self.role not in ORG_READERS:
-            where.add(f"lower({col}user_email) = {{}}", self.email.lower())
+            where.add(f"lower({col}user_email) = $email", email=self.email.lower())
         return where
 
     def require(self, roles: Collection[str], action: str) -> None:

@@ -1,4 +1,5 @@
-"""Errors the service raises, and the one place that maps them to gRPC status codes.
+"""Errors the service raises, each with its gRPC status code, and the one mapping of any other
+exception to a status (`status_for`, used by core.rpc.Guard).
 
     ServiceError             base: carries a message safe to show the caller
     ├── InvalidArgument      bad request input; the message names the parameter → INVALID_ARGUMENT
@@ -12,7 +13,7 @@
     ├── DeadlineExceeded     a time limit of ours ran out → DEADLINE_EXCEEDED (504)
     └── FailedPrecondition   request valid but cannot be answered now → FAILED_PRECONDITION (400)
 
-Anything else that escapes an RPC is mapped by `rpc` (`status_for`), most specific first:
+Anything else that escapes an RPC is mapped by `status_for`, most specific first:
 
     deadlock / serialization failure            → ABORTED (retryable; docs/reliability.md)
     query cancelled (deadline, statement_timeout) or asyncio timeout → DEADLINE_EXCEEDED
@@ -25,16 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, TypeVar, cast
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import asyncpg
 import grpc
-from google.protobuf.message import Message
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ServiceError(Exception):
@@ -89,10 +89,11 @@ class DeadlineExceeded(ServiceError):
 # again is the remedy.
 RETRYABLE_DB = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
-# The database cannot be reached or is going away. asyncpg.InterfaceError as a whole is NOT
-# here: it also covers client-side misuse (encoding a wrong type, a busy connection), our bugs;
-# only its "the connection is gone" subclass is.
-_UNAVAILABLE = (
+# Exceptions that mean the database cannot be reached or is going away (→ UNAVAILABLE).
+# asyncpg.InterfaceError as a whole is NOT here: it also covers client-side misuse (encoding a
+# wrong type, a busy connection), our bugs; only its "the connection is gone" subclass is.
+# Socket errors count by errno (see database_unreachable).
+UNAVAILABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.CannotConnectNowError,
@@ -108,58 +109,39 @@ _NETWORK_ERRNOS = frozenset({
 })  # fmt: skip
 
 
-def _network_error(exc: Exception) -> bool:
+def _network_error(exc: BaseException) -> bool:
     """A socket error reaching the database (a missing Unix socket is ENOENT without a file
     name; a missing file of ours has one)."""
-    if not isinstance(exc, OSError):
+    if not isinstance(exc, OSError) or isinstance(exc, TimeoutError):
         return False
     return exc.errno in _NETWORK_ERRNOS or (exc.errno == errno.ENOENT and exc.filename is None)
 
 
 def database_unreachable(exc: BaseException) -> bool:
     """The database cannot be reached or is going away (not: it answered with an error)."""
-    return isinstance(exc, _UNAVAILABLE) or (isinstance(exc, Exception) and _network_error(exc))
+    return isinstance(exc, UNAVAILABLE) or _network_error(exc)
 
 
-def status_for(rpc: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
+def status_for(method: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
     """The status and caller-safe message for `exc`; logs what an operator must see."""
     if isinstance(exc, ServiceError):
         return exc.code, exc.message
     if isinstance(exc, RETRYABLE_DB):
-        log.info("%s: transaction aborted by the database: %s", rpc, exc)
+        log.info("%s: transaction aborted by the database: %s", method, exc)
         return (
             grpc.StatusCode.ABORTED,
-            f"{rpc}: conflicted with a concurrent transaction; retry the call",
+            f"{method}: conflicted with a concurrent transaction; retry the call",
         )
     if isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
         return (
             grpc.StatusCode.DEADLINE_EXCEEDED,
-            f"{rpc}: the query did not finish before the deadline",
+            f"{method}: the query did not finish before the deadline",
         )
     if database_unreachable(exc):
-        log.warning("%s: database unavailable: %s: %s", rpc, type(exc).__name__, exc)
-        return grpc.StatusCode.UNAVAILABLE, f"{rpc}: the database is unavailable"
-    log.error("%s failed", rpc, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"{rpc}: internal error"
-
-
-async def abort_for(context: grpc.aio.ServicerContext, rpc: str, exc: Exception) -> NoReturn:
-    """Abort the call with the status that fits `exc`, most specific first."""
-    code, message = status_for(rpc, exc)
-    await context.abort(code, message)
-    raise AssertionError("context.abort returned")
-
-
-def call_bound(servicer: Any, request: Any, context: grpc.aio.ServicerContext) -> float | None:
-    """Seconds a unary call may run in all when its caller set no deadline: the default query
-    timeout (QUERY_TIMEOUT_SECONDS). With a deadline gRPC itself cancels the call when it
-    passes; without one, this bound also ends a call stuck where no statement timeout reaches
-    (e.g. a ROLLBACK waiting on a frozen database). Client streams have their own bounds."""
-    if context.time_remaining() is not None or not isinstance(request, Message):
-        return None
-    config = getattr(getattr(servicer, "app", None), "config", None)
-    bound = getattr(config, "default_query_timeout", None)
-    return float(bound) if bound is not None else None
+        log.warning("%s: database unavailable: %s: %s", method, type(exc).__name__, exc)
+        return grpc.StatusCode.UNAVAILABLE, f"{method}: the database is unavailable"
+    log.error("%s failed", method, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"{method}: internal error"
 
 
 # Calls given up on by `within`, still cleaning up; kept referenced until they end.
@@ -181,28 +163,3 @@ async def within(seconds: float, call: Awaitable[T]) -> T:
     _ABANDONED.add(task)
     task.add_done_callback(_ABANDONED.discard)
     raise TimeoutError
-
-
-T = TypeVar("T")
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-
-
-def rpc(name: str) -> Callable[[F], F]:
-    """Decorate a servicer method so every error leaves as the right gRPC status."""
-
-    def decorate(method: F) -> F:
-        @functools.wraps(method)
-        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                bound = call_bound(self, request, context)
-                if bound is None:
-                    return await method(self, request, context)
-                return await within(bound, method(self, request, context))
-            except (grpc.aio.AbortError, asyncio.CancelledError):
-                raise
-            except Exception as exc:
-                await abort_for(context, name, exc)
-
-        return cast(F, wrapper)
-
-    return decorate

@@ -134,9 +134,10 @@ def _enum(field: FieldDescriptor) -> Convert:
     return convert
 
 
-# RFC 3339 as proto3's JSON mapping writes times: `T`, seconds, up to 9 fraction digits, an
-# offset. Up to microseconds `datetime.fromisoformat` (C) reads it; nanoseconds go to protobuf.
-_RFC3339 = re.compile(
+# google.protobuf.Timestamp as proto3's JSON mapping writes it: RFC 3339 with `T`, seconds, up
+# to 9 fraction digits, an offset (request parameters are read by validation.rfc3339). Up to
+# microseconds `datetime.fromisoformat` (C) reads it; nanoseconds go to protobuf.
+_PROTO_TIMESTAMP = re.compile(
     r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.(\d{1,9}))?(?:Z|[+-]\d\d:\d\d)", re.ASCII
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -144,7 +145,7 @@ _TIME_EXPECTED = "expected an RFC 3339 time with an offset, such as 2026-01-01T1
 
 
 def _timestamp(value: Any, path: str) -> Any:
-    match = _RFC3339.fullmatch(value) if type(value) is str else None
+    match = _PROTO_TIMESTAMP.fullmatch(value) if type(value) is str else None
     if match is None:
         _bad(path, _TIME_EXPECTED, value)
     fraction = match.group(1)

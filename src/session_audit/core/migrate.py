@@ -1,8 +1,17 @@
-"""Ordered SQL migrations, applied under an advisory lock so concurrent starters serialise."""
+"""Ordered SQL migrations, applied under an advisory lock so concurrent starters serialise.
+
+Each applied migration is recorded with the sha256 of its file. A migration is never edited
+after it was applied: on start, a recorded checksum that differs from the file's stops the
+start (`EditedMigration`, naming the file); a change to the schema is a new migration. A
+database migrated before checksums were recorded gets them on its first start with this code
+(from the files as they are then), and is checked from then on.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from dataclasses import dataclass
 from importlib import resources
 
 import asyncpg
@@ -16,38 +25,71 @@ CREATE_LEDGER = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version     integer     PRIMARY KEY,
     name        text        NOT NULL,
-    applied_at  timestamptz NOT NULL DEFAULT now()
-)
+    applied_at  timestamptz NOT NULL DEFAULT now(),
+    checksum    text
+);
+ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text;
 """
-APPLIED = "SELECT version FROM schema_migrations"
-RECORD = "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)"
+APPLIED = "SELECT version, name, checksum FROM schema_migrations"
+RECORD = "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)"
+RECORD_CHECKSUM = "UPDATE schema_migrations SET checksum = $2 WHERE version = $1"
 
 
-def available() -> list[tuple[int, str, str]]:
-    """(version, name, sql) of every migration shipped with the package, in order."""
+class EditedMigration(Exception):
+    """An applied migration's file no longer matches what was applied."""
+
+
+@dataclass(frozen=True, order=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def available() -> list[Migration]:
+    """Every migration shipped with the package, in order."""
     out = []
     for entry in resources.files("session_audit.core.migrations").iterdir():
         if entry.name.endswith(".sql"):
             version = int(entry.name.split("_", 1)[0])
-            out.append((version, entry.name, entry.read_text()))
+            out.append(Migration(version, entry.name, entry.read_bytes().decode()))
     return sorted(out)
 
 
-async def migrate(conn: asyncpg.Connection) -> list[str]:
-    """Apply pending migrations, each in its own transaction. Returns the names applied."""
+async def migrate(conn: asyncpg.Connection, shipped: list[Migration] | None = None) -> list[str]:
+    """Apply pending migrations, each in its own transaction, after checking the applied ones
+    against their files. Returns the names applied."""
     applied_now: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
         await conn.execute(CREATE_LEDGER)
-        done = {r["version"] for r in await conn.fetch(APPLIED)}
-        for version, name, sql in available():
-            if version in done:
+        done = {r["version"]: r for r in await conn.fetch(APPLIED)}
+        migrations = available() if shipped is None else shipped
+        for m in migrations:
+            row = done.get(m.version)
+            if row is None:
+                continue
+            if row["checksum"] is None:
+                await conn.execute(RECORD_CHECKSUM, m.version, m.checksum)
+                log.info("recorded the checksum of %s (applied before checksums)", m.name)
+            elif row["checksum"] != m.checksum:
+                raise EditedMigration(
+                    f"migration {m.name} was edited after it was applied to this database "
+                    f"(sha256 applied {row['checksum'][:12]}…, file now {m.checksum[:12]}…); "
+                    "restore the file and put the change in a new migration"
+                )
+        for m in migrations:
+            if m.version in done:
                 continue
             async with conn.transaction():
-                await conn.execute(sql)
-                await conn.execute(RECORD, version, name)
-            log.info("applied migration %s", name)
-            applied_now.append(name)
+                await conn.execute(m.sql)
+                await conn.execute(RECORD, m.version, m.name, m.checksum)
+            log.info("applied migration %s", m.name)
+            applied_now.append(m.name)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
     return applied_now

@@ -4,11 +4,20 @@ parameter and what was expected."""
 from __future__ import annotations
 
 import re
+import zoneinfo
 from datetime import UTC, datetime
+from functools import cache
 
 from session_audit.core.errors import InvalidArgument
 
 MAX_TEXT = 256
+# Paging of every list (limit/offset), one definition for all surfaces.
+DEFAULT_LIMIT = 20
+MAX_LIMIT = 100
+MAX_OFFSET = 10_000
+# The zone of a request that names none.
+DEFAULT_ZONE = "Etc/UTC"
+_ZONE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+)*$")
 
 _RFC3339 = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
@@ -52,6 +61,30 @@ def rfc3339(name: str, value: str) -> datetime | None:
         return datetime.fromisoformat(iso + frac + ("+00:00" if zone == "Z" else zone))
     except ValueError:
         raise InvalidArgument(f"{name}: not a valid date-time: {truncate(value)!r}") from None
+
+
+@cache
+def _zone_names() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def parse_zone(name: str, param: str = "time_zone") -> tuple[str, zoneinfo.ZoneInfo]:
+    """(name, zone) for an IANA time zone name (exact spelling); empty means DEFAULT_ZONE."""
+    if name == "":
+        return DEFAULT_ZONE, zoneinfo.ZoneInfo(DEFAULT_ZONE)
+    if len(name) > 64 or not _ZONE_NAME.match(name) or name not in _zone_names():
+        raise InvalidArgument(
+            f"{param}: expected an IANA time zone name such as Europe/Berlin or Etc/UTC, "
+            f"got {truncate(name)!r}"
+        )
+    return name, zoneinfo.ZoneInfo(name)
+
+
+def paging(limit_set: bool, limit: int, offset_set: bool, offset: int) -> tuple[int, int]:
+    """(limit, offset) of a list request; unset fields take the defaults."""
+    lim = int_range("limit", limit, 1, MAX_LIMIT) if limit_set else DEFAULT_LIMIT
+    off = int_range("offset", offset, 0, MAX_OFFSET) if offset_set else 0
+    return lim, off
 
 
 def int_range(name: str, value: int, lo: int, hi: int) -> int:

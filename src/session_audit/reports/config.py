@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from session_audit.core.config import ConfigError, _int
+from session_audit.core.errors import InvalidArgument
+from session_audit.core.validation import rfc3339
 
 Clock = Callable[[], datetime]
 
@@ -22,9 +24,11 @@ def file_clock(path: Path) -> Clock:
     several server processes at once by rewriting it."""
 
     def now() -> datetime:
-        text = path.read_text().strip()
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        if value.tzinfo is None:
+        try:
+            value = rfc3339("REPORT_CLOCK_FILE", path.read_text().strip())
+        except InvalidArgument as exc:
+            raise ConfigError(f"{exc.message} (in {path})") from None
+        if value is None:
             raise ConfigError(f"REPORT_CLOCK_FILE: {path} must hold a time with an offset")
         return value
 

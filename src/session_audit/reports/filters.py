@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -40,7 +39,7 @@ from lark.exceptions import UnexpectedToken, VisitError
 from session_audit.core import validation as v
 from session_audit.core.errors import InvalidArgument
 from session_audit.core.schema import REVIEW_STATUSES
-from session_audit.core.sql import Where
+from session_audit.core.sql import Sql, Where, q
 
 MAX_FILTER = 4096
 MAX_ORDER = 512
@@ -469,47 +468,53 @@ def parse_order(text: str, param: str = "query_order") -> list[OrderKey]:
 # -- SQL --------------------------------------------------------------------------------------
 
 
-def _condition(t: Term, p: Callable[[Any], str]) -> str:
+# Digit strings (user ids) compare as exact integers; a constant so no brace needs escaping.
+_DIGITS_SQL = "'^[0-9]{1,40}$'"
+
+
+def _condition(t: Term) -> Sql:
     a, op = t.attribute, t.op
     col = a.sql
     typ = _SQL_TYPES[a.kind]
     if op == "isnull":
-        return f"({col} IS NULL OR {col} = '')" if a.empty_is_null else f"{col} IS NULL"
+        return Sql(f"({col} IS NULL OR {col} = '')" if a.empty_is_null else f"{col} IS NULL")
     present = f"{col} <> '' AND " if a.empty_is_null else ""
     if op in ("eq", "ne"):
-        return f"{present}{col} {_SQL_CMP[op]} {p(t.values[0])}::{typ}"
+        return q(f"{present}{col} {_SQL_CMP[op]} $v::{typ}", v=t.values[0])
     if op in _ORDERING:
         if a.kind == "id":
             # Digit strings compare as exact integers (numeric has no 2^53 limit).
-            return (
-                f"{col} ~ '^[0-9]{{1,40}}$' AND {col}::numeric {_SQL_CMP[op]} "
-                f"{p(str(t.values[0]))}::numeric"
+            return q(
+                f"{col} ~ {_DIGITS_SQL} AND {col}::numeric {_SQL_CMP[op]} $v::numeric",
+                v=str(t.values[0]),
             )
         collate = ' COLLATE "C"' if typ == "text" else ""
-        return f"{present}{col}{collate} {_SQL_CMP[op]} {p(t.values[0])}::{typ}"
+        return q(f"{present}{col}{collate} {_SQL_CMP[op]} $v::{typ}", v=t.values[0])
     if op == "in":
-        return f"{present}{col} = any({p(list(t.values))}::{typ}[])"
+        return q(f"{present}{col} = any($v::{typ}[])", v=list(t.values))
     if op == "iin":
         if a.kind == "uuid":
-            return f"{col} = any({p(list(t.values))}::uuid[])"
-        values = p(list(t.values))
-        return f"{present}lower({col}) IN (SELECT lower(x) FROM unnest({values}::text[]) x)"  # noqa: S608
+            return q(f"{col} = any($v::uuid[])", v=list(t.values))
+        return q(
+            f"{present}lower({col}) IN (SELECT lower(x) FROM unnest($v::text[]) x)",  # noqa: S608
+            v=list(t.values),
+        )
     if op == "match":
-        return f"{present}strpos({col}, {p(t.values[0])}::text) > 0"
+        return q(f"{present}strpos({col}, $v::text) > 0", v=t.values[0])
     if op == "imatch":
-        return f"{present}strpos(lower({col}), lower({p(t.values[0])}::text)) > 0"
+        return q(f"{present}strpos(lower({col}), lower($v::text)) > 0", v=t.values[0])
     raise AssertionError(op)
 
 
 def apply_filter(where: Where, terms: list[Term]) -> Where:
     """AND every term into `where`. A term is true or false, never NULL, so `!` complements."""
     for t in terms:
-        cond = f"coalesce(({_condition(t, where.params)}), false)"
-        where.conditions.append(f"NOT {cond}" if t.negated else cond)
+        cond = "coalesce((" + _condition(t) + "), false)"
+        where.add("NOT " + cond if t.negated else cond)
     return where
 
 
-def order_sql(keys: list[OrderKey]) -> str:
+def order_sql(keys: list[OrderKey]) -> Sql:
     """ORDER BY list: the keys (NULLs last in both directions), then newest first by id."""
     parts = []
     for k in keys:
@@ -517,7 +522,7 @@ def order_sql(keys: list[OrderKey]) -> str:
         direction = "DESC" if k.descending else "ASC"
         parts.append(f"{k.attribute.sql}{collate} {direction} NULLS LAST")
     parts += ["s.start_date DESC", "s.id DESC"]
-    return ", ".join(parts)
+    return Sql(", ".join(parts))
 
 
 # -- rendering --------------------------------------------------------------------------------

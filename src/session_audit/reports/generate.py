@@ -22,7 +22,7 @@ import asyncpg
 
 from session_audit.core.db import Conn
 from session_audit.core.errors import ServiceError, database_unreachable
-from session_audit.core.sql import Params, Where
+from session_audit.core.sql import Sql, Template, Where
 from session_audit.reports import filters as rf
 from session_audit.reports.types import BY_KEY, ReportType
 
@@ -87,28 +87,28 @@ class Claimed:
 
 
 def scope(rep: Claimed, where: Where) -> Where:
-    """Which rows of the report's source it covers: org first (so it is the first parameter
-    the scope adds), the owner's visibility, the filter, the period."""
+    """Which rows of the report's source it covers: the org, the owner's visibility, the
+    filter, the period."""
     src = rep.kind.source
     if src == "sessions":
-        where.add("s.org_id = {}", rep.org_id)
+        where.add("s.org_id = $org", org=rep.org_id)
         if rep.owner_scope == "own":
-            where.add("lower(s.user_email) = {}", rep.owner)
+            where.add("lower(s.user_email) = $owner", owner=rep.owner)
         rf.apply_filter(where, rf.parse_filter(rep.query_filter))
         if rep.period_start is not None and rep.period_end is not None:
-            where.add("s.start_date >= {}", rep.period_start)
-            where.add("s.start_date < {}", rep.period_end)
+            where.add("s.start_date >= $start AND s.start_date < $end", start=rep.period_start,
+                      end=rep.period_end)  # fmt: skip
     elif src == "audit":
-        where.add("a.org_id = {}", rep.org_id)
+        where.add("a.org_id = $org", org=rep.org_id)
         if rep.owner_scope == "own":
-            where.add("lower(a.actor) = {}", rep.owner)
+            where.add("lower(a.actor) = $owner", owner=rep.owner)
         if rep.period_start is not None and rep.period_end is not None:
-            where.add("a.at >= {}", rep.period_start)
-            where.add("a.at < {}", rep.period_end)
+            where.add("a.at >= $start AND a.at < $end", start=rep.period_start,
+                      end=rep.period_end)  # fmt: skip
     elif src == "tokens":
-        where.add("t.org_id = {}", rep.org_id)
+        where.add("t.org_id = $org", org=rep.org_id)
         if rep.owner_scope == "own":
-            where.add("lower(t.email) = {}", rep.owner)
+            where.add("lower(t.email) = $owner", owner=rep.owner)
     return where
 
 
@@ -117,27 +117,27 @@ def _fmt(t: datetime | None) -> str:
 
 
 SUMMARY_SQL = {
-    "sessions": """
+    "sessions": Template("""
 SELECT count(*) AS n, count(DISTINCT lower(s.user_email)) AS users,
        count(DISTINCT s.connection) AS servers,
        count(*) FILTER (WHERE s.end_date IS NULL) AS open,
        min(s.start_date) AS first, max(s.start_date) AS last
-  FROM sessions s WHERE {scope}""",
-    "audit": """
+  FROM sessions s WHERE $scope"""),
+    "audit": Template("""
 SELECT count(*) AS n, count(DISTINCT a.actor) AS actors, min(a.at) AS first, max(a.at) AS last
-  FROM audit_log a WHERE {scope}""",
-    "tokens": """
+  FROM audit_log a WHERE $scope"""),
+    "tokens": Template("""
 SELECT count(*) AS n, count(DISTINCT lower(t.email)) AS users,
        count(*) FILTER (WHERE t.revoked_at IS NULL) AS active
-  FROM api_tokens t WHERE {scope}""",
+  FROM api_tokens t WHERE $scope"""),
 }
 CHART_SQL = {
-    "sessions": """
-SELECT date_trunc({unit}, s.start_date AT TIME ZONE {tz}) AS bucket, count(*) AS n
-  FROM sessions s WHERE {scope} GROUP BY 1 ORDER BY 1""",
-    "audit": """
-SELECT date_trunc({unit}, a.at AT TIME ZONE {tz}) AS bucket, count(*) AS n
-  FROM audit_log a WHERE {scope} GROUP BY 1 ORDER BY 1""",
+    "sessions": Template("""
+SELECT date_trunc($unit, s.start_date AT TIME ZONE $tz) AS bucket, count(*) AS n
+  FROM sessions s WHERE $scope GROUP BY 1 ORDER BY 1"""),
+    "audit": Template("""
+SELECT date_trunc($unit, a.at AT TIME ZONE $tz) AS bucket, count(*) AS n
+  FROM audit_log a WHERE $scope GROUP BY 1 ORDER BY 1"""),
 }
 
 
@@ -228,10 +228,8 @@ async def chart(
         return {"unit": "day", "buckets": [], "title": _chart_title(src)}
     unit = choose_unit(start, end)
     where = scope(rep, Where())
-    sql = CHART_SQL[src].format(
-        unit=where.params(unit), tz=where.params(str(rep.zone)), scope=where.sql()
-    )
-    rows = await conn.fetch(sql, *where.args, timeout=timeout)
+    sql, args = CHART_SQL[src](unit=unit, tz=str(rep.zone), scope=where.sql()).render()
+    rows = await conn.fetch(sql, *args, timeout=timeout)
     counts = {r["bucket"]: r["n"] for r in rows}
     local_start = start.astimezone(rep.zone).replace(tzinfo=None)
     local_end = end.astimezone(rep.zone).replace(tzinfo=None)
@@ -241,6 +239,15 @@ async def chart(
 
 def _chart_title(source: str) -> str:
     return "Sessions over time" if source == "sessions" else "Changes over time"
+
+
+def rows_sql(rep: Claimed, template: Template) -> Sql:
+    """The report type's INSERT … SELECT with the slots it uses filled."""
+    fill: dict[str, Any] = {"report": rep.id, "scope": scope(rep, Where()).sql(),
+                            "org": rep.org_id}  # fmt: skip
+    if "order" in template.slots:
+        fill["order"] = rf.order_sql(rf.parse_order(rep.query_order))
+    return template(**{k: v for k, v in fill.items() if k in template.slots})
 
 
 async def build(conn: Conn, rep: Claimed, deadline: float) -> None:
@@ -253,19 +260,15 @@ async def build(conn: Conn, rep: Claimed, deadline: float) -> None:
         return remaining
 
     rows = 0
-    if rep.kind.rows_sql:
-        where = scope(rep, Where(Params([rep.id])))
-        keys = rf.parse_order(rep.query_order)
-        sql = rep.kind.rows_sql.format(scope=where.sql(), order=rf.order_sql(keys))
-        status = await conn.execute(sql, *where.args, timeout=left())
+    if rep.kind.rows_sql is not None:
+        sql, args = rows_sql(rep, rep.kind.rows_sql).render()
+        status = await conn.execute(sql, *args, timeout=left())
         rows = int(status.rsplit(" ", 1)[-1])
     src = rep.kind.source
     summary_row = None
     if src in SUMMARY_SQL:
-        where = scope(rep, Where())
-        summary_row = await conn.fetchrow(
-            SUMMARY_SQL[src].format(scope=where.sql()), *where.args, timeout=left()
-        )
+        sql, args = SUMMARY_SQL[src](scope=scope(rep, Where()).sql()).render()
+        summary_row = await conn.fetchrow(sql, *args, timeout=left())
     first = summary_row["first"] if summary_row is not None and "first" in summary_row else None
     last = summary_row["last"] if summary_row is not None and "last" in summary_row else None
     drawn = await chart(conn, rep, first, last, left())

@@ -4,9 +4,7 @@ parameter and what was expected."""
 from __future__ import annotations
 
 import re
-import zoneinfo
 from dataclasses import dataclass
-from functools import cache
 
 from session_audit.core import validation as v
 from session_audit.core.errors import InvalidArgument
@@ -15,9 +13,6 @@ from session_audit.reports.periods import PERIODS
 from session_audit.reports.types import BY_KEY, TYPES
 from session_audit.v1 import reports_pb2 as pb
 
-DEFAULT_LIMIT = 20
-MAX_LIMIT = 100
-MAX_OFFSET = 10_000
 MAX_TITLE = 200
 MAX_CRITERIA = 64
 STATUSES = ("pending", "ready", "failed")
@@ -37,12 +32,6 @@ def object_id(name: str, raw: str) -> int:
 
 def optional_id(name: str, raw: str) -> int | None:
     return None if raw == "" else object_id(name, raw)
-
-
-def page(limit_set: bool, limit: int, offset_set: bool, offset: int) -> tuple[int, int]:
-    lim = v.int_range("limit", limit, 1, MAX_LIMIT) if limit_set else DEFAULT_LIMIT
-    off = v.int_range("offset", offset, 0, MAX_OFFSET) if offset_set else 0
-    return lim, off
 
 
 def choice(name: str, raw: str, allowed: tuple[str, ...]) -> str:
@@ -67,20 +56,8 @@ def title(raw: str) -> str:
     return text
 
 
-@cache
-def _zones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
-
-
 def time_zone(raw: str) -> str:
-    if raw == "":
-        return "UTC"
-    if len(raw) > 64 or raw not in _zones():
-        raise InvalidArgument(
-            f"time_zone: expected an IANA time zone such as UTC or Europe/Warsaw, got "
-            f"{v.truncate(raw, 40)!r}"
-        )
-    return raw
+    return v.parse_zone(raw)[0]
 
 
 @dataclass(frozen=True)

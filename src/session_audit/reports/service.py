@@ -7,27 +7,20 @@ and the subscription scheduler.
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar, cast
+from collections.abc import AsyncIterator
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import asyncpg
 import grpc
 from google.api import httpbody_pb2
-from google.protobuf.message import Message
 
+from session_audit.core import validation as v
 from session_audit.core.app import App
 from session_audit.core.auth import READERS
-from session_audit.core.errors import (
-    Conflict,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    abort_for,
-    rpc,
-)
+from session_audit.core.errors import Conflict, InvalidArgument, NotFound, PermissionDenied
 from session_audit.core.json_body import parse_strict
+from session_audit.core.rpc import caller, roles
 from session_audit.reports import messages as msg
 from session_audit.reports import requests as req
 from session_audit.reports import store
@@ -51,28 +44,6 @@ from session_audit.v1 import reports_pb2_grpc as pb_grpc
 
 SUCCESS = msg.SUCCESS
 ROW_PAGE = 2000
-S = TypeVar("S", bound=Callable[..., AsyncIterator[Any]])
-M = TypeVar("M", bound=Message)
-
-
-def rpc_stream(name: str) -> Callable[[S], S]:
-    """`errors.rpc` for server-streaming methods: an error before the first message leaves
-    as its status (so REST gets the right HTTP status); after it, the stream is aborted."""
-
-    def decorate(method: S) -> S:
-        @functools.wraps(method)
-        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                async for item in method(self, request, context):
-                    yield item
-            except (grpc.aio.AbortError, asyncio.CancelledError):
-                raise
-            except Exception as exc:
-                await abort_for(context, name, exc)
-
-        return cast(S, wrapper)
-
-    return decorate
 
 
 def _restricted(kind: ReportType, me: store.Owner) -> None:
@@ -102,8 +73,9 @@ class ReportService(pb_grpc.ReportServiceServicer):
         if self.config.scheduler_enabled:
             self.background_tasks.append(self.scheduler)
 
-    async def _me(self, context: grpc.aio.ServicerContext, action: str) -> store.Owner:
-        return store.Owner.of(await self.app.caller(context, READERS, action))
+    @staticmethod
+    def _me() -> store.Owner:
+        return store.Owner.of(caller())
 
     async def _definition(
         self, me: store.Owner, id_: int, context: grpc.aio.ServicerContext
@@ -123,12 +95,12 @@ class ReportService(pb_grpc.ReportServiceServicer):
 
     # -- generated reports ---------------------------------------------------------------
 
-    @rpc("ListReports")
+    @roles(READERS, "list reports")
     async def ListReports(
         self, request: pb.ListReportsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListReportsResponse:
-        me = await self._me(context, "list reports")
-        limit, offset = req.page(
+        me = self._me()
+        limit, offset = v.paging(
             request.HasField("limit"), request.limit, request.HasField("offset"), request.offset
         )
         status = req.choice("status", request.status, req.STATUSES) if request.status else None
@@ -142,11 +114,11 @@ class ReportService(pb_grpc.ReportServiceServicer):
             has_next_page=page.has_next, total=page.total,
         )  # fmt: skip
 
-    @rpc("CreateReport")
+    @roles(READERS, "create reports")
     async def CreateReport(
         self, request: pb.CreateReportRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateReportResponse:
-        me = await self._me(context, "create reports")
+        me = self._me()
         wanted = req.create_report(request)
         def_id = wanted.defined_report_id or DEFAULT_ON_DEMAND.predefined_id
         definition = await self._definition(me, def_id, context)
@@ -168,38 +140,25 @@ class ReportService(pb_grpc.ReportServiceServicer):
 
     # -- REST bodies, read strictly (see JsonBodyRequest) ---------------------------------------
 
-    async def _body(
-        self, request: pb.JsonBodyRequest, cls: type[M], context: grpc.aio.ServicerContext,
-        action: str,
-    ) -> M:  # fmt: skip
-        """The caller first (401/403 before anything about the body), then the body, read
-        against the gRPC request `cls`; the plain RPC then does the work."""
-        await self._me(context, action)
-        return parse_strict(request.body.data, cls)
-
-    @rpc("CreateReport")
+    @roles(READERS, "create reports")
     async def CreateReportJson(
         self, request: pb.JsonBodyRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateReportResponse:
-        body = await self._body(request, pb.CreateReportRequest, context, "create reports")
+        body = parse_strict(request.body.data, pb.CreateReportRequest)
         return await self.CreateReport(body, context)
 
-    @rpc("CreateDefinedReport")
+    @roles(READERS, "create report definitions")
     async def CreateDefinedReportJson(
         self, request: pb.JsonBodyRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateDefinedReportResponse:
-        body = await self._body(
-            request, pb.CreateDefinedReportRequest, context, "create report definitions"
-        )
+        body = parse_strict(request.body.data, pb.CreateDefinedReportRequest)
         return await self.CreateDefinedReport(body, context)
 
-    @rpc("UpdateDefinedReport")
+    @roles(READERS, "change report definitions")
     async def UpdateDefinedReportJson(
         self, request: pb.JsonBodyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportResult:
-        body = await self._body(
-            request, pb.UpdateDefinedReportRequest, context, "change report definitions"
-        )
+        body = parse_strict(request.body.data, pb.UpdateDefinedReportRequest)
         if body.id and body.id != request.id:
             raise InvalidArgument(
                 f"id: given in the path ({request.id[:40]}); leave it out of the body"
@@ -207,28 +166,26 @@ class ReportService(pb_grpc.ReportServiceServicer):
         body.id = request.id
         return await self.UpdateDefinedReport(body, context)
 
-    @rpc("CreateDefinedReportSubscription")
+    @roles(READERS, "subscribe to reports")
     async def CreateDefinedReportSubscriptionJson(
         self, request: pb.JsonBodyRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateDefinedReportSubscriptionResponse:
-        body = await self._body(
-            request, pb.CreateDefinedReportSubscriptionRequest, context, "subscribe to reports"
-        )
+        body = parse_strict(request.body.data, pb.CreateDefinedReportSubscriptionRequest)
         return await self.CreateDefinedReportSubscription(body, context)
 
-    @rpc("GetReport")
+    @roles(READERS, "read reports")
     async def GetReport(
         self, request: pb.GetReportRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetReportResponse:
-        me = await self._me(context, "read reports")
+        me = self._me()
         row = await self._report(me, req.object_id("id", request.id), context)
         return pb.GetReportResponse(report=msg.report(row, me), result=SUCCESS)
 
-    @rpc("DeleteReport")
+    @roles(READERS, "delete reports")
     async def DeleteReport(
         self, request: pb.DeleteReportRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportResult:
-        me = await self._me(context, "delete reports")
+        me = self._me()
         id_ = req.object_id("id", request.id)
         row = await self._report(me, id_, context)
         if not me.may_change(row["owner"]):
@@ -238,11 +195,11 @@ class ReportService(pb_grpc.ReportServiceServicer):
             await store.delete_report(conn, me, id_, self.app.timeout(context))
         return pb.ReportResult(result=SUCCESS)
 
-    @rpc_stream("DownloadReport")
+    @roles(READERS, "download reports")
     async def DownloadReport(
         self, request: pb.DownloadReportRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        me = await self._me(context, "download reports")
+        me = self._me()
         id_, fmt = req.download(request)
         row = await self._report(me, id_, context)
         if row["status"] == "pending":
@@ -329,12 +286,12 @@ class ReportService(pb_grpc.ReportServiceServicer):
 
     # -- definitions ---------------------------------------------------------------------
 
-    @rpc("ListDefinedReports")
+    @roles(READERS, "list report definitions")
     async def ListDefinedReports(
         self, request: pb.ListDefinedReportsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListDefinedReportsResponse:
-        me = await self._me(context, "list report definitions")
-        limit, offset = req.page(
+        me = self._me()
+        limit, offset = v.paging(
             request.HasField("limit"), request.limit, request.HasField("offset"), request.offset
         )
         type_ = req.report_type(request.type) if request.type else None
@@ -347,11 +304,11 @@ class ReportService(pb_grpc.ReportServiceServicer):
             has_next_page=page.has_next, total=page.total,
         )  # fmt: skip
 
-    @rpc("CreateDefinedReport")
+    @roles(READERS, "create report definitions")
     async def CreateDefinedReport(
         self, request: pb.CreateDefinedReportRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateDefinedReportResponse:
-        me = await self._me(context, "create report definitions")
+        me = self._me()
         d = req.create_definition(request)
         _restricted(BY_KEY[d.type], me)
         async with self.app.pool.acquire() as conn:
@@ -363,11 +320,11 @@ class ReportService(pb_grpc.ReportServiceServicer):
             defined_report=pb.ReportRef(id=str(id_)), result=SUCCESS
         )
 
-    @rpc("GetDefinedReport")
+    @roles(READERS, "read report definitions")
     async def GetDefinedReport(
         self, request: pb.GetDefinedReportRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetDefinedReportResponse:
-        me = await self._me(context, "read report definitions")
+        me = self._me()
         row = await self._definition(me, req.object_id("id", request.id), context)
         return pb.GetDefinedReportResponse(defined_report=msg.definition(row, me), result=SUCCESS)
 
@@ -386,11 +343,11 @@ class ReportService(pb_grpc.ReportServiceServicer):
             )
         return row
 
-    @rpc("UpdateDefinedReport")
+    @roles(READERS, "change report definitions")
     async def UpdateDefinedReport(
         self, request: pb.UpdateDefinedReportRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportResult:
-        me = await self._me(context, "change report definitions")
+        me = self._me()
         ch = req.update_definition(request)
         row = await self._changeable(me, ch.id, context, "changed")
         if ch.type is not None and ch.type != row["type"]:
@@ -409,11 +366,11 @@ class ReportService(pb_grpc.ReportServiceServicer):
                 )
         return pb.ReportResult(result=SUCCESS)
 
-    @rpc("DeleteDefinedReport")
+    @roles(READERS, "delete report definitions")
     async def DeleteDefinedReport(
         self, request: pb.DeleteDefinedReportRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportResult:
-        me = await self._me(context, "delete report definitions")
+        me = self._me()
         id_ = req.object_id("id", request.id)
         await self._changeable(me, id_, context, "deleted")
         async with self.app.pool.acquire() as conn:
@@ -422,14 +379,14 @@ class ReportService(pb_grpc.ReportServiceServicer):
 
     # -- subscriptions -------------------------------------------------------------------
 
-    @rpc("ListDefinedReportSubscriptions")
+    @roles(READERS, "list subscriptions")
     async def ListDefinedReportSubscriptions(
         self,
         request: pb.ListDefinedReportSubscriptionsRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.ListDefinedReportSubscriptionsResponse:
-        me = await self._me(context, "list subscriptions")
-        limit, offset = req.page(
+        me = self._me()
+        limit, offset = v.paging(
             request.HasField("limit"), request.limit, request.HasField("offset"), request.offset
         )
         definition = req.optional_id("defined_report_id", request.defined_report_id)
@@ -442,13 +399,13 @@ class ReportService(pb_grpc.ReportServiceServicer):
             result=SUCCESS, has_next_page=page.has_next, total=page.total,
         )  # fmt: skip
 
-    @rpc("CreateDefinedReportSubscription")
+    @roles(READERS, "subscribe to reports")
     async def CreateDefinedReportSubscription(
         self,
         request: pb.CreateDefinedReportSubscriptionRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.CreateDefinedReportSubscriptionResponse:
-        me = await self._me(context, "subscribe to reports")
+        me = self._me()
         new = req.create_subscription(request)
         definition = await self._definition(me, new.defined_report_id, context)
         _restricted(BY_KEY[definition["type"]], me)
@@ -463,13 +420,13 @@ class ReportService(pb_grpc.ReportServiceServicer):
             defined_report_subscription=pb.ReportRef(id=str(id_)), result=SUCCESS
         )
 
-    @rpc("GetDefinedReportSubscription")
+    @roles(READERS, "read subscriptions")
     async def GetDefinedReportSubscription(
         self,
         request: pb.GetDefinedReportSubscriptionRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.GetDefinedReportSubscriptionResponse:
-        me = await self._me(context, "read subscriptions")
+        me = self._me()
         id_ = req.object_id("id", request.id)
         row = await store.get_subscription(self.app.pool, me, id_, self.app.timeout(context))
         if row is None:
@@ -478,13 +435,13 @@ class ReportService(pb_grpc.ReportServiceServicer):
             defined_report_subscription=msg.subscription(row, me), result=SUCCESS
         )
 
-    @rpc("DeleteDefinedReportSubscription")
+    @roles(READERS, "unsubscribe")
     async def DeleteDefinedReportSubscription(
         self,
         request: pb.DeleteDefinedReportSubscriptionRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.ReportResult:
-        me = await self._me(context, "unsubscribe")
+        me = self._me()
         id_ = req.object_id("id", request.id)
         row = await store.get_subscription(self.app.pool, me, id_, self.app.timeout(context))
         if row is None:
@@ -498,30 +455,26 @@ class ReportService(pb_grpc.ReportServiceServicer):
 
     # -- attributes ----------------------------------------------------------------------
 
-    @rpc("GetReportAttributes")
+    @roles(READERS, "read report attributes")
     async def GetReportAttributes(
         self, request: pb.ReportAttributesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportAttributesResponse:
-        await self._me(context, "read report attributes")
         return pb.ReportAttributesResponse(attributes=msg.REPORT_ATTRIBUTES, result=SUCCESS)
 
-    @rpc("GetDefinedReportAttributes")
+    @roles(READERS, "read report attributes")
     async def GetDefinedReportAttributes(
         self, request: pb.ReportAttributesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportAttributesResponse:
-        await self._me(context, "read report attributes")
         return pb.ReportAttributesResponse(attributes=msg.DEFINED_REPORT_ATTRIBUTES, result=SUCCESS)
 
-    @rpc("GetDefinedReportSubscriptionAttributes")
+    @roles(READERS, "read report attributes")
     async def GetDefinedReportSubscriptionAttributes(
         self, request: pb.ReportAttributesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportAttributesResponse:
-        await self._me(context, "read report attributes")
         return pb.ReportAttributesResponse(attributes=msg.SUBSCRIPTION_ATTRIBUTES, result=SUCCESS)
 
-    @rpc("GetCriteriaAttributes")
+    @roles(READERS, "read report attributes")
     async def GetCriteriaAttributes(
         self, request: pb.ReportAttributesRequest, context: grpc.aio.ServicerContext
     ) -> pb.CriteriaAttributesResponse:
-        await self._me(context, "read report attributes")
         return msg.criteria_attributes()

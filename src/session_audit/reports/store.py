@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -19,7 +18,8 @@ import asyncpg
 from session_audit.core.auth import ORG_READERS, Principal
 from session_audit.core.db import Conn
 from session_audit.core.errors import Conflict, NotFound
-from session_audit.core.sql import Params, Where
+from session_audit.core.sql import Sql, Template, Where, join, q
+from session_audit.core.validation import DEFAULT_ZONE
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,9 @@ class Owner:
 
 
 def _visible(where: Where, me: Owner, alias: str) -> Where:
-    where.add(f"{alias}.org_id = {{}}", me.org_id)
+    where.add(f"{alias}.org_id = $org", org=me.org_id)
     if not me.reads_org:
-        where.add(f"{alias}.owner = {{}}", me.email)
+        where.add(f"{alias}.owner = $owner", owner=me.email)
     return where
 
 
@@ -61,28 +61,22 @@ class Page:
     total: int
 
 
-SelectFn = Callable[[Params], str]
-
-
-def _fixed(select: str) -> SelectFn:
-    return lambda _params: select
+PAGE = Template("$select WHERE $where ORDER BY $order LIMIT $limit OFFSET $offset")
+COUNT = Template("SELECT count(*) FROM $source WHERE $where")
+SELECT_WHERE = Template("$select WHERE $where")
 
 
 async def _page(
-    conn: Conn, select: SelectFn, count_from: str, where: Where, order: str, limit: int,
+    conn: Conn, select: Sql, source: Sql, where: Where, order: Sql, limit: int,
     offset: int, timeout: float,
 ) -> Page:  # fmt: skip
-    """One page and the total, in one snapshot. `select` may add parameters after the WHERE
-    clause's, so the count (which uses only the WHERE's) stays valid."""
-    count_sql = f"SELECT count(*) FROM {count_from} WHERE {where.sql()}"  # noqa: S608
-    count_args = list(where.args)
-    head = select(where.params)
-    sql = (
-        f"{head} WHERE {where.sql()} ORDER BY {order}"
-        f" LIMIT {where.params(limit + 1)} OFFSET {where.params(offset)}"
-    )
+    """One page and the total, in one snapshot."""
+    matching = where.sql()
+    sql, args = PAGE(select=select, where=matching, order=order, limit=limit + 1,
+                     offset=offset).render()  # fmt: skip
+    count_sql, count_args = COUNT(source=source, where=matching).render()
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        rows = await conn.fetch(sql, *where.args, timeout=timeout)
+        rows = await conn.fetch(sql, *args, timeout=timeout)
         total = await conn.fetchval(count_sql, *count_args, timeout=timeout)
     return Page(rows[:limit], len(rows) > limit, total)
 
@@ -113,29 +107,31 @@ async def audit(
 # -- definitions ------------------------------------------------------------------------------
 
 
-def _definition_select(me: Owner) -> SelectFn:
-    def select(p: Params) -> str:
-        org, email, reads = p(me.org_id), p(me.email), p(me.reads_org)
-        return f"""
+DEFINITION_SELECT = Template("""
 SELECT d.id, d.org_id, d.title, d.type, d.query_filter, d.query_order, d.owner,
        d.created_at, d.modified_at,
        EXISTS (SELECT 1 FROM report_subscriptions rs
-                WHERE rs.defined_report_id = d.id AND rs.org_id = {org} AND rs.owner = {email})
+                WHERE rs.defined_report_id = d.id AND rs.org_id = $org AND rs.owner = $email)
            AS subscribed,
        EXISTS (SELECT 1 FROM reports r
-                WHERE r.defined_report_id = d.id AND r.org_id = {org}
-                  AND ({reads}::boolean OR r.owner = {email})) AS has_reports
-  FROM defined_reports d"""  # noqa: S608
+                WHERE r.defined_report_id = d.id AND r.org_id = $org
+                  AND ($reads::boolean OR r.owner = $email)) AS has_reports
+  FROM defined_reports d""")
+DEFINITIONS = Sql("defined_reports d")
+BY_ID = Sql("d.id")
 
-    return select
+
+def _definition_select(me: Owner) -> Sql:
+    return DEFINITION_SELECT(org=me.org_id, email=me.email, reads=me.reads_org)
 
 
 def _definitions_where(me: Owner) -> Where:
     where = Where()
     if me.reads_org:
-        where.add("d.org_id IS NULL OR d.org_id = {}", me.org_id)
+        where.add("d.org_id IS NULL OR d.org_id = $org", org=me.org_id)
     else:
-        where.add("d.org_id IS NULL OR (d.org_id = {} AND d.owner = {})", me.org_id, me.email)
+        where.add("d.org_id IS NULL OR (d.org_id = $org AND d.owner = $owner)", org=me.org_id,
+                  owner=me.email)  # fmt: skip
     return where
 
 
@@ -144,20 +140,18 @@ async def list_definitions(
 ) -> Page:
     where = _definitions_where(me)
     if type_ is not None:
-        where.add("d.type = {}", type_)
+        where.add("d.type = $type", type=type_)
     return await _page(
-        conn, _definition_select(me), "defined_reports d", where, "d.id", limit, offset, timeout
+        conn, _definition_select(me), DEFINITIONS, where, BY_ID, limit, offset, timeout
     )
 
 
 async def get_definition(
     conn: Conn | asyncpg.Pool, me: Owner, id_: int, timeout: float
 ) -> asyncpg.Record | None:
-    where = _definitions_where(me).add("d.id = {}", id_)
-    head = _definition_select(me)(where.params)
-    row: asyncpg.Record | None = await conn.fetchrow(
-        f"{head} WHERE {where.sql()}", *where.args, timeout=timeout
-    )
+    where = _definitions_where(me).add("d.id = $id", id=id_)
+    sql, args = SELECT_WHERE(select=_definition_select(me), where=where.sql()).render()
+    row: asyncpg.Record | None = await conn.fetchrow(sql, *args, timeout=timeout)
     return row
 
 
@@ -191,6 +185,9 @@ SELECT id, owner, title, type, query_filter, query_order
  WHERE id = $1 AND org_id = $2
    FOR UPDATE
 """
+UPDATE_DEFINITION = Template(
+    "UPDATE defined_reports SET $set, modified_at = now() WHERE id = $id AND org_id = $org"
+)
 
 
 async def update_definition(
@@ -200,18 +197,14 @@ async def update_definition(
     allowed = {"title", "query_filter", "query_order"}
     if not set(changes) <= allowed:
         raise ValueError(f"update_definition: unexpected columns {sorted(set(changes) - allowed)}")
-    sets = Where(Params([id_, me.org_id]))
-    assignments = [f"{col} = {sets.params(value)}" for col, value in sorted(changes.items())]
+    assignments = join(", ", (q(f"{col} = $value", value=value)
+                              for col, value in sorted(changes.items())))  # fmt: skip
+    sql, args = UPDATE_DEFINITION(set=assignments, id=id_, org=me.org_id).render()
     async with conn.transaction():
         old = await conn.fetchrow(LOCK_DEFINITION, id_, me.org_id, timeout=timeout)
         if old is None:  # deleted since the caller looked it up
             raise NotFound(f"defined report {id_} not found")
-        await conn.execute(
-            f"UPDATE defined_reports SET {', '.join(assignments)}, modified_at = now()"  # noqa: S608
-            " WHERE id = $1 AND org_id = $2",
-            *sets.args,
-            timeout=timeout,
-        )
+        await conn.execute(sql, *args, timeout=timeout)
         before = {k: old[k] for k in changes}
         await audit(conn, me, "update", "defined_report", id_,
                     {"before": before, "after": changes}, timeout)  # fmt: skip
@@ -238,9 +231,11 @@ r.id, r.org_id, r.defined_report_id, r.subscription_id, r.type, r.title, r.owner
 r.owner_scope, r.query_filter, r.query_order, r.time_zone, r.period, r.period_start,
 r.period_end, r.status, r.failure, r.row_count, r.generated_at, r.created_at, r.modified_at"""
 
-REPORT_SELECT = f"""
+REPORT_SELECT = Sql(f"""
 SELECT {REPORT_COLUMNS}, d.title AS defined_report_title
-  FROM reports r LEFT JOIN defined_reports d ON d.id = r.defined_report_id"""  # noqa: S608
+  FROM reports r LEFT JOIN defined_reports d ON d.id = r.defined_report_id""")  # noqa: S608
+REPORTS = Sql("reports r")
+NEWEST_FIRST = Sql("r.id DESC")
 
 
 async def list_reports(
@@ -249,21 +244,18 @@ async def list_reports(
 ) -> Page:  # fmt: skip
     where = _visible(Where(), me, "r")
     if status is not None:
-        where.add("r.status = {}", status)
+        where.add("r.status = $status", status=status)
     if definition is not None:
-        where.add("r.defined_report_id = {}", definition)
-    return await _page(
-        conn, _fixed(REPORT_SELECT), "reports r", where, "r.id DESC", limit, offset, timeout
-    )
+        where.add("r.defined_report_id = $definition", definition=definition)
+    return await _page(conn, REPORT_SELECT, REPORTS, where, NEWEST_FIRST, limit, offset, timeout)
 
 
 async def get_report(
     conn: Conn | asyncpg.Pool, me: Owner, id_: int, timeout: float
 ) -> asyncpg.Record | None:
-    where = _visible(Where(), me, "r").add("r.id = {}", id_)
-    row: asyncpg.Record | None = await conn.fetchrow(
-        f"{REPORT_SELECT} WHERE {where.sql()}", *where.args, timeout=timeout
-    )
+    where = _visible(Where(), me, "r").add("r.id = $id", id=id_)
+    sql, args = SELECT_WHERE(select=REPORT_SELECT, where=where.sql()).render()
+    row: asyncpg.Record | None = await conn.fetchrow(sql, *args, timeout=timeout)
     return row
 
 
@@ -274,7 +266,7 @@ class NewReport:
     title: str
     query_filter: str
     query_order: str
-    time_zone: str = "UTC"
+    time_zone: str = DEFAULT_ZONE
     subscription_id: int | None = None
     period: str | None = None
     period_start: datetime | None = None
@@ -355,10 +347,12 @@ async def report_rows(
 
 # -- subscriptions ----------------------------------------------------------------------------
 
-SUBSCRIPTION_SELECT = """
+SUBSCRIPTION_SELECT = Sql("""
 SELECT s.id, s.org_id, s.defined_report_id, s.owner, s.owner_scope, s.period, s.time_zone,
        s.next_period_start, s.next_run_at, s.created_at, s.modified_at
-  FROM report_subscriptions s"""
+  FROM report_subscriptions s""")
+SUBSCRIPTIONS = Sql("report_subscriptions s")
+BY_SUBSCRIPTION_ID = Sql("s.id")
 
 
 async def list_subscriptions(
@@ -366,9 +360,9 @@ async def list_subscriptions(
 ) -> Page:
     where = _visible(Where(), me, "s")
     if definition is not None:
-        where.add("s.defined_report_id = {}", definition)
+        where.add("s.defined_report_id = $definition", definition=definition)
     return await _page(
-        conn, _fixed(SUBSCRIPTION_SELECT), "report_subscriptions s", where, "s.id", limit, offset,
+        conn, SUBSCRIPTION_SELECT, SUBSCRIPTIONS, where, BY_SUBSCRIPTION_ID, limit, offset,
         timeout,
     )  # fmt: skip
 
@@ -376,10 +370,9 @@ async def list_subscriptions(
 async def get_subscription(
     conn: Conn | asyncpg.Pool, me: Owner, id_: int, timeout: float
 ) -> asyncpg.Record | None:
-    where = _visible(Where(), me, "s").add("s.id = {}", id_)
-    row: asyncpg.Record | None = await conn.fetchrow(
-        f"{SUBSCRIPTION_SELECT} WHERE {where.sql()}", *where.args, timeout=timeout
-    )
+    where = _visible(Where(), me, "s").add("s.id = $id", id=id_)
+    sql, args = SELECT_WHERE(select=SUBSCRIPTION_SELECT, where=where.sql()).render()
+    row: asyncpg.Record | None = await conn.fetchrow(sql, *args, timeout=timeout)
     return row
 
 

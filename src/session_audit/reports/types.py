@@ -9,14 +9,18 @@ vocabulary onto sessions (docs/reports.md, "Predefined definitions"):
     safe     = a connection tag "key=value" (connections without tags: "(untagged)")
     approver = an e-mail recorded as reviewer on the session's review
 
-Placeholders in the SQL: {scope} is the session WHERE clause (org, owner, filter, period),
-{order} the session ORDER BY (session_summary only); $1 is always the report id. Everything
-else is code. Times are RFC 3339 in UTC, to the second.
+Slots in the SQL (core.sql.Template): $report is the report id, $scope the WHERE clause of the
+source (org, owner, filter, period), $order the session ORDER BY (session_summary only), $org
+the report's org (system). Everything else is code. Times are RFC 3339 in UTC, to the second.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from session_audit.core.sql import Template
+
+EMPTY_JSON = "'{}'::jsonb"
 
 
 def ts(expr: str) -> str:
@@ -52,7 +56,8 @@ class ReportType:
     # sessions | audit | tokens | none: what the rows are computed from.
     source: str
     columns: tuple[Column, ...]
-    rows_sql: str
+    # The INSERT … SELECT; slots $report (the report id), $scope, $order, $org. None: no rows.
+    rows_sql: Template | None
     # Only admin and auditor may create, read or subscribe to it.
     org_readers_only: bool = False
     # query_order applies (the rows are sessions).
@@ -79,15 +84,15 @@ SESSION_SUMMARY = ReportType(
         Column("retention_locked", "Retention locked", "boolean"),
         Column("exit_code", "Exit code", "integer"),
     ),
-    _INSERT + f"""
-SELECT $1, row_number() OVER (ORDER BY {{order}}),
+    Template(_INSERT + f"""
+SELECT $report, row_number() OVER (ORDER BY $order),
        ARRAY[s.id::text, {ts("s.start_date")}, {ts("s.end_date")}, {num(DURATION)},
              s.user_email, s.user_id, s.connection, s.connection_subtype, s.role_name,
              {txt("s.verb")}, s.status, {txt("s.review_status")},
              CASE WHEN s.retention_locked THEN 'true' ELSE 'false' END, {num("s.exit_code")}]
   FROM sessions s
- WHERE {{scope}}
-""",
+ WHERE $scope
+"""),
     orderable=True,
     note="One row per session.",
 )  # fmt: skip
@@ -101,8 +106,8 @@ SESSIONS_BY_SERVER = ReportType(
         Column("last_session", "Last", "time"),
         Column("duration_s", "Total duration (s)", "integer"),
     ),
-    _INSERT + f"""
-SELECT $1,
+    Template(_INSERT + f"""
+SELECT $report,
        row_number() OVER (ORDER BY count(*) DESC, s.connection COLLATE "C",
                           s.connection_type COLLATE "C", s.connection_subtype COLLATE "C"),
        ARRAY[s.connection, s.connection_type, s.connection_subtype, count(*)::text,
@@ -111,9 +116,9 @@ SELECT $1,
              {ts("min(s.start_date)")}, {ts("max(s.start_date)")},
              coalesce(sum({DURATION}), 0)::text]
   FROM sessions s
- WHERE {{scope}}
+ WHERE $scope
  GROUP BY s.connection, s.connection_type, s.connection_subtype
-""",
+"""),
     note="One row per server (connection); busiest first.",
 )  # fmt: skip
 
@@ -125,16 +130,16 @@ SERVER_ACCESS = ReportType(
         Column("first_access", "First access", "time"),
         Column("last_access", "Last access", "time"),
     ),
-    _INSERT + f"""
-SELECT $1,
+    Template(_INSERT + f"""
+SELECT $report,
        row_number() OVER (ORDER BY s.connection COLLATE "C", s.connection_subtype COLLATE "C",
                           lower(s.user_email) COLLATE "C"),
        ARRAY[s.connection, s.connection_subtype, lower(s.user_email), count(*)::text,
              {ts("min(s.start_date)")}, {ts("max(s.start_date)")}]
   FROM sessions s
- WHERE {{scope}}
+ WHERE $scope
  GROUP BY s.connection, s.connection_subtype, lower(s.user_email)
-""",
+"""),
     note="Who accessed each server (connection).",
 )  # fmt: skip
 
@@ -146,16 +151,16 @@ ACCOUNT_ACCESS = ReportType(
         Column("first_access", "First access", "time"),
         Column("last_access", "Last access", "time"),
     ),
-    _INSERT + f"""
-SELECT $1,
+    Template(_INSERT + f"""
+SELECT $report,
        row_number() OVER (ORDER BY s.role_name COLLATE "C", s.connection COLLATE "C",
                           lower(s.user_email) COLLATE "C"),
        ARRAY[s.role_name, s.connection, lower(s.user_email), count(*)::text,
              {ts("min(s.start_date)")}, {ts("max(s.start_date)")}]
   FROM sessions s
- WHERE {{scope}}
+ WHERE $scope
  GROUP BY s.role_name, s.connection, lower(s.user_email)
-""",
+"""),
     note="Accounts are the role names sessions used on each server.",
 )  # fmt: skip
 
@@ -167,21 +172,21 @@ SAFE_ACCESS = ReportType(
         Column("first_access", "First access", "time"),
         Column("last_access", "Last access", "time"),
     ),
-    _INSERT + f"""
-SELECT $1,
+    Template(_INSERT + f"""
+SELECT $report,
        row_number() OVER (ORDER BY t.safe COLLATE "C", lower(s.user_email) COLLATE "C"),
        ARRAY[t.safe, lower(s.user_email), count(DISTINCT s.connection)::text, count(*)::text,
              {ts("min(s.start_date)")}, {ts("max(s.start_date)")}]
   FROM sessions s
  CROSS JOIN LATERAL (
         SELECT e.key || '=' || e.value AS safe
-          FROM jsonb_each_text(coalesce(s.connection_tags, '{{{{}}}}'::jsonb)) e
+          FROM jsonb_each_text(coalesce(s.connection_tags, {EMPTY_JSON})) e
         UNION ALL
-        SELECT '(untagged)' WHERE coalesce(s.connection_tags, '{{{{}}}}'::jsonb) = '{{{{}}}}'::jsonb
+        SELECT '(untagged)' WHERE coalesce(s.connection_tags, {EMPTY_JSON}) = {EMPTY_JSON}
        ) t
- WHERE {{scope}}
+ WHERE $scope
  GROUP BY t.safe, lower(s.user_email)
-""",
+"""),
     note="Safes are connection tags (key=value); a session counts once under each tag of its "
          "connection.",
 )  # fmt: skip
@@ -195,16 +200,16 @@ USER_ACCESS = ReportType(
         Column("first_access", "First access", "time"),
         Column("last_access", "Last access", "time"),
     ),
-    _INSERT + f"""
-SELECT $1,
+    Template(_INSERT + f"""
+SELECT $report,
        row_number() OVER (ORDER BY lower(s.user_email) COLLATE "C", s.user_id COLLATE "C",
                           s.connection COLLATE "C", s.connection_subtype COLLATE "C"),
        ARRAY[lower(s.user_email), s.user_id, s.connection, s.connection_subtype, count(*)::text,
              {ts("min(s.start_date)")}, {ts("max(s.start_date)")}]
   FROM sessions s
- WHERE {{scope}}
+ WHERE $scope
  GROUP BY lower(s.user_email), s.user_id, s.connection, s.connection_subtype
-""",
+"""),
     note="What each user accessed.",
 )  # fmt: skip
 
@@ -217,17 +222,17 @@ USER = ReportType(
         Column("first_session", "First session", "time"),
         Column("last_session", "Last session", "time"),
     ),
-    _INSERT + f"""
-SELECT $1,
+    Template(_INSERT + f"""
+SELECT $report,
        row_number() OVER (ORDER BY lower(s.user_email) COLLATE "C", s.user_id COLLATE "C"),
        ARRAY[lower(s.user_email), s.user_id, max(s.user_name), count(*)::text,
              count(DISTINCT s.connection)::text,
              (count(*) FILTER (WHERE s.end_date IS NULL))::text,
              {ts("min(s.start_date)")}, {ts("max(s.start_date)")}]
   FROM sessions s
- WHERE {{scope}}
+ WHERE $scope
  GROUP BY lower(s.user_email), s.user_id
-""",
+"""),
     note="One row per user (e-mail and subject id).",
 )  # fmt: skip
 
@@ -241,8 +246,8 @@ SESSION_APPROVALS = ReportType(
         Column("first_session", "First session", "time"),
         Column("last_session", "Last session", "time"),
     ),
-    _INSERT + f"""
-SELECT $1,
+    Template(_INSERT + f"""
+SELECT $report,
        row_number() OVER (ORDER BY coalesce(a.approver, '(none)') COLLATE "C"),
        ARRAY[coalesce(a.approver, '(none)'), count(*)::text,
              (count(*) FILTER (WHERE s.review_status = 'APPROVED'))::text,
@@ -254,9 +259,9 @@ SELECT $1,
              {ts("min(s.start_date)")}, {ts("max(s.start_date)")}]
   FROM sessions s
   LEFT JOIN LATERAL unnest(s.review_approvers) AS a(approver) ON true
- WHERE {{scope}} AND s.review_status IS NOT NULL
+ WHERE $scope AND s.review_status IS NOT NULL
  GROUP BY coalesce(a.approver, '(none)')
-""",
+"""),
     note="Sessions that needed approval, by the reviewer recorded on their review "
          "(\"(none)\": nobody has reviewed yet). Counts are the sessions' review statuses.",
 )  # fmt: skip
@@ -267,7 +272,7 @@ SESSION_SHARING = ReportType(
         Column("user_email", "User e-mail"), Column("invited", "Invited user"),
         Column("session_id", "Session id"), Column("invited_at", "Invited at", "time"),
     ),
-    "",
+    None,
     note="No data source: this service does not record session sharing invites, so this report "
          "has no rows.",
 )  # fmt: skip
@@ -279,13 +284,13 @@ USER_ACTIVITY = ReportType(
         Column("action", "Action"), Column("object_type", "Object"),
         Column("object_id", "Object id"), Column("details", "Details", weight=4.0),
     ),
-    _INSERT + f"""
-SELECT $1, row_number() OVER (ORDER BY a.at, a.id),
+    Template(_INSERT + f"""
+SELECT $report, row_number() OVER (ORDER BY a.at, a.id),
        ARRAY[{ts("a.at")}, a.actor, a.actor_role, a.action, a.object_type, a.object_id,
              a.details::text]
   FROM audit_log a
- WHERE {{scope}}
-""",
+ WHERE $scope
+"""),
     note="Changes made through this service: report definitions, reports, subscriptions and API "
          "tokens. Session filters do not apply.",
 )  # fmt: skip
@@ -299,16 +304,16 @@ USER_PRIVILEGE = ReportType(
         Column("first_granted", "First granted", "time"),
         Column("last_granted", "Last granted", "time"),
     ),
-    _INSERT + f"""
-SELECT $1, row_number() OVER (ORDER BY lower(t.email) COLLATE "C", t.role),
+    Template(_INSERT + f"""
+SELECT $report, row_number() OVER (ORDER BY lower(t.email) COLLATE "C", t.role),
        ARRAY[lower(t.email), t.role,
              (count(*) FILTER (WHERE t.revoked_at IS NULL))::text,
              (count(*) FILTER (WHERE t.revoked_at IS NOT NULL))::text,
              {ts("min(t.created_at)")}, {ts("max(t.created_at)")}]
   FROM api_tokens t
- WHERE {{scope}}
+ WHERE $scope
  GROUP BY lower(t.email), t.role
-""",
+"""),
     note="Roles granted through API tokens, as they stand when the report is generated; the "
          "period and session filters do not apply.",
 )  # fmt: skip
@@ -318,8 +323,8 @@ _REDACTED = "(SELECT sum((r ->> 'count')::bigint) FROM jsonb_array_elements(s.re
 SYSTEM = ReportType(
     "system", "System report", 5, "sessions",
     (Column("metric", "Metric"), Column("value", "Value", "integer")),
-    _INSERT + f"""
-SELECT $1, m.n, ARRAY[m.metric, m.value::text]
+    Template(_INSERT + f"""
+SELECT $report, m.n, ARRAY[m.metric, m.value::text]
   FROM (SELECT count(*) AS sessions,
                count(*) FILTER (WHERE s.end_date IS NULL) AS open,
                count(DISTINCT lower(s.user_email)) AS users,
@@ -334,13 +339,13 @@ SELECT $1, m.n, ARRAY[m.metric, m.value::text]
                coalesce(sum(s.event_size), 0) AS event_bytes,
                coalesce(sum({_REDACTED}), 0) AS redacted
           FROM sessions s
-         WHERE {{scope}}) a,
+         WHERE $scope) a,
        (SELECT count(*) FILTER (WHERE revoked_at IS NULL) AS active,
                count(*) FILTER (WHERE revoked_at IS NULL AND role = 'admin') AS admins,
                count(*) FILTER (WHERE revoked_at IS NULL AND role = 'auditor') AS auditors,
                count(*) FILTER (WHERE revoked_at IS NULL AND role = 'user') AS users,
                count(*) FILTER (WHERE revoked_at IS NULL AND role = 'ingest') AS ingest
-          FROM api_tokens WHERE org_id = $2) t,
+          FROM api_tokens WHERE org_id = $org) t,
        LATERAL (VALUES
            (1, 'Sessions', a.sessions), (2, 'Open sessions', a.open),
            (3, 'Finished sessions', a.sessions - a.open), (4, 'Users', a.users),
@@ -353,7 +358,7 @@ SELECT $1, m.n, ARRAY[m.metric, m.value::text]
            (17, 'Auditor tokens', t.auditors), (18, 'User tokens', t.users),
            (19, 'Ingest tokens', t.ingest)
        ) AS m(n, metric, value)
-""",
+"""),
     org_readers_only=True,
     note="Figures for the whole org within the filter and period; API tokens as they stand "
          "when the report is generated.",

@@ -15,9 +15,6 @@ from session_audit.core.schema import REVIEW_STATUSES
 from session_audit.v1 import sessions_pb2
 
 COUNT_MODES = ("capped", "exact", "none")
-DEFAULT_LIMIT = 20
-MAX_LIMIT = 100
-MAX_OFFSET = 10_000
 # `total` is exact up to this many rows in the default (capped) mode.
 COUNT_CAP = 10_000
 MAX_JIRA_KEYS = 100
@@ -113,10 +110,7 @@ def parse_list_request(req: sessions_pb2.ListSessionsRequest) -> ListQuery:
         start=start,
         end=end,
     )
-    limit = (
-        v.int_range("limit", req.limit, 1, MAX_LIMIT) if req.HasField("limit") else DEFAULT_LIMIT
-    )
-    offset = v.int_range("offset", req.offset, 0, MAX_OFFSET) if req.HasField("offset") else 0
+    limit, offset = v.paging(req.HasField("limit"), req.limit, req.HasField("offset"), req.offset)
     count = v.choice("count", req.count, COUNT_MODES) if req.count else "capped"
     cursor = None
     if req.page_token:

@@ -14,16 +14,11 @@ from google.api import httpbody_pb2
 from google.protobuf import struct_pb2
 
 from session_audit.core.app import App
-from session_audit.core.auth import READERS, WRITERS, Principal
+from session_audit.core.auth import READERS, WRITERS, Principal, authenticate
 from session_audit.core.db import Conn
-from session_audit.core.errors import (
-    DeadlineExceeded,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    rpc,
-)
+from session_audit.core.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
 from session_audit.core.json_body import parse_strict
+from session_audit.core.rpc import caller, roles
 from session_audit.sessions import requests as listing
 from session_audit.sessions import store
 from session_audit.sessions.ingest import MAX_BATCH, Check, IngestBatch
@@ -45,11 +40,11 @@ class SessionService(pb_grpc.SessionServiceServicer):
         # Open ingest streams per org (this process).
         self._streams: Counter[uuid.UUID] = Counter()
 
-    @rpc("ListSessions")
+    @roles(READERS, "list sessions")
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSessionsResponse:
-        who = await self.app.caller(context, READERS, "list sessions")
+        who = caller()
         query = listing.parse_list_request(request)
         async with self.app.pool.acquire() as conn:
             page = await store.list_sessions(conn, who, query, self.app.timeout(context))
@@ -69,29 +64,29 @@ class SessionService(pb_grpc.SessionServiceServicer):
             )
         return reply
 
-    @rpc("GetSession")
+    @roles(READERS, "read sessions")
     async def GetSession(
         self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.Session:
-        who = await self.app.caller(context, READERS, "read sessions")
+        who = caller()
         session_id = parse_session_id(request.id)
         row = await store.get_session(self.app.pool, who, session_id, self.app.timeout(context))
         if row is None:
             raise NotFound(f"session {session_id} not found")
         return row_to_proto(row)
 
-    @rpc("IngestSessions")
+    @roles(WRITERS, "ingest sessions")
     async def IngestSessions(
         self, request: pb.IngestSessionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.IngestSessionsResponse:
-        who = await self.app.caller(context, WRITERS, "ingest sessions")
+        who = caller()
         return await self._ingest(who, request, context)
 
-    @rpc("IngestSessionsJson")
+    @roles(WRITERS, "ingest sessions")
     async def IngestSessionsJson(
         self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext
     ) -> pb.IngestSessionsResponse:
-        who = await self.app.caller(context, WRITERS, "ingest sessions")
+        who = caller()
         parsed = parse_strict(request.data, pb.IngestSessionsRequest)
         return await self._ingest(who, parsed, context)
 
@@ -127,7 +122,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
             transaction, who.org_id, lambda: self.app.timeout(context), check=check
         )
 
-    @rpc("StreamIngestSessions")
+    @roles(WRITERS, "ingest sessions")
     async def StreamIngestSessions(
         self,
         request_iterator: AsyncIterator[pb.IngestSessionsRequest],
@@ -138,7 +133,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
         between messages, STREAM_MAX_SECONDS in all, INGEST_STREAMS_PER_ORG at once per org;
         the token is checked again before every chunk is written and before the commit, so
         a token revoked meanwhile stores nothing more."""
-        who = await self.app.caller(context, WRITERS, "ingest sessions")
+        who = caller()
         limit = self.app.config.streams_per_org
         if self._streams[who.org_id] >= limit:
             raise ResourceExhausted(
@@ -148,7 +143,10 @@ class SessionService(pb_grpc.SessionServiceServicer):
         self._streams[who.org_id] += 1
 
         async def still_allowed() -> None:
-            await self.app.caller(context, WRITERS, "ingest sessions")
+            app = self.app
+            await authenticate(
+                app.pool, context, WRITERS, "ingest sessions", app.timeout(context), app.tokens
+            )
 
         try:
             async with self._batch(who, context, still_allowed) as batch:

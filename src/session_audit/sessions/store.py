@@ -12,7 +12,7 @@ import asyncpg
 from session_audit.core.auth import Principal
 from session_audit.core.db import Conn
 from session_audit.core.schema import INGEST_COLUMNS, JSON_COLUMNS
-from session_audit.core.sql import Params, Where
+from session_audit.core.sql import Template, Where
 from session_audit.sessions.requests import COUNT_CAP, Filters, ListQuery
 
 # Text columns that are NOT NULL DEFAULT '' in the table; NULL in staging means "not sent".
@@ -100,33 +100,44 @@ ON CONFLICT (id) DO UPDATE SET
 RETURNING s.id
 """  # noqa: S608 - every name above is a code constant
 
-GET = f"""
+GET = Template(f"""
 SELECT {GET_COLUMNS}
   FROM sessions s
- WHERE s.id = $1 AND {{scope}}
-"""  # noqa: S608
+ WHERE s.id = $id AND $scope
+""")  # noqa: S608
+PAGE = Template(f"""
+SELECT {LIST_COLUMNS}
+  FROM sessions s
+ WHERE $where
+ ORDER BY s.start_date DESC, s.id DESC
+ LIMIT $limit OFFSET $offset
+""")  # noqa: S608
+COUNT_EXACT = Template("SELECT count(*) FROM sessions s WHERE $where")
+COUNT_CAPPED = Template(
+    f"SELECT count(*) FROM (SELECT 1 FROM sessions s WHERE $where LIMIT {COUNT_CAP + 1}) c"  # noqa: S608
+)
 
 
 def filters_where(where: Where, f: Filters) -> Where:
     """The document's filters. Exact matches unless noted; see docs/sessions.md."""
     if f.user_id is not None:
-        where.add("s.user_id = {}", f.user_id)
+        where.add("s.user_id = $v", v=f.user_id)
     if f.connection is not None:
-        where.add("s.connection = {}", f.connection)
+        where.add("s.connection = $v", v=f.connection)
     if f.connection_type is not None:
-        where.add("s.connection_type = {}", f.connection_type)
+        where.add("s.connection_type = $v", v=f.connection_type)
     if f.review_status is not None:
-        where.add("s.review_status = {}", f.review_status)
+        where.add("s.review_status = $v", v=f.review_status)
     if f.approver is not None:
-        where.add("s.review_approvers @> array[{}::text]", f.approver)
+        where.add("s.review_approvers @> array[$v::text]", v=f.approver)
     if f.correlation_id is not None:
-        where.add("s.correlation_id = {}", f.correlation_id)
+        where.add("s.correlation_id = $v", v=f.correlation_id)
     if f.jira_keys is not None:
-        where.add("s.jira_issue_key = any({}::text[])", list(f.jira_keys))
+        where.add("s.jira_issue_key = any($v::text[])", v=list(f.jira_keys))
     if f.start is not None:
-        where.add("s.start_date >= {}", f.start)
+        where.add("s.start_date >= $v", v=f.start)
     if f.end is not None:
-        where.add("s.start_date <= {}", f.end)
+        where.add("s.start_date <= $v", v=f.end)
     return where
 
 
@@ -140,36 +151,25 @@ class Page:
 
 async def list_sessions(conn: Conn, who: Principal, q: ListQuery, timeout: float) -> Page:
     where = filters_where(who.scope(Where(), "s"), q.filters)
-    count_sql, count_args = where.sql(), list(where.args)
+    matching = where.sql()
     if q.cursor is not None:
-        where.add("(s.start_date, s.id) < ({}, {})", q.cursor.start_date, q.cursor.id)
-    page_sql = (
-        f"SELECT {LIST_COLUMNS} FROM sessions s WHERE {where.sql()}"  # noqa: S608
-        f" ORDER BY s.start_date DESC, s.id DESC"
-        f" LIMIT {where.params(q.limit + 1)} OFFSET {where.params(q.offset)}"
-    )
+        where.add("(s.start_date, s.id) < ($start, $id)", start=q.cursor.start_date, id=q.cursor.id)
+    page_sql, page_args = PAGE(where=where.sql(), limit=q.limit + 1, offset=q.offset).render()
     if q.count == "none":
         # One statement is its own snapshot: no transaction round trips.
-        rows = await conn.fetch(page_sql, *where.args, timeout=timeout)
+        rows = await conn.fetch(page_sql, *page_args, timeout=timeout)
         return Page(rows[: q.limit], len(rows) > q.limit, None, False)
     # One snapshot for the page and its total.
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        rows = await conn.fetch(page_sql, *where.args, timeout=timeout)
+        rows = await conn.fetch(page_sql, *page_args, timeout=timeout)
         total: int | None = None
         capped = False
         if q.count == "exact":
-            total = await conn.fetchval(
-                f"SELECT count(*) FROM sessions s WHERE {count_sql}",  # noqa: S608
-                *count_args,
-                timeout=timeout,
-            )
+            count_sql, count_args = COUNT_EXACT(where=matching).render()
+            total = await conn.fetchval(count_sql, *count_args, timeout=timeout)
         elif q.count == "capped":
-            n = await conn.fetchval(
-                f"SELECT count(*) FROM (SELECT 1 FROM sessions s WHERE {count_sql}"  # noqa: S608
-                f" LIMIT {COUNT_CAP + 1}) c",
-                *count_args,
-                timeout=timeout,
-            )
+            count_sql, count_args = COUNT_CAPPED(where=matching).render()
+            n = await conn.fetchval(count_sql, *count_args, timeout=timeout)
             capped = n > COUNT_CAP
             total = min(n, COUNT_CAP)
     return Page(rows[: q.limit], len(rows) > q.limit, total, capped)
@@ -178,10 +178,8 @@ async def list_sessions(conn: Conn, who: Principal, q: ListQuery, timeout: float
 async def get_session(
     conn: Conn | asyncpg.Pool, who: Principal, session_id: uuid.UUID, timeout: float
 ) -> asyncpg.Record | None:
-    scope = who.scope(Where(Params([session_id])), "s")
-    row: asyncpg.Record | None = await conn.fetchrow(
-        GET.format(scope=scope.sql()), *scope.args, timeout=timeout
-    )
+    sql, args = GET(id=session_id, scope=who.scope(Where(), "s").sql()).render()
+    row: asyncpg.Record | None = await conn.fetchrow(sql, *args, timeout=timeout)
     return row
 
 

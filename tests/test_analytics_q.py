@@ -5,6 +5,7 @@ reference in test_analytics_properties.py)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -12,15 +13,13 @@ import pytest
 from session_audit.analytics.fields import BASE, CUBE, USER
 from session_audit.analytics.q import ContentSearch, compile_q, parse_q, sources_for
 from session_audit.core.errors import InvalidArgument
-from session_audit.core.sql import Params
 
 UTCZ = ZoneInfo("Etc/UTC")
 
 
-def sql(q: str, source: str = BASE) -> tuple[str, list[object]]:
-    p = Params()
+def sql(q: str, source: str = BASE) -> tuple[str, list[Any]]:
     parsed = parse_q(q, UTCZ)
-    return compile_q(parsed, source, p), p.args
+    return compile_q(parsed, source).render()
 
 
 def test_values_are_parameters_never_sql() -> None:
@@ -65,9 +64,7 @@ def test_ranges_on_times_and_numbers() -> None:
     assert ">= $3::float8" in text and "s.exit_code < $4::float8" in text
     berlin = parse_q("start:[2026-03-01 TO *]", ZoneInfo("Europe/Berlin"))
     assert berlin is not None
-    p = Params()
-    compile_q(berlin, BASE, p)
-    assert p.args == [datetime(2026, 2, 28, 23, tzinfo=UTC)]  # local midnight
+    assert compile_q(berlin, BASE).render()[1] == [datetime(2026, 2, 28, 23, tzinfo=UTC)]
     assert sql("end:[* TO *]")[0] == "coalesce(s.end_date IS NOT NULL, false)"
 
 
@@ -115,4 +112,4 @@ def test_content_fields_are_not_supported(q: str) -> None:
 
 def test_empty_q_is_no_filter() -> None:
     assert parse_q("   ", UTCZ) is None
-    assert compile_q(None, BASE, Params()) == "TRUE"
+    assert compile_q(None, BASE).render() == ("TRUE", [])

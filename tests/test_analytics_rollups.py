@@ -18,8 +18,9 @@ import pytest
 from session_audit.analytics import requests, rollups, store
 from session_audit.analytics.fields import BASE, CUBE, USER
 from session_audit.analytics.q import parse_q
-from session_audit.analytics.timebins import bin_starts, parse_zone
+from session_audit.analytics.timebins import bin_starts
 from session_audit.core import auth, db
+from session_audit.core.validation import parse_zone
 from session_audit.sessions.ingest import IngestBatch
 from tests.factories import Spec
 from tests.support import Stack, run
