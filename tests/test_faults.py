@@ -319,3 +319,28 @@ def test_an_exhausted_pool_answers_unavailable_and_health_stays_serving(faulty: 
     assert serving == SERVING
     # The calls holding the connections end by their statement timeout, not as errors of ours.
     assert set(stuck_codes) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def test_a_silent_token_listener_turns_the_cache_off(faulty: Faulty) -> None:
+    """Finding 7: the token cache trusts its LISTEN connection only while that connection
+    answers. Its backend frozen (as a half-open TCP connection would be: it looks open and
+    hears nothing), a token revoked meanwhile is refused within a few seconds, not after the
+    cache's 30 s TTL."""
+    from session_audit.core.auth import LISTENER_NAME
+
+    stack = Stack(faulty.dsn, faulty.server, 0, faulty.envoy_proc)
+    token = stack.token(stack.new_org("listen"), "auditor")
+    probe = Faulty(faulty.pg, faulty.dsn, faulty.server, faulty.http_port, faulty.envoy_proc, token)
+    assert probe.grpc_list(5)[0] == grpc.StatusCode.OK
+    assert probe.grpc_list(5)[0] == grpc.StatusCode.OK  # now cached
+    rows = stack.sql("SELECT pid FROM pg_stat_activity WHERE application_name = $1", LISTENER_NAME)
+    assert len(rows) == 1
+    backend = psutil.Process(rows[0]["pid"])
+    backend.send_signal(signal.SIGSTOP)
+    try:
+        stack.sql("UPDATE api_tokens SET revoked_at = now() WHERE prefix = $1", token[:10])
+        t0 = time.monotonic()
+        wait_for(lambda: probe.grpc_list(5)[0] == grpc.StatusCode.UNAUTHENTICATED, 10)
+        assert time.monotonic() - t0 < 10
+    finally:
+        backend.send_signal(signal.SIGCONT)
