@@ -76,6 +76,8 @@ class ServerProcess:
             "DATABASE_URL": self.dsn,
             "GRPC_PORT": str(self.port),
             "HEALTH_INTERVAL_SECONDS": "1",
+            # No fixed /metrics port: concurrent servers would collide on the default.
+            "METRICS_PORT": "0",
             **self.env_extra,
         }
         log = open(self.workdir / f"server-{self.port}.log", "wb")
@@ -118,6 +120,9 @@ class Stack:
     server: ServerProcess
     http_port: int
     envoy_proc: subprocess.Popen[bytes]
+    # The server's /metrics and Envoy's /stats/prometheus listeners.
+    metrics_port: int = 0
+    envoy_metrics_port: int = 0
 
     @property
     def grpc_target(self) -> str:
@@ -168,10 +173,11 @@ class Stack:
 
 def start_stack(dsn: str, workdir: Path) -> Stack:
     run(_migrate(dsn))
-    server = ServerProcess(dsn, workdir).start()
+    metrics_port, envoy_metrics_port = envoy.free_port(), envoy.free_port()
+    server = ServerProcess(dsn, workdir, {"METRICS_PORT": str(metrics_port)}).start()
     http_port = envoy.free_port()
-    proxy = envoy.start(http_port, server.port, workdir)
-    return Stack(dsn, server, http_port, proxy)
+    proxy = envoy.start(http_port, server.port, workdir, metrics_port=envoy_metrics_port)
+    return Stack(dsn, server, http_port, proxy, metrics_port, envoy_metrics_port)
 
 
 async def _migrate(dsn: str) -> None:

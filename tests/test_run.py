@@ -79,9 +79,11 @@ def listening(port: int) -> bool:
 def test_run_prints_commands_that_work_and_ctrl_c_stops_everything(
     empty_database: str, tmp_path: Path
 ) -> None:
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port, metrics_port, envoy_metrics_port = (free_port() for _ in range(4))
     env = {**os.environ, "DATABASE_URL": empty_database, "GRPC_PORT": str(grpc_port),
-           "HTTP_PORT": str(http_port), "SESSION_AUDIT_DATA_DIR": str(tmp_path)}  # fmt: skip
+           "HTTP_PORT": str(http_port), "SESSION_AUDIT_DATA_DIR": str(tmp_path),
+           "METRICS_PORT": str(metrics_port),
+           "ENVOY_METRICS_PORT": str(envoy_metrics_port)}  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "session_audit.cli", "run"],
         env=env,
@@ -110,6 +112,13 @@ def test_run_prints_commands_that_work_and_ctrl_c_stops_everything(
                 done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
                 assert done.returncode == 0, (cmd, done.stderr)
                 assert "session_audit.v1.SessionService" in done.stdout or '"data"' in done.stdout
+        # The metrics line's endpoints answer, and counted the calls just made.
+        (line,) = [x for x in lines if x.strip().startswith("metrics ")]
+        server_url, envoy_url = line.split()[1:]
+        assert server_url == f"http://127.0.0.1:{metrics_port}/metrics"
+        assert envoy_url == f"http://127.0.0.1:{envoy_metrics_port}/stats/prometheus"
+        assert 'grpc_method="ListSessions"' in httpx.get(server_url, timeout=10).text
+        assert "envoy_http_downstream_rq_total" in httpx.get(envoy_url, timeout=10).text
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         code = proc.wait(60)

@@ -20,7 +20,7 @@ import click
 
 from session_audit import envoy, seed, server
 from session_audit.analytics import rollups
-from session_audit.core import auth, db, migrate
+from session_audit.core import auth, db, logs, migrate
 from session_audit.core.config import Config, ConfigError
 from session_audit.embedded import EmbeddedPostgres
 
@@ -63,11 +63,10 @@ async def _migrate(dsn: str) -> list[str]:
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
 def main(verbose: bool) -> None:
     """Session Audit Service: the system of record for privileged sessions."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        logs.configure(logging.INFO if verbose else logging.WARNING)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @main.command("migrate")
@@ -247,8 +246,9 @@ def run_cmd() -> None:
         def ready(grpc_port: int) -> None:
             nonlocal proxy
             proxy = envoy.start(
-                config.http_port, grpc_port, config.data_dir, drain_time=max(1, int(grace))
-            )
+                config.http_port, grpc_port, config.data_dir,
+                metrics_port=config.envoy_metrics_port, drain_time=max(1, int(grace)),
+            )  # fmt: skip
             _print_banner(config, grpc_port, org, admin)
 
         stop_began = 0.0
@@ -301,6 +301,15 @@ async def banner_token(conn: asyncpg.Connection, org: str, path: Path) -> str:
     return token
 
 
+def _metrics_line(config: Config) -> str:
+    urls = []
+    if config.metrics_port:
+        urls.append(f"http://127.0.0.1:{config.metrics_port}/metrics")
+    if config.envoy_metrics_port:
+        urls.append(f"http://127.0.0.1:{config.envoy_metrics_port}/stats/prometheus")
+    return f"  metrics {'  '.join(urls)}\n" if urls else ""
+
+
 def _print_banner(config: Config, grpc_port: int, org: str, admin: str) -> None:
     http = f"http://127.0.0.1:{config.http_port}"
     today = datetime.now(UTC).date()
@@ -313,7 +322,7 @@ Session Audit Service is up.
   gRPC   127.0.0.1:{grpc_port}   (reflection on)
   REST   {http}   (Envoy)
   data   {config.database_url or config.data_dir}
-
+{_metrics_line(config)}
 Admin token for org '{org}':
   export TOKEN={admin}
 

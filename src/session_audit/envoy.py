@@ -30,6 +30,8 @@ def envoy_binary() -> str:
     return found
 
 
+METRICS_BEGIN = "  # >>> metrics listener"
+METRICS_END = "  # <<< metrics listener\n"
 ADMIN_SOCKET = "/tmp/session-audit-envoy-admin.sock"  # noqa: S108 - the template's; replaced
 
 
@@ -38,21 +40,38 @@ def admin_socket(workdir: Path, http_port: int) -> Path:
 
 
 def render(
-    http_port: int, grpc_port: int, root: Path | None = None, admin: Path | None = None
+    http_port: int,
+    grpc_port: int,
+    root: Path | None = None,
+    admin: Path | None = None,
+    *,
+    metrics_port: int = 0,
+    access_log: str = "/dev/stdout",
 ) -> str:
-    """envoy.yaml with the listener, upstream port, descriptor and admin socket filled in."""
+    """envoy.yaml with the listener, upstream port, descriptor and admin socket filled in; the
+    access log to `access_log`, and the /stats/prometheus listener on `metrics_port` (none
+    when 0)."""
     base = root or project_root()
     text = (base / TEMPLATE).read_text()
     descriptor = base / DESCRIPTOR
     if not descriptor.exists():
         raise FileNotFoundError(f"{descriptor}: missing; run 'make descriptor'")
+    begin, end = text.find(METRICS_BEGIN), text.find(METRICS_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"{TEMPLATE}: expected the metrics listener between its markers")
+    if metrics_port == 0:
+        text = text[:begin] + text[end + len(METRICS_END) :]
     replacements = {
         "port_value: 8080": f"port_value: {http_port}",
         "port_value: 50051": f"port_value: {grpc_port}",
         f"proto_descriptor: {DESCRIPTOR}": f"proto_descriptor: {descriptor}",
+        "path: /dev/stdout": f"path: {access_log}",
     }
     if admin is not None:
+        # Both the admin address and the envoy_admin cluster that the metrics listener uses.
         replacements[f"path: {ADMIN_SOCKET}"] = f"path: {admin}"
+    if metrics_port:
+        replacements["port_value: 9465"] = f"port_value: {metrics_port}"
     for old, new in replacements.items():
         if old not in text:
             raise ValueError(f"{TEMPLATE}: expected '{old}' in the template")
@@ -71,20 +90,35 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 
 
 def start(
-    http_port: int, grpc_port: int, workdir: Path, log_level: str = "warn", drain_time: int = 10
+    http_port: int,
+    grpc_port: int,
+    workdir: Path,
+    log_level: str = "warn",
+    *,
+    metrics_port: int = 0,
+    access_log: str | None = None,
+    drain_time: int = 10,
 ) -> subprocess.Popen[bytes]:
     """Start Envoy in its own session (so it outlives no one but is not killed with a shell's
-    process group) and wait until it listens."""
+    process group) and wait until it listens. Its access log goes to `access_log` (default:
+    envoy-<port>-access.log in `workdir`; "/dev/stdout" for a terminal)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / f"envoy-{http_port}.yaml"
     admin = admin_socket(workdir, http_port)
     admin.unlink(missing_ok=True)
-    config.write_text(render(http_port, grpc_port, admin=admin))
+    config.write_text(
+        render(
+            http_port, grpc_port, admin=admin, metrics_port=metrics_port,
+            access_log=access_log or str(workdir / f"envoy-{http_port}-access.log"),
+        )
+    )  # fmt: skip
     # Distinct base ids let several Envoys share the machine (tests, run, bench).
     base_id = 10_000 + (http_port % 50_000) + os.getpid() % 1000 * 50_000
     proc = subprocess.Popen(
         [envoy_binary(), "-c", str(config), "--base-id", str(base_id), "-l", log_level,
          "--concurrency", "2", "--log-path", str(workdir / f"envoy-{http_port}.log"),
+         # Access lines reach the file within a second (default: 10 s).
+         "--file-flush-interval-msec", "1000",
          "--drain-time-s", str(drain_time), "--drain-strategy", "immediate"],
         start_new_session=True,
     )  # fmt: skip

@@ -18,8 +18,9 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from session_audit import observability
 from session_audit.analytics.service import AnalyticsService
-from session_audit.core import db
+from session_audit.core import db, logs
 from session_audit.core.app import App
 from session_audit.core.auth import TokenCache
 from session_audit.core.config import Config
@@ -165,10 +166,12 @@ async def serve(
     on_ready: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
     on_stopping: Callable[[], None] | None = None,
+    metrics_endpoint: bool = True,
 ) -> None:
     """Run until SIGTERM/SIGINT (or `stop` is set), then drain: health turns NOT_SERVING
     first, `on_stopping` runs (`run` starts Envoy's drain there), new RPCs are refused and
-    in-flight ones get SHUTDOWN_GRACE_SECONDS."""
+    in-flight ones get SHUTDOWN_GRACE_SECONDS. The /metrics endpoint is this process's unless
+    a parent serves it for all workers."""
     # Separate pools, so no setting starves one use of connections with another: RPCs,
     # ingest (a stream holds one for its transaction), report generation (each generator
     # holds one for a generation and briefly takes a second; plus the scheduler), the probe.
@@ -192,7 +195,8 @@ async def serve(
     app = App(config, pool, ingest_pool, report_pool=report_pool)
     guard = Guard(app)
     server = grpc.aio.server(
-        interceptors=[guard],
+        # Observer first: outermost, so it sees the status the Guard settled on.
+        interceptors=[observability.Observer(), guard],
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
@@ -200,7 +204,7 @@ async def serve(
     )
     names = []
     # A servicer may carry `background_tasks` (start()/async stop()): run while serving.
-    background: list[Any] = []
+    background: list[Any] = [observability.PoolSampler(app.pools)]
     for service, add, factory in SERVICES:
         servicer = factory(app)
         guard.register(service, servicer)
@@ -219,6 +223,7 @@ async def serve(
     log.info("gRPC listening on %s:%d (pid %d)", config.grpc_host, port, os.getpid())
     for task in background:
         task.start()
+    metrics_server = observability.serve_metrics(config.metrics_port) if metrics_endpoint else None
     if on_ready is not None:
         on_ready(port)
 
@@ -237,11 +242,13 @@ async def serve(
         await task.stop()
     for p in (pool, ingest_pool, report_pool, probe_pool):
         await p.close()
+    if metrics_server is not None:
+        metrics_server.shutdown()
 
 
-def _worker(config: Config, dsn: str) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(serve(config, dsn, reuse_port=True))
+def _worker(config: Config, dsn: str, log_format: str) -> None:
+    logs.configure(logging.INFO, log_format)
+    asyncio.run(serve(config, dsn, reuse_port=True, metrics_endpoint=False))
 
 
 def serve_workers(config: Config, dsn: str) -> None:
@@ -251,9 +258,17 @@ def serve_workers(config: Config, dsn: str) -> None:
         return
     if config.grpc_port == 0:
         raise SystemExit("GRPC_PORT: several workers need a fixed port, not 0")
+    with observability.multiprocess_dir():
+        _run_workers(config, dsn)
+
+
+def _run_workers(config: Config, dsn: str) -> None:
+    # The workers write their metrics to PROMETHEUS_MULTIPROC_DIR; this process serves the sum.
+    metrics_server = observability.serve_metrics(config.metrics_port)
     ctx = multiprocessing.get_context("spawn")
+    fmt = logs.log_format()
     procs = [
-        ctx.Process(target=_worker, args=(replace(config, workers=1), dsn), daemon=False)
+        ctx.Process(target=_worker, args=(replace(config, workers=1), dsn, fmt), daemon=False)
         for _ in range(config.workers)
     ]
     for p in procs:
@@ -268,3 +283,7 @@ def serve_workers(config: Config, dsn: str) -> None:
     signal.signal(signal.SIGINT, forward)
     for p in procs:
         p.join()
+        if p.pid is not None:
+            observability.worker_gone(p.pid)
+    if metrics_server is not None:
+        metrics_server.shutdown()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import asyncpg
 import grpc
@@ -22,6 +22,11 @@ class App:
     # Report generation and the scheduler (None: share `pool`). Separate so generators, which
     # hold a connection for a whole generation, can never starve RPCs or each other.
     report_pool: asyncpg.Pool | None = None
+
+    def pools(self) -> dict[str, asyncpg.Pool]:
+        """Every pool the app holds, by field name (the `pool` label of the metrics)."""
+        found = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: p for name, p in found.items() if isinstance(p, asyncpg.Pool)}
 
     def remaining(self, context: grpc.aio.ServicerContext) -> float:
         """Seconds left of the caller's deadline; the default query bound when it set none.

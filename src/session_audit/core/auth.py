@@ -22,6 +22,7 @@ from datetime import datetime
 import asyncpg
 import grpc
 
+from session_audit.core import logs, metrics
 from session_audit.core.errors import PermissionDenied, Unauthenticated
 from session_audit.core.sql import Where
 
@@ -169,6 +170,8 @@ async def authenticate(
 ) -> Principal:
     key = hash_token(bearer(context))
     principal = cache.get(key) if cache is not None else None
+    if cache is not None:
+        (metrics.TOKEN_CACHE_MISSES if principal is None else metrics.TOKEN_CACHE_HITS).inc()
     if principal is None:
         generation = cache.generation if cache is not None else 0
         row = await pool.fetchrow(LOOKUP, key, timeout=timeout)
@@ -177,6 +180,7 @@ async def authenticate(
         principal = Principal(row["id"], row["org_id"], row["role"], row["email"])
         if cache is not None:
             cache.put(key, principal, generation)
+    logs.note_caller(principal.org_id, principal.role)
     principal.require(roles, action)
     return principal
 

@@ -64,6 +64,11 @@ class Config:
     stream_max: float = 900.0
     # Concurrent StreamIngestSessions per org and server process (RESOURCE_EXHAUSTED beyond).
     streams_per_org: int = 4
+    # Loopback port of the server's Prometheus /metrics (0: none).
+    metrics_port: int = 9464
+    # Loopback port where Envoy's /stats/prometheus is served, and nothing else of its admin
+    # interface (0: none).
+    envoy_metrics_port: int = 9465
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -87,4 +92,6 @@ class Config:
             stream_idle=float(_int(env, "STREAM_IDLE_SECONDS", 30, 1, 3600)),
             stream_max=float(_int(env, "STREAM_MAX_SECONDS", 900, 1, 86400)),
             streams_per_org=_int(env, "INGEST_STREAMS_PER_ORG", 4, 1, 1000),
+            metrics_port=_int(env, "METRICS_PORT", 9464, 0, 65535),
+            envoy_metrics_port=_int(env, "ENVOY_METRICS_PORT", 9465, 0, 65535),
         )

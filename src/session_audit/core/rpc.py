@@ -36,10 +36,11 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
+from session_audit.core import metrics
 from session_audit.core.app import App
 from session_audit.core.auth import Principal, authenticate
 from session_audit.core.db import request_deadline
-from session_audit.core.errors import status_for, within
+from session_audit.core.errors import ServiceError, status_for, within
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ def caller() -> Principal:
 async def abort_for(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> NoReturn:
     """Abort the call with the status that fits `exc` (errors.status_for)."""
     code, message = status_for(method, exc)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and not isinstance(exc, ServiceError):
+        metrics.STATEMENT_TIMEOUTS.labels("rpc").inc()
     await context.abort(code, message)
     raise AssertionError("context.abort returned")
 

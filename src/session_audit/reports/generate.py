@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
+from session_audit.core import metrics
 from session_audit.core.db import Conn
 from session_audit.core.errors import ServiceError, database_unreachable
 from session_audit.core.sql import Sql, Template, Where
@@ -60,6 +61,8 @@ MARK_FAILED = """
 UPDATE reports SET status = 'failed', failure = $2, modified_at = now()
  WHERE id = $1 AND status = 'pending'
 """
+# The generation queue's depth, for the metrics (the partial index reports_pending answers it).
+PENDING = "SELECT count(*) FROM reports WHERE status = 'pending'"
 # Largest number of chart bars; the bucket unit grows with the span to stay under it.
 MAX_BUCKETS = 800
 
@@ -284,6 +287,8 @@ async def generate_next(pool: asyncpg.Pool, timeout: float) -> int | None:
     leaves it pending and raises."""
     async with pool.acquire() as conn:
         claimed: int | None = None
+        began = time.monotonic()
+        built = False
         try:
             async with conn.transaction(isolation="repeatable_read"):
                 row = await conn.fetchrow(CLAIM, timeout=timeout)
@@ -295,9 +300,13 @@ async def generate_next(pool: asyncpg.Pool, timeout: float) -> int | None:
                     log.error("report %s: %d generations were interrupted; failed", claimed,
                               attempt - 1)  # fmt: skip
                     await conn.execute(MARK_FAILED, claimed, interrupted_reason(attempt - 1))
+                    metrics.REPORT_FAILURES.inc()
                 else:
                     await build(conn, Claimed.of(row), time.monotonic() + timeout)
+                    built = True
             await conn.execute(FORGET_ATTEMPTS, claimed, timeout=timeout)
+            if built:
+                metrics.REPORT_SECONDS.labels("ready").observe(time.monotonic() - began)
             return claimed
         except asyncpg.SerializationError:
             # Another process finished it after our snapshot began: nothing to do.
@@ -310,6 +319,10 @@ async def generate_next(pool: asyncpg.Pool, timeout: float) -> int | None:
             log.warning("report %s failed: %s", claimed, reason, exc_info=exc)
             await conn.execute(MARK_FAILED, claimed, reason)
             await conn.execute(FORGET_ATTEMPTS, claimed)
+            metrics.REPORT_FAILURES.inc()
+            metrics.REPORT_SECONDS.labels("failed").observe(time.monotonic() - began)
+            if isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
+                metrics.STATEMENT_TIMEOUTS.labels("report").inc()
             return claimed
 
 
@@ -356,9 +369,23 @@ class Generators:
                 await asyncio.wait_for(self._wake.wait(), self.poll)
             self._wake.clear()
 
+    async def _sample(self) -> None:
+        """Publish the queue depth every poll (at least 1 s; all processes read one table)."""
+        every = max(1.0, self.poll)
+        while True:
+            try:
+                metrics.REPORT_QUEUE.set(await self.pool.fetchval(PENDING, timeout=every))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("report queue depth not sampled: %s", exc)
+            await asyncio.sleep(every)
+
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._loop()) for _ in range(self.count)]
+        if self.count:
+            self._tasks.append(loop.create_task(self._sample()))
 
     async def stop(self) -> None:
         for t in self._tasks:

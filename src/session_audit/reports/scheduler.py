@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
+from session_audit.core import metrics
 from session_audit.reports import periods
 from session_audit.reports.config import Clock
 from session_audit.reports.store import NewReport, insert_report
@@ -71,9 +72,15 @@ def may_read(scope: str | None, report_type: str) -> bool:
 async def tick(pool: asyncpg.Pool, now: datetime, timeout: float = 60.0) -> int:
     """Create the reports of every period that ended at or before `now`. Returns how many."""
     created = 0
+    first = True
     while True:
         async with pool.acquire() as conn, conn.transaction():
             due = await conn.fetch(DUE, now, BATCH, timeout=timeout)
+            if first:
+                # Rows come oldest first: the first is the longest overdue.
+                lag = (now - due[0]["next_run_at"]).total_seconds() if due else 0.0
+                metrics.SCHEDULER_LAG.set(max(0.0, lag))
+                first = False
             for sub in due:
                 zone = ZoneInfo(sub["time_zone"])
                 start, end = sub["next_period_start"], sub["next_run_at"]

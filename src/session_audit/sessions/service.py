@@ -13,6 +13,7 @@ import grpc
 from google.api import httpbody_pb2
 from google.protobuf import struct_pb2
 
+from session_audit.core import metrics
 from session_audit.core.app import App
 from session_audit.core.auth import READERS, WRITERS, Principal, authenticate
 from session_audit.core.db import Conn
@@ -105,6 +106,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
             for session in request.sessions:
                 await batch.add(session)
             result = await batch.finish()
+        metrics.ingested(result.written, result.unchanged, result.rejected)
         return result.to_proto()
 
     def _batch(
@@ -158,6 +160,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
             self._streams[who.org_id] -= 1
             if not self._streams[who.org_id]:
                 del self._streams[who.org_id]
+        metrics.ingested(result.written, result.unchanged, result.rejected)
         return result.to_proto()
 
     async def _bounded(
