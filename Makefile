@@ -71,7 +71,7 @@ test: $(STAMP) check-proto $(DESC) lint
 # Reliability soak (docs/reliability.md): concurrent overlapping ingest, kill -9 and replay,
 # mixed load with p50/p99 per call, event-loop probe. Bounded: about 5 minutes, at most 10.
 soak: $(STAMP) $(DESC)
-	SOAK=1 timeout 600 $(BIN)/pytest tests/soak -s -p no:cacheprovider
+	SOAK=1 timeout 600 $(BIN)/pytest tests/soak -s -p no:cacheprovider --basetemp=.pytest-soak
 
 run: $(STAMP) $(DESC)
 	$(BIN)/session-audit run
