@@ -10,7 +10,7 @@ PROTOC  = PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Ip
           -I$$($(BIN)/python -c 'import grpc_tools,os;print(os.path.join(os.path.dirname(grpc_tools.__file__),"_proto"))') \
           -I$$($(BIN)/python -c 'import google.api.annotations_pb2 as m,os;print(os.path.dirname(os.path.dirname(os.path.dirname(m.__file__))))')
 
-.PHONY: all venv proto check-proto descriptor buf-lint buf-baseline lint test soak run bench bench-reports bench-analytics clean
+.PHONY: all venv proto check-proto descriptor openapi check-openapi buf-lint buf-baseline lint test soak fuzz run bench bench-reports bench-analytics clean
 
 all: venv descriptor
 
@@ -41,6 +41,15 @@ $(DESC): $(PROTOS) $(STAMP)
 
 descriptor: $(DESC)
 
+# The OpenAPI description (envoy/openapi.json) and Envoy's route table (in envoy/envoy.yaml),
+# generated from the protos' http bindings and comments. Commit both.
+openapi: $(DESC)
+	$(BIN)/python -m session_audit.openapi write
+
+# Fails when either is stale.
+check-openapi: $(DESC)
+	$(BIN)/python -m session_audit.openapi check
+
 # buf (from the buf-bin wheel) reads the protos with the google/api ones from the
 # googleapis-common-protos wheel, linked into build/buf-deps (a second module of buf.yaml's
 # workspace), so it needs no network. Lint: STANDARD with the exceptions listed in buf.yaml.
@@ -65,13 +74,18 @@ lint: $(STAMP) buf-lint
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-test: $(STAMP) check-proto $(DESC) lint
+test: $(STAMP) check-proto $(DESC) check-openapi lint
 	$(BIN)/pytest
 
 # Reliability soak (docs/reliability.md): concurrent overlapping ingest, kill -9 and replay,
 # mixed load with p50/p99 per call, event-loop probe. Bounded: about 5 minutes, at most 10.
 soak: $(STAMP) $(DESC)
 	SOAK=1 timeout 600 $(BIN)/pytest tests/soak -s -p no:cacheprovider --basetemp=.pytest-soak
+
+# Hostile-input fuzzing against the real stack (server + Envoy + PostgreSQL): schemathesis over
+# envoy/openapi.json and hypothesis strategies for every parameter; prints counts by status.
+fuzz: $(STAMP) $(DESC)
+	$(BIN)/python -m tests.fuzz $(FUZZ_ARGS)
 
 run: $(STAMP) $(DESC)
 	$(BIN)/session-audit run

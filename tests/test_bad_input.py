@@ -93,8 +93,8 @@ def test_get_session_bad_and_unknown_ids(stack: Stack, token: str) -> None:
     [
         ("GET", "/api/nothing", 404),
         ("GET", "/", 404),
-        ("DELETE", "/api/sessions", 404),
-        ("PUT", "/api/sessions/ingest", 404),
+        ("DELETE", "/api/sessions", 405),
+        ("PUT", "/api/sessions/ingest", 405),
     ],
 )
 def test_envoy_own_errors_have_the_same_shape(

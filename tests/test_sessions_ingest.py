@@ -225,9 +225,9 @@ def test_unrepresentable_values_reject_the_item_not_the_batch(
     assert reasons[1].startswith("metrics.data_masking.ratio: expected a finite number")
     assert reasons[2].startswith("review.access_duration: expected a finite number")
     assert reasons[3].startswith("metadata.samples[1]: expected a finite number")
-    assert reasons[4].startswith("start_date: expected a time between 0001-01-01 and 9999")
-    assert reasons[5].startswith("end_date: expected a time between")
-    assert reasons[6].startswith("review.created_at: expected a time between")
+    assert reasons[4].startswith("start_date: expected a time from 0001-01-02T00:00:00Z to 9999")
+    assert reasons[5].startswith("end_date: expected a time from")
+    assert reasons[6].startswith("review.created_at: expected a time from")
     assert reasons[7] == "verb: expected one of connect, exec, got 99"
     assert reasons[8] == "review.type: expected one of onetime, jit"
     assert stack.rest("GET", f"/api/sessions/{good.id}", token).status_code == 200

@@ -32,9 +32,10 @@ ROWS = 40_000
 
 
 def _start(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    log = open(Path(env["SESSION_AUDIT_DATA_DIR"]) / "run.log", "a")
     proc = subprocess.Popen(
         [sys.executable, "-m", "session_audit.cli", "run"], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        stderr=log, text=True, start_new_session=True,
     )  # fmt: skip
     lines = read_banner(proc)
     token = next(x for x in lines if "export TOKEN=" in x).split("TOKEN=", 1)[1]
@@ -80,7 +81,8 @@ def test_sigterm_drains_a_slow_download_and_a_stream_then_exits(
     grpc_port, http_port = free_port(), free_port()
     env = {**os.environ, "DATABASE_URL": empty_database, "GRPC_PORT": str(grpc_port),
            "HTTP_PORT": str(http_port), "SESSION_AUDIT_DATA_DIR": str(tmp_path),
-           "SHUTDOWN_GRACE_SECONDS": "15"}  # fmt: skip
+           "SHUTDOWN_GRACE_SECONDS": "15", "METRICS_PORT": str(free_port()),
+           "ENVOY_METRICS_PORT": str(free_port())}  # fmt: skip
     proc, token = _start(env)
     try:
         sock = admin_socket(tmp_path, http_port)

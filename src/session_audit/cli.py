@@ -10,6 +10,7 @@ import os
 import shlex
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -36,7 +37,8 @@ def _config() -> Config:
 
 @contextlib.contextmanager
 def database(config: Config, *, keep_running: bool = True) -> Iterator[str]:
-    """DATABASE_URL if set, else the embedded cluster in the data folder."""
+    """DATABASE_URL if set, else the embedded cluster in the data folder (left running for the
+    next command, and said so)."""
     if config.database_url:
         yield config.database_url
         return
@@ -47,6 +49,12 @@ def database(config: Config, *, keep_running: bool = True) -> Iterator[str]:
     finally:
         if not keep_running:
             embedded.stop()
+        else:
+            click.echo(
+                f"note: the embedded PostgreSQL in {config.data_dir} stays running for the next "
+                "command (`make run` and `serve` reuse it)",
+                err=True,
+            )
 
 
 async def _migrate(dsn: str) -> list[str]:
@@ -96,6 +104,10 @@ def seed_cmd(count: int, if_empty: bool) -> None:
                 return
             result = await seed.seed(conn, count)
             click.echo(f"seeded {result.written} sessions ({result.rejected} rejected)", err=True)
+            # Say why: the reasons, most frequent first (each names the field).
+            reasons = Counter(reason for _, _, reason in result.rejections)
+            for reason, n in reasons.most_common(5):
+                click.echo(f"  {n} rejected: {reason}", err=True)
         finally:
             await conn.close()
 
@@ -181,7 +193,10 @@ def token_revoke(ident: str) -> None:
     with database(_config()) as dsn:
         n = asyncio.run(go(dsn))
     if n == 0:
-        raise click.ClickException(f"no active token with id or prefix {ident!r}")
+        raise click.ClickException(
+            f"no active token with id or prefix {ident!r}: give the numeric ID or the exact "
+            "10-character PREFIX that `session-audit token list` shows"
+        )
     click.echo(f"revoked {n} token(s)")
 
 
@@ -301,6 +316,15 @@ async def banner_token(conn: asyncpg.Connection, org: str, path: Path) -> str:
     return token
 
 
+def _data_env(config: Config) -> str:
+    """The variables a second command needs to reach this server's database."""
+    if config.database_url:
+        return 'DATABASE_URL="$DATABASE_URL" '
+    if os.environ.get("SESSION_AUDIT_DATA_DIR"):
+        return f"SESSION_AUDIT_DATA_DIR={shlex.quote(str(config.data_dir))} "
+    return ""
+
+
 def _metrics_line(config: Config) -> str:
     urls = []
     if config.metrics_port:
@@ -349,8 +373,8 @@ Reports (API v2): list definitions, generate a report, wait until ready, downloa
       | grep -q '"status":"ready"'; do sleep 1; done
   curl -s -OJ -H "authorization: Bearer $TOKEN" "{http}/api/v2/report/$ID/html"
 
-More tokens: {cli} token create --org {shlex.quote(org)} --role auditor \\
-    --email {shlex.quote(f"you@{org}.example")}
+More tokens: {_data_env(config)}{cli} token create --org {shlex.quote(org)} \\
+    --role auditor --email {shlex.quote(f"you@{org}.example")}
 Ctrl-C stops everything.
 """,
         err=False,

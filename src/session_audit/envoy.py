@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 TEMPLATE = Path("envoy/envoy.yaml")
 DESCRIPTOR = Path("envoy/session_audit.pb")
+OPENAPI = Path("envoy/openapi.json")
+ENVOY_LOG_MAX_BYTES = 10 * 1024 * 1024
 
 
 def envoy_binary() -> str:
@@ -65,6 +67,7 @@ def render(
         "port_value: 8080": f"port_value: {http_port}",
         "port_value: 50051": f"port_value: {grpc_port}",
         f"proto_descriptor: {DESCRIPTOR}": f"proto_descriptor: {descriptor}",
+        f"filename: {OPENAPI}": f"filename: {base / OPENAPI}",
         "path: /dev/stdout": f"path: {access_log}",
     }
     if admin is not None:
@@ -106,22 +109,39 @@ def start(
     config = workdir / f"envoy-{http_port}.yaml"
     admin = admin_socket(workdir, http_port)
     admin.unlink(missing_ok=True)
+    # By default both logs are files bounded by logcap (Envoy has no size limit of its own):
+    # the access log is written to Envoy's stdout and piped like its own log (stderr).
+    capped_access = access_log is None
     config.write_text(
         render(
             http_port, grpc_port, admin=admin, metrics_port=metrics_port,
-            access_log=access_log or str(workdir / f"envoy-{http_port}-access.log"),
+            access_log="/dev/stdout" if access_log is None else access_log,
         )
     )  # fmt: skip
     # Distinct base ids let several Envoys share the machine (tests, run, bench).
     base_id = 10_000 + (http_port % 50_000) + os.getpid() % 1000 * 50_000
+    # Envoy's log goes through logcap: envoy-<port>.log is rotated to .log.1 at
+    # ENVOY_LOG_MAX_BYTES, so at most twice that stays on disk; the access log alike.
     proc = subprocess.Popen(
         [envoy_binary(), "-c", str(config), "--base-id", str(base_id), "-l", log_level,
-         "--concurrency", "2", "--log-path", str(workdir / f"envoy-{http_port}.log"),
-         # Access lines reach the file within a second (default: 10 s).
+         "--concurrency", "2",
+         # Access lines reach their file within a second (default: 10 s).
          "--file-flush-interval-msec", "1000",
          "--drain-time-s", str(drain_time), "--drain-strategy", "immediate"],
+        stdout=subprocess.PIPE if capped_access else None, stderr=subprocess.PIPE,
         start_new_session=True,
     )  # fmt: skip
+    pipes = [(proc.stderr, f"envoy-{http_port}.log")]
+    if capped_access:
+        pipes.append((proc.stdout, f"envoy-{http_port}-access.log"))
+    for pipe, name in pipes:
+        assert pipe is not None
+        subprocess.Popen(
+            [sys.executable, "-m", "session_audit.logcap", str(workdir / name),
+             "--max-bytes", str(ENVOY_LOG_MAX_BYTES)],
+            stdin=pipe, start_new_session=True,
+        )  # fmt: skip
+        pipe.close()  # logcap holds the pipe; it ends when Envoy does
     try:
         wait_port(http_port)
     except TimeoutError:

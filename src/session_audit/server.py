@@ -24,6 +24,7 @@ from session_audit.core import db, logs
 from session_audit.core.app import App
 from session_audit.core.auth import TokenCache
 from session_audit.core.config import Config
+from session_audit.core.decode import DecodeGuard
 from session_audit.core.rpc import Guard
 from session_audit.reports.config import ReportConfig
 from session_audit.reports.service import ReportService
@@ -195,8 +196,9 @@ async def serve(
     app = App(config, pool, ingest_pool, report_pool=report_pool)
     guard = Guard(app)
     server = grpc.aio.server(
-        # Observer first: outermost, so it sees the status the Guard settled on.
-        interceptors=[observability.Observer(), guard],
+        # Observer first: outermost, so it sees the status the Guard settled on; DecodeGuard
+        # innermost, answering an undecodable request once the caller is known.
+        interceptors=[observability.Observer(), guard, DecodeGuard()],
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.so_reuseport", 1 if reuse_port else 0),

@@ -11,6 +11,11 @@ Matching: text fields exactly and case-sensitively (like the list filters); `use
 regard to case; enum fields (verb, status, review_status) without regard to case, against
 their known values; times as ISO 8601 (a date alone is local midnight in `time_zone`);
 numbers as decimals.
+
+Bounds (docs/input-domains.md): at most MAX_Q characters, MAX_DEPTH levels of nesting
+(parentheses, groups, NOT), MAX_TERMS terms and MAX_WILDCARDS `*`/`?` per value. Wildcards on
+enum fields are matched by a linear-time matcher here, on text fields by SQL LIKE; no regular
+expression is ever built from the query text.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ from session_audit.core.sql import TRUE, Sql, join, q
 from session_audit.core.validation import truncate
 
 MAX_Q = 2000
+MAX_DEPTH = 32
+MAX_TERMS = 128
+MAX_WILDCARDS = 16
 NOT_SUPPORTED_CONTENT = "NotSupportedContentOption"
 
 
@@ -97,12 +105,59 @@ def parse_q(text: str, zone: tzinfo, param: str = "q") -> Query | None:
         raise InvalidArgument(f"{param}: expected at most {MAX_Q} characters, got {len(text)}")
     if "\x00" in text:
         raise InvalidArgument(f"{param}: must not contain NUL characters")
+    _check_nesting(param, text)
     try:
         parsed = parser.parse(text)
     except (ParseError, ValueError, TypeError) as exc:
         detail = str(exc).replace("Syntax error in input : ", "")
-        raise InvalidArgument(f"{param}: not a valid search: {detail}") from None
+        raise InvalidArgument(f"{param}: not a valid search: {truncate(detail, 200)}") from None
+    except RecursionError:
+        raise _too_deep(param) from None
+    _check_tree(param, parsed)
     return Query(text, _Converter(param, zone).node(parsed, None))
+
+
+def _too_deep(param: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"{param}: expected at most {MAX_DEPTH} levels of nesting (parentheses, NOT), got more"
+    )
+
+
+def _check_nesting(param: str, text: str) -> None:
+    """Parentheses and brackets outside quotes nest at most MAX_DEPTH deep (before parsing:
+    the parser and the tree walks below are recursive)."""
+    depth, quoted, escaped = 0, False, False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif quoted:
+            continue
+        elif ch in "([{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _too_deep(param)
+        elif ch in ")]}":
+            depth -= 1
+
+
+def _check_tree(param: str, root: Any) -> None:
+    """Depth and number of terms of the parsed tree, walked without recursion."""
+    terms = 0
+    stack = [(root, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise _too_deep(param)
+        children = list(getattr(item, "children", ()))
+        if not children:
+            terms += 1
+            if terms > MAX_TERMS:
+                raise InvalidArgument(f"{param}: expected at most {MAX_TERMS} terms, got more")
+        stack.extend((child, depth + 1) for child in children)
 
 
 class _Converter:
@@ -166,6 +221,8 @@ class _Converter:
         if not literal and raw == "*":
             return Match(f, "exists")
         wild = not literal and _has_wildcard(raw)
+        if wild and _wildcards(raw) > MAX_WILDCARDS:
+            raise self.bad(item, f"at most {MAX_WILDCARDS} wildcards (* and ?) per value", f)
         text = raw if literal else _unescape(raw)
         if f.kind in ("time",):
             example = f"{f.name}:[2026-03-01 TO 2026-04-01}}"
@@ -192,8 +249,8 @@ class _Converter:
 
     def enum(self, item: Any, f: Field, raw: str, wild: bool) -> Match:
         if wild:
-            pattern = _regex(raw.lower())
-            chosen = [v for v in f.values if pattern.fullmatch(v.lower())]
+            pattern = _glob(raw.lower())
+            chosen = [v for v in f.values if wildcard_match(pattern, v.lower())]
         else:
             chosen = [v for v in f.values if v.lower() == raw.lower()]
         if not chosen:
@@ -222,10 +279,9 @@ class _Converter:
         return Match(f, "range", bounds=(lo, hi, inc_lo, inc_hi))
 
     def number(self, item: Any, text: str, f: Field) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise self.bad(item, "expected a number", f) from None
+        if _NUMBER.fullmatch(text) is None:
+            raise self.bad(item, "expected a number", f)
+        value = float(text)
         if value != value or value in (float("inf"), float("-inf")) or abs(value) > 2**53:
             raise self.bad(item, "expected a finite number up to 2^53", f)
         return value
@@ -235,6 +291,11 @@ class _Converter:
             return str(uuid.UUID(text))
         except ValueError:
             raise self.bad(item, "expected a session UUID", f) from None
+
+
+_NUMBER = re.compile(
+    r"[+-]?(?:[0-9]{1,20}(?:\.[0-9]{0,20})?|\.[0-9]{1,20})(?:[eE][+-]?[0-9]{1,3})?", re.ASCII
+)
 
 
 def _has_wildcard(raw: str) -> bool:
@@ -282,22 +343,62 @@ def _like_pattern(raw: str) -> str:
     return "".join(out)
 
 
-def _regex(raw: str) -> re.Pattern[str]:
-    """Lucene wildcards → a regular expression over the whole value."""
-    out, escaped = [], False
+def _wildcards(raw: str) -> int:
+    count, escaped = 0, False
     for ch in raw:
         if escaped:
-            out.append(re.escape(ch))
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch in "*?":
+            count += 1
+    return count
+
+
+# A wildcard pattern as a list of items: a literal character, or ANY_ONE (?) / ANY_RUN (*).
+ANY_ONE, ANY_RUN = object(), object()
+
+
+def _glob(raw: str) -> list[object]:
+    out: list[object] = []
+    escaped = False
+    for ch in raw:
+        if escaped:
+            out.append(ch)
             escaped = False
         elif ch == "\\":
             escaped = True
         elif ch == "*":
-            out.append(".*")
+            if not out or out[-1] is not ANY_RUN:  # ** is *
+                out.append(ANY_RUN)
         elif ch == "?":
-            out.append(".")
+            out.append(ANY_ONE)
         else:
-            out.append(re.escape(ch))
-    return re.compile("".join(out), re.DOTALL)
+            out.append(ch)
+    return out
+
+
+def wildcard_match(pattern: list[object], text: str) -> bool:
+    """Whole-value wildcard match without backtracking blow-up: the greedy two-pointer walk
+    that returns to the last `*` only, O(len(pattern) × len(text)) at worst."""
+    p = t = 0
+    star, mark = -1, 0
+    while t < len(text):
+        if p < len(pattern) and (pattern[p] is ANY_ONE or pattern[p] == text[t]):
+            p += 1
+            t += 1
+        elif p < len(pattern) and pattern[p] is ANY_RUN:
+            star, mark = p, t
+            p += 1
+        elif star >= 0:
+            p = star + 1
+            mark += 1
+            t = mark
+        else:
+            return False
+    while p < len(pattern) and pattern[p] is ANY_RUN:
+        p += 1
+    return p == len(pattern)
 
 
 # -- SQL ---------------------------------------------------------------------------------------

@@ -57,6 +57,8 @@ class HistogramQuery:
 
     def intervals(self) -> list[tuple[datetime, datetime]]:
         """Each bin clipped to [start, end): what its counts cover."""
+        if not self.bins:  # an empty range (start == end) has no bins
+            return []
         edges = [*self.bins[1:], self.end]
         return [
             (max(b, self.start), min(e, self.end)) for b, e in zip(self.bins, edges, strict=True)
@@ -106,10 +108,11 @@ def parse_report(req: pb.SessionReportRequest, now: datetime) -> ReportQuery:
     one = timedelta(days=1)
     first = tb.parse_day("start_date", req.start_date)
     last = tb.parse_day("end_date", req.end_date)
+    # Defaults stay inside the day domain (a window may be empty at its edges).
     if first is None:
-        first = today if last is None else min(today, last - one)
+        first = today if last is None else max(v.MIN_DAY, min(today, last - one))
     if last is None:
-        last = max(today + one, first + one)
+        last = max(today + one, min(first + one, v.MAX_DAY))
     if first > last:
         raise InvalidArgument(
             f"start_date: must not be after end_date ({first.isoformat()} > {last.isoformat()})"
@@ -154,12 +157,19 @@ def _range(start_raw: str, end_raw: str, zone: tzinfo, now: datetime) -> tuple[d
     end = tb.parse_instant("end", end_raw, zone) or now
     start = tb.parse_instant("start", start_raw, zone)
     if start is None:
+        # One month before `end` on the local calendar; at the first month of the calendar,
+        # the start of the time domain.
         local = end.astimezone(zone)
-        prev = tb.add_months(local.date(), -1)
-        day = min(local.day, _month_length(prev))
-        start = tb.local_to_instant(
-            local.replace(tzinfo=None, year=prev.year, month=prev.month, day=day), zone
-        )
+        if local.year == 1 and local.month == 1:
+            start = v.MIN_INSTANT
+        else:
+            prev = tb.add_months(local.date(), -1)
+            day = min(local.day, _month_length(prev))
+            start = v.clamp(
+                tb.local_to_instant(
+                    local.replace(tzinfo=None, year=prev.year, month=prev.month, day=day), zone
+                )
+            )
     if start > end:
         raise InvalidArgument(
             f"start: must not be after end ({start.astimezone(UTC).isoformat()} > "

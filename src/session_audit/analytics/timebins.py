@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta, tzinfo
+from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 
+from session_audit.core import validation
 from session_audit.core.errors import InvalidArgument
 from session_audit.core.validation import truncate
 
@@ -34,9 +35,10 @@ RAW = 0  # a piece the rollups cannot answer: read the base table
 _ISO = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})"
     r"(?:[Tt](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?"
-    r"([Zz]|[+-]\d{2}(?::?\d{2})?)?)?$"
+    r"([Zz]|[+-]\d{2}(?::?\d{2})?)?)?$",
+    re.ASCII,
 )
-_DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
+_DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$", re.ASCII)
 
 
 def local_to_instant(naive: datetime, zone: tzinfo) -> datetime:
@@ -61,14 +63,18 @@ def local_to_instant(naive: datetime, zone: tzinfo) -> datetime:
 def parse_instant(param: str, value: str, zone: tzinfo) -> datetime | None:
     """ISO 8601: `2026-03-01`, `2026-03-01T10:00`, `…T10:00:30.5`, with an optional offset
     (`Z`, `+02:00`, `+0200`, `+02`). Without an offset the time is read in `zone`; a date alone
-    is its local midnight. A local time that does not exist (DST gap) is refused."""
+    is its local midnight. A local time that does not exist (DST gap) is refused, and so is an
+    instant outside the time domain (core/validation.py)."""
     if value == "":
         return None
     m = _ISO.match(value.strip())
     if m is None:
+        hint = ""
+        if " " in value.strip() and "+" not in value:
+            hint = " (a '+' in a URL query must be sent as %2B; unencoded it arrives as a space)"
         raise InvalidArgument(
             f"{param}: expected an ISO 8601 date or date-time such as 2026-03-01, "
-            f"2026-03-01T10:00 or 2026-03-01T10:00:00+01:00, got {truncate(value)!r}"
+            f"2026-03-01T10:00 or 2026-03-01T10:00:00+01:00, got {truncate(value)!r}{hint}"
         )
     year, month, day, hh, mm, ss, frac, offset = m.groups()
     try:
@@ -86,9 +92,14 @@ def parse_instant(param: str, value: str, zone: tzinfo) -> datetime | None:
         hours, minutes = int(digits[:2]), int(digits[2:] or 0)
         if hours > 23 or minutes > 59:
             raise InvalidArgument(f"{param}: offset out of range in {truncate(value)!r}")
-        delta = sign * timedelta(hours=hours, minutes=minutes)
-        return (naive - delta).replace(tzinfo=UTC)
-    instant = local_to_instant(naive, zone)
+        aware = naive.replace(tzinfo=timezone(sign * timedelta(hours=hours, minutes=minutes)))
+        return validation.instant(param, aware, value)
+    if not validation.MIN_INSTANT.date() <= naive.date() <= validation.MAX_INSTANT.date():
+        # Its reading in `zone` could leave Python's range; the domain refuses it anyway.
+        raise InvalidArgument(
+            f"{param}: expected a time from {validation.TIME_RANGE}, got {truncate(value)!r}"
+        )
+    instant = validation.instant(param, local_to_instant(naive, zone), value)
     if instant.astimezone(zone).replace(tzinfo=None) != naive:
         raise InvalidArgument(
             f"{param}: {truncate(value)!r} does not exist in {zone} (a daylight-saving gap)"
@@ -104,14 +115,18 @@ def parse_day(param: str, value: str) -> date | None:
     if m is None:
         raise InvalidArgument(f"{param}: expected a date YYYY-MM-DD, got {truncate(value)!r}")
     try:
-        return date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+        parsed = date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
     except ValueError:
         raise InvalidArgument(f"{param}: not a valid date: {truncate(value)!r}") from None
+    return validation.day(param, parsed)
 
 
 def day_start(day: date, zone: tzinfo) -> datetime:
-    """The instant a calendar day begins in `zone`."""
-    return local_to_instant(datetime(day.year, day.month, day.day), zone)
+    """The instant a calendar day begins in `zone`, clamped to the time domain (the first and
+    last days of the calendar begin outside it in some zones)."""
+    if not validation.MIN_DAY <= day <= validation.MAX_DAY:
+        return validation.MIN_INSTANT if day < validation.MIN_DAY else validation.MAX_INSTANT
+    return validation.clamp(local_to_instant(datetime(day.year, day.month, day.day), zone))
 
 
 def format_instant(instant: datetime, zone: tzinfo) -> str:
@@ -119,7 +134,11 @@ def format_instant(instant: datetime, zone: tzinfo) -> str:
     2026-03-29T00:00:00.000+01:00."""
     local = instant.astimezone(zone)
     offset = local.utcoffset() or timedelta(0)
-    text = local.strftime("%Y-%m-%dT%H:%M:%S") + f".{local.microsecond // 1000:03d}"
+    # Not strftime: glibc's %Y does not pad years below 1000.
+    text = (
+        f"{local.year:04d}-{local.month:02d}-{local.day:02d}T{local.hour:02d}:"
+        f"{local.minute:02d}:{local.second:02d}.{local.microsecond // 1000:03d}"
+    )
     if offset == timedelta(0):
         return text + "Z"
     sign = "-" if offset < timedelta(0) else "+"
@@ -130,6 +149,7 @@ def format_instant(instant: datetime, zone: tzinfo) -> str:
 
 
 def add_months(day: date, months: int) -> date:
+    """The first of the month `months` after `day`'s (ValueError beyond the calendar)."""
     index = day.year * 12 + day.month - 1 + months
     return date(index // 12, index % 12 + 1, 1)
 
@@ -145,13 +165,20 @@ def _calendar_floor(day: date, size: str) -> date:
 
 
 def _calendar_next(day: date, size: str) -> date:
-    if size == "day":
-        return day + timedelta(days=1)
-    if size == "week":
-        return day + timedelta(days=7)
-    if size == "month":
-        return add_months(day, 1)
-    return date(day.year + 1, 1, 1)
+    """The next bin's first day; date.max once past the calendar (its start clamps to the end
+    of the time domain, so no bin starts there)."""
+    try:
+        if size == "day":
+            return day + timedelta(days=1)
+        if size == "week":
+            return day + timedelta(days=7)
+        if day.year == 9999 and (size == "year" or day.month == 12):
+            return date.max
+        if size == "month":
+            return add_months(day, 1)
+        return date(day.year + 1, 1, 1)
+    except OverflowError:
+        return date.max
 
 
 class TooManyBins(Exception):
@@ -193,6 +220,8 @@ def bin_starts(
             raise TooManyBins(limit + 1)
         if not out or instant > out[-1]:
             out.append(instant)
+        if day == date.max:
+            break
         day = _calendar_next(day, size)
         instant = day_start(day, zone)
     return out
@@ -226,6 +255,8 @@ def _ceil(t: datetime, grain: int) -> datetime:
         return f
     if grain == HOUR:
         return f + timedelta(hours=1)
+    if f >= validation.MAX_INSTANT - timedelta(days=32):
+        return datetime.max.replace(tzinfo=UTC)  # no aligned piece beyond the time domain
     if grain == DAY:
         return f + timedelta(days=1)
     nxt = add_months(f.date(), 1)
@@ -250,8 +281,10 @@ def _split(lo: datetime, hi: datetime, b: int, grain: int, finest: int) -> list[
         return [Piece(RAW, lo, hi, b)]
     inner_lo = _ceil(lo, grain)
     inner_hi = _floor(hi, grain)
-    if inner_lo >= inner_hi:
+    if inner_lo > inner_hi:  # no boundary of this grain inside
         return _split(lo, hi, b, grain - 1, finest)
+    # One boundary inside (inner_lo == inner_hi) still cuts the interval in two.
     left = _split(lo, inner_lo, b, grain - 1, finest) if lo < inner_lo else []
     right = _split(inner_hi, hi, b, grain - 1, finest) if inner_hi < hi else []
-    return [*left, Piece(grain, inner_lo, inner_hi, b), *right]
+    middle = [Piece(grain, inner_lo, inner_hi, b)] if inner_lo < inner_hi else []
+    return [*left, *middle, *right]

@@ -19,7 +19,8 @@ Anything else that escapes an RPC is mapped by `status_for`, most specific first
     query cancelled (deadline, statement_timeout) or asyncio timeout → DEADLINE_EXCEEDED
     lost or refused database connection, server shutting down, network errors → UNAVAILABLE
     anything else (asyncpg.InterfaceError: a client-side bug, among them) → INTERNAL, logged
-                                                once with its traceback, never shown
+        once as class, SQLSTATE and frames by redact.describe (never the message, which can
+        carry session data), never shown to the caller
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from typing import Any, TypeVar
 
 import asyncpg
 import grpc
+
+from session_audit.core import redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -127,7 +130,7 @@ def status_for(method: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ServiceError):
         return exc.code, exc.message
     if isinstance(exc, RETRYABLE_DB):
-        log.info("%s: transaction aborted by the database: %s", method, exc)
+        log.info("%s: transaction aborted by the database: %s", method, redact.describe(exc))
         return (
             grpc.StatusCode.ABORTED,
             f"{method}: conflicted with a concurrent transaction; retry the call",
@@ -138,9 +141,10 @@ def status_for(method: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
             f"{method}: the query did not finish before the deadline",
         )
     if database_unreachable(exc):
-        log.warning("%s: database unavailable: %s: %s", method, type(exc).__name__, exc)
+        log.warning("%s: database unavailable: %s", method, redact.describe(exc))
         return grpc.StatusCode.UNAVAILABLE, f"{method}: the database is unavailable"
-    log.error("%s failed", method, exc_info=exc)
+    # Class, SQLSTATE and frames only: the message can carry session data (redact.py).
+    log.error("%s failed: %s", method, redact.describe(exc))
     return grpc.StatusCode.INTERNAL, f"{method}: internal error"
 
 

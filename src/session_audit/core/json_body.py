@@ -13,7 +13,10 @@ what it meant before):
 - a value of the wrong JSON type is a 400 naming its path and what was expected; integers and
   numbers may also be strings, enum values are names (exact case) or numbers, times RFC 3339
   with an offset, `null` is the field's default;
-- free-form fields (Struct, ListValue) keep whatever JSON they carry.
+- free-form fields (Struct, ListValue) keep whatever JSON they carry, nested at most
+  validation.MAX_JSON_DEPTH levels;
+- the body is UTF-8, every object's keys are unique (a duplicate is a 400, not "the last one
+  wins"), and times lie in the time domain (core/validation.py).
 
 The checked values are given to the generated message's constructor (upb, in C), which is
 about six times faster than `json_format.ParseDict` here; the descriptors drive both, so the
@@ -22,6 +25,7 @@ contract stays the single source of field names and types.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -33,6 +37,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from session_audit.core import validation
 from session_audit.core.errors import InvalidArgument
 
 M = TypeVar("M", bound=Message)
@@ -55,7 +60,15 @@ _SPECIAL_FLOATS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": f
 
 
 def _shown(value: Any) -> str:
-    text = repr(value) if isinstance(value, str) else orjson.dumps(value).decode()
+    if isinstance(value, str):
+        text = repr(value)
+    elif isinstance(value, dict | list) and validation.json_depth(value, 8) > 8:
+        text = "{…}" if isinstance(value, dict) else "[…]"
+    else:
+        try:
+            text = orjson.dumps(value).decode()
+        except TypeError:  # integers beyond 64 bits, which JSON (and the parser) allow
+            text = json.dumps(value)
     return text if len(text) <= 60 else text[:60] + "…"
 
 
@@ -80,8 +93,24 @@ def _exactly(kind: type, expected: str) -> Convert:
 
 _string = _exactly(str, "expected a string")
 _bool = _exactly(bool, "expected true or false")
-_object = _exactly(dict, "expected an object")  # also Struct, and map fields
-_list = _exactly(list, "expected a list")  # also ListValue, and repeated fields
+_object = _exactly(dict, "expected an object")  # map fields
+_list = _exactly(list, "expected a list")  # repeated fields
+
+
+def _free(kind: type, expected: str) -> Convert:
+    """Struct / ListValue: any JSON of that type, nested at most MAX_JSON_DEPTH levels."""
+    limit = validation.MAX_JSON_DEPTH
+
+    def convert(value: Any, path: str) -> Any:
+        if type(value) is not kind:
+            _bad(path, expected, value)
+        if validation.json_depth(value, limit) > limit:
+            raise InvalidArgument(
+                f"{_where(path)}: expected JSON nested at most {limit} levels, got deeper"
+            )
+        return value
+
+    return convert
 
 
 def _integer(kind: int) -> Convert:
@@ -94,7 +123,7 @@ def _integer(kind: int) -> Convert:
             number = value
         elif kind_of is float and value.is_integer():
             number = int(value)
-        elif kind_of is str and value.strip().lstrip("-").isdigit():
+        elif kind_of is str and validation.DECIMAL.fullmatch(value) is not None:
             number = int(value)
         else:
             _bad(path, "expected an integer", value)
@@ -148,6 +177,8 @@ def _timestamp(value: Any, path: str) -> Any:
     match = _PROTO_TIMESTAMP.fullmatch(value) if type(value) is str else None
     if match is None:
         _bad(path, _TIME_EXPECTED, value)
+    # The time domain is checked per item by the RPC (an ingest item out of it is rejected
+    # alone, as on gRPC); here only the syntax.
     fraction = match.group(1)
     try:
         if fraction is None or len(fraction) <= 6:
@@ -164,8 +195,8 @@ def _timestamp(value: Any, path: str) -> Any:
 
 _WELL_KNOWN: dict[str, Convert] = {
     "google.protobuf.Timestamp": _timestamp,
-    "google.protobuf.Struct": _object,
-    "google.protobuf.ListValue": _list,
+    "google.protobuf.Struct": _free(dict, "expected an object"),
+    "google.protobuf.ListValue": _free(list, "expected a list"),
 }
 
 
@@ -244,13 +275,61 @@ def _reader(desc: Descriptor) -> Convert:
     return _message(desc)
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+class _NonFinite(Exception):
+    def __init__(self, literal: str) -> None:
+        super().__init__(literal)
+        self.literal = literal
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+def _no_constant(literal: str) -> Any:
+    raise _NonFinite(literal)
+
+
+def load_json(data: bytes, param: str = "body") -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity literals, unique keys in every object, bounded
+    nesting (the parser's own recursion limit, answered as a 400)."""
+    expected = "expected a JSON object matching the request"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidArgument(
+            f"{param}: expected UTF-8 text, got an invalid byte at offset {err.start}"
+        ) from None
+    try:
+        return json.loads(text, object_pairs_hook=_unique, parse_constant=_no_constant)
+    except _DuplicateKey as dup:
+        raise InvalidArgument(
+            f"{param}: expected unique keys in every object, got {_shown(dup.key)} twice"
+        ) from None
+    except _NonFinite as bad:
+        raise InvalidArgument(f"{param}: {expected}; JSON has no {bad.literal}") from None
+    except json.JSONDecodeError as err:
+        raise InvalidArgument(f"{param}: {expected}; {err}") from None
+    except RecursionError:
+        raise InvalidArgument(f"{param}: {expected}; nested too deeply") from None
+
+
 def parse_strict(data: bytes, cls: type[M]) -> M:
     """`data`, the JSON form of a `cls` message, as that message; anything the message does not
     define, or a value of the wrong type, is an InvalidArgument naming where it is."""
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError as err:
-        raise InvalidArgument(f"body: expected a JSON object matching the request; {err}") from None
+    obj = load_json(data)
     if type(obj) is not dict:
         _bad("body", "expected a JSON object matching the request", obj)
     fields = _reader(cls.DESCRIPTOR)(obj, "")

@@ -15,7 +15,7 @@ to a gRPC status once, most specific first:
     ServiceError (errors.py)                  its own code (INVALID_ARGUMENT, NOT_FOUND, …)
     a query cancelled by the deadline         DEADLINE_EXCEEDED
     a lost or refused database connection     UNAVAILABLE
-    anything else                             INTERNAL, logged with its traceback
+    anything else                             INTERNAL, logged as class, SQLSTATE and frames
 
 A REST twin (e.g. IngestSessionsJson) is its own RPC with its own declaration; it calls the
 plain method directly, so the caller is authenticated once. A method of a registered service

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from session_audit.core import metrics
+from session_audit.core import metrics, redact
 from session_audit.core.db import Conn
 from session_audit.core.errors import ServiceError, database_unreachable
 from session_audit.core.sql import Sql, Template, Where
@@ -316,7 +316,7 @@ async def generate_next(pool: asyncpg.Pool, timeout: float) -> int | None:
             if claimed is None or lost:
                 raise
             reason = failure_reason(exc, timeout)
-            log.warning("report %s failed: %s", claimed, reason, exc_info=exc)
+            log.warning("report %s failed: %s (%s)", claimed, reason, redact.describe(exc))
             await conn.execute(MARK_FAILED, claimed, reason)
             await conn.execute(FORGET_ATTEMPTS, claimed)
             metrics.REPORT_FAILURES.inc()
@@ -338,7 +338,8 @@ def failure_reason(exc: BaseException, timeout: float) -> str:
         return exc.message
     if isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
         return f"generation took longer than {timeout:.0f} s (REPORT_GENERATION_TIMEOUT_SECONDS)"
-    return f"internal error while generating ({type(exc).__name__}); see the server log"
+    # The class name stays in the server log (redact.describe), out of the user's answer.
+    return "internal error while generating; see the server log"
 
 
 class Generators:
@@ -364,7 +365,7 @@ class Generators:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("report generation paused: %s", exc)
+                log.warning("report generation paused: %s", redact.describe(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll)
             self._wake.clear()

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from session_audit.core import metrics
+from session_audit.core import metrics, redact
 from session_audit.reports import periods
 from session_audit.reports.config import Clock
 from session_audit.reports.store import NewReport, insert_report
@@ -136,7 +136,7 @@ class Scheduler:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("scheduler tick failed: %s", exc)
+                log.warning("scheduler tick failed: %s", redact.describe(exc))
             await asyncio.sleep(self.interval)
 
     def start(self) -> None:

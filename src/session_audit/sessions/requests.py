@@ -64,14 +64,19 @@ def decode_cursor(filters: Filters, token: str) -> Cursor:
     bad = InvalidArgument("page_token: expected a next_page_token returned by this listing")
     if len(token) > 512:
         raise bad
+    # A token is whatever the caller sends: every part is checked for its type and domain.
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         payload = json.loads(raw)
-        cursor = Cursor(datetime.fromisoformat(payload["t"]), uuid.UUID(payload["i"]))
-        fingerprint = payload["f"]
-    except (ValueError, KeyError, TypeError):
+        if not isinstance(payload, dict):
+            raise bad
+        when, sid, fingerprint = payload.get("t"), payload.get("i"), payload.get("f")
+        if not (isinstance(when, str) and isinstance(sid, str) and isinstance(fingerprint, str)):
+            raise bad
+        cursor = Cursor(datetime.fromisoformat(when), uuid.UUID(sid))
+    except (ValueError, RecursionError):  # binascii.Error and JSONDecodeError are ValueErrors
         raise bad from None
-    if cursor.start_date.tzinfo is None:
+    if cursor.start_date.tzinfo is None or not v.in_time_domain(cursor.start_date):
         raise bad
     if fingerprint != filters.fingerprint():
         raise InvalidArgument(

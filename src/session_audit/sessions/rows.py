@@ -16,6 +16,7 @@ import orjson
 from google.protobuf import struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
+from session_audit.core import validation
 from session_audit.core.schema import INGEST_COLUMNS, JSON_COLUMNS
 from session_audit.v1 import sessions_pb2 as pb
 
@@ -68,6 +69,13 @@ def _size(name: str, value: float) -> int:
     return int(value)
 
 
+def _free_json(name: str, value: Any) -> str:
+    """Free-form JSON (Struct, ListValue): within the depth every read path renders."""
+    if validation.json_depth(value, validation.MAX_JSON_DEPTH) > validation.MAX_JSON_DEPTH:
+        raise ItemError(f"{name}: expected JSON nested at most {validation.MAX_JSON_DEPTH} levels")
+    return _json_text(name, value)
+
+
 def _json_text(name: str, value: Any) -> str:
     # orjson writes what json.dumps(separators=(",", ":"), ensure_ascii=False) writes, several
     # times faster; non-finite numbers never get here (_BadValue).
@@ -79,10 +87,10 @@ def _json_text(name: str, value: Any) -> str:
     return text
 
 
-# Range of google.protobuf.Timestamp (0001-01-01 .. 9999-12-31), as the library checks it.
-_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+# The time domain (core/validation.py), a little inside google.protobuf.Timestamp's range.
+_MIN_SECONDS, _MAX_SECONDS = validation.MIN_SECONDS, validation.MAX_SECONDS
 NON_FINITE = "expected a finite number (JSON has no NaN or Infinity)"
-BAD_TIME = "expected a time between 0001-01-01 and 9999-12-31 (nanos 0..999999999)"
+BAD_TIME = f"expected a time from {validation.TIME_RANGE}"
 
 
 class _BadValue(Exception):
@@ -99,8 +107,15 @@ def _timestamp(name: str, ts: timestamp_pb2.Timestamp) -> datetime:
     """Timestamp.ToDatetime(tzinfo=UTC) in integer arithmetic, with the range check turned
     into an ItemError naming the field."""
     if not _valid_timestamp(ts):
-        raise ItemError(f"{name}: {BAD_TIME}, got seconds={ts.seconds} nanos={ts.nanos}")
+        raise ItemError(f"{name}: {BAD_TIME}, got {_shown_time(ts)}")
     return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+
+
+def _shown_time(ts: timestamp_pb2.Timestamp) -> str:
+    try:
+        return ts.ToJsonString()
+    except ValueError:
+        return f"seconds={ts.seconds} nanos={ts.nanos}"
 
 
 def _bad_value_path(value: Any, path: str = "") -> tuple[str, str] | None:
@@ -337,9 +352,9 @@ def _item_from_proto(s: pb.Session, org_id: uuid.UUID, now: datetime) -> IngestI
         v["labels"] = _json_text("labels", dict(s.labels))
     for col in ("integrations_metadata", "metadata", "metrics"):
         if dyn.HasField(col):
-            v[col] = _json_text(col, _plain(getattr(s, col)))
+            v[col] = _free_json(col, _plain(getattr(s, col)))
     if s.HasField("event_stream"):
-        v["event_stream"] = _json_text("event_stream", _plain(s.event_stream))
+        v["event_stream"] = _free_json("event_stream", _plain(s.event_stream))
     return IngestItem(sid, start, end, explicit, v)
 
 
@@ -442,9 +457,12 @@ def row_to_proto(r: asyncpg.Record) -> pb.Session:
         s.connection_tags.update(r["connection_tags"])
     if r["labels"]:
         s.labels.update(r["labels"])
+    # Empty objects print as {} like labels and connection_tags do (set, with no fields).
     for col in ("integrations_metadata", "metadata", "metrics"):
-        if r[col] is not None:
-            getattr(s, col).update(r[col])
+        struct = getattr(s, col)
+        struct.SetInParent()
+        if r[col]:
+            struct.update(r[col])
     if "script" in r and r["script"] is not None:
         s.script.data = r["script"]
     if "event_stream" in r and r["event_stream"] is not None:
