@@ -226,14 +226,14 @@ async def serve(
     for task in background:
         task.start()
     metrics_server = observability.serve_metrics(config.metrics_port) if metrics_endpoint else None
-    if on_ready is not None:
-        on_ready(port)
-
+    # Handlers first: a Ctrl-C right after the banner (printed by on_ready) stops cleanly.
     done = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, done.set)
+    if on_ready is not None:
+        on_ready(port)
     await done.wait()
     log.info("shutting down: refusing new RPCs, draining for %.0fs", config.shutdown_grace)
     await checker.shutdown()
