@@ -10,7 +10,7 @@ PROTOC  = PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Ip
           -I$$($(BIN)/python -c 'import grpc_tools,os;print(os.path.join(os.path.dirname(grpc_tools.__file__),"_proto"))') \
           -I$$($(BIN)/python -c 'import google.api.annotations_pb2 as m,os;print(os.path.dirname(os.path.dirname(os.path.dirname(m.__file__))))')
 
-.PHONY: all venv proto check-proto descriptor openapi check-openapi buf-lint buf-baseline lint test soak fuzz run bench bench-reports bench-analytics clean
+.PHONY: all venv proto check-proto descriptor openapi check-openapi buf-lint buf-baseline lint test soak test-citus fuzz run bench bench-reports bench-analytics bench-analytics-citus clean
 
 all: venv descriptor
 
@@ -82,6 +82,18 @@ test: $(STAMP) check-proto $(DESC) check-openapi lint
 soak: $(STAMP) $(DESC)
 	SOAK=1 timeout 600 $(BIN)/pytest tests/soak -s -p no:cacheprovider --basetemp=.pytest-soak
 
+# The API test modules on a Citus cluster: a coordinator and two workers started for the run
+# (binaries from CITUS_PG_BIN, else built by ../shared/citus/build-citus), stopped afterwards.
+# Includes the router-plan check (tests/test_citus_router.py). See docs/scaling.md.
+CITUS_TESTS ?= tests/test_citus_router.py tests/test_sessions_list.py tests/test_sessions_ingest.py \
+               tests/test_analytics_api.py tests/test_analytics_rollups.py tests/test_reports_api.py \
+               tests/test_reports_downloads.py tests/test_reports_filters.py \
+               tests/test_reports_scheduler.py tests/test_reports_crash.py tests/test_contract.py \
+               tests/test_instances.py
+test-citus: $(STAMP) $(DESC)
+	$(BIN)/python -m tests.citus_cluster run -- $(BIN)/pytest -p no:cacheprovider \
+	  --basetemp=.pytest-tmp-citus $(CITUS_TESTS)
+
 # Hostile-input fuzzing against the real stack (server + Envoy + PostgreSQL): schemathesis over
 # envoy/openapi.json and hypothesis strategies for every parameter; prints counts by status.
 fuzz: $(STAMP) $(DESC)
@@ -100,6 +112,11 @@ bench-reports: $(STAMP) $(DESC)
 # Aggregations at 10M sessions; the data set is kept in .bench-data-analytics/ and reused.
 bench-analytics: $(STAMP) $(DESC)
 	$(BIN)/python bench/bench_analytics.py $(BENCH_ARGS)
+
+# The same bench against a fresh 3-node Citus cluster (docs/scaling.md: --seed, --t-end and
+# --answers in BENCH_ARGS give the same data as a single-node run, to compare answers).
+bench-analytics-citus: $(STAMP) $(DESC)
+	$(BIN)/python -m tests.citus_cluster run -- $(BIN)/python bench/bench_analytics.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .gen-check $(DESC) .pytest_cache .mypy_cache .ruff_cache build/buf-deps

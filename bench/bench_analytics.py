@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -116,8 +117,12 @@ def fmt(samples: list[float]) -> str:
     return f"{statistics.median(samples):8.1f} {pct(samples, 0.99):8.1f}"
 
 
-async def load(conn: asyncpg.Connection, n: int, orgs: int, days: int) -> datetime:
-    """Generate the data set unless this database already holds it; returns its end time."""
+async def load(
+    conn: asyncpg.Connection, n: int, orgs: int, days: int, seed: float | None = None,
+    t_end_at: datetime | None = None,
+) -> datetime:  # fmt: skip
+    """Generate the data set unless this database already holds it; returns its end time. With
+    `seed` and `t_end_at` the same rows (but for their random ids) on any engine."""
     await conn.execute(
         "CREATE TABLE IF NOT EXISTS bench_meta (sessions bigint, orgs int, days int,"
         " t_end timestamptz)"
@@ -129,7 +134,7 @@ async def load(conn: asyncpg.Connection, n: int, orgs: int, days: int) -> dateti
         return t_end
     if row is not None:
         raise SystemExit("this database holds another data set: use --fresh")
-    t_end = datetime.now(UTC).replace(microsecond=0)
+    t_end = t_end_at or datetime.now(UTC).replace(microsecond=0)
     per_org = n // orgs
     t = time.perf_counter()
     with tqdm(total=n, unit="session", desc="generate") as bar:
@@ -137,6 +142,9 @@ async def load(conn: asyncpg.Connection, n: int, orgs: int, days: int) -> dateti
             org_id = await auth.ensure_org(conn, f"bench-org-{k}")
             for done in range(0, per_org, LOAD_BATCH):
                 size = min(LOAD_BATCH, per_org - done)
+                if seed is not None:
+                    part = seed + k * 0.137 + done / LOAD_BATCH * 0.0711
+                    await conn.execute("SELECT setseed($1)", part % 2 - 1)
                 await conn.execute(data.GENERATE, org_id, k, size, t_end, days * 86400.0)
                 bar.update(size)
     generated = time.perf_counter() - t
@@ -172,6 +180,11 @@ async def main() -> None:
     ap.add_argument("--skip-ingest", action="store_true")
     ap.add_argument("--fresh", action="store_true", help="drop and reload the data set")
     ap.add_argument("--load-only", action="store_true", help="load the data set and stop")
+    # Comparing engines (docs/scaling.md): the same data on each (seeded, fixed end time), and
+    # every answer written to a file to compare.
+    ap.add_argument("--seed", type=float, default=None, help="seed the generated data")
+    ap.add_argument("--t-end", type=datetime.fromisoformat, default=None, help="data end time")
+    ap.add_argument("--answers", type=Path, default=None, help="write each case's answer here")
     args = ap.parse_args()
 
     print(f"machine  {machine()}")
@@ -186,7 +199,7 @@ async def main() -> None:
     if args.fresh and embedded is None:
         await conn.execute("DROP TABLE IF EXISTS bench_meta")
     await migrate.migrate(conn)
-    t_end = await load(conn, args.sessions, args.orgs, args.days)
+    t_end = await load(conn, args.sessions, args.orgs, args.days, args.seed, args.t_end)
     if args.load_only:
         await conn.close()
         if embedded is not None:
@@ -375,6 +388,7 @@ async def run_cases(cases: list[Case], args: Any) -> None:
     print("\n== latency in ms (p50 p99); sequential requests on a warm cache")
     print(f"  {'case':<52}{'gRPC':>17}{'REST':>17}{'SQL rollups':>17}{'SQL base only':>17}"
           f"{'gateway SQL':>17}  answer  path      target")  # fmt: skip
+    answers: dict[str, str] = {}
     for c in cases:
         g, _ = await timed(c.grpc, args.requests)
         r, _ = await timed(c.rest, args.requests)
@@ -392,6 +406,9 @@ async def run_cases(cases: list[Case], args: Any) -> None:
         same = "same" if c.same(rolled, based) else "DIFFERS"
         print(f"  {c.name:<52}{fmt(g)}{fmt(r)}{fmt(s)}{fmt(b)}{gw:>17}  {same:<7} {rolled.source:<9} {verdict}")  # fmt: skip
         sys.stdout.flush()
+        answers[c.name] = repr(rolled)
+    if args.answers is not None:
+        args.answers.write_text(json.dumps(answers, indent=1, sort_keys=True))
 
 
 async def ingest(url: str, conn: asyncpg.Connection, srv: ServerProcess, args: Any,
@@ -451,8 +468,10 @@ async def ingest(url: str, conn: asyncpg.Connection, srv: ServerProcess, args: A
               f"(written {reply.written:,})")  # fmt: skip
         await channel.close()
     finally:
-        # Leave the data set as loaded (the trigger takes these out of the rollups too).
+        # Leave the data set as loaded: these orgs' sessions and rollup rows go.
         await writer.execute("DELETE FROM sessions WHERE org_id = any($1::uuid[])", orgs)
+        for f in rollups.FAMILIES:
+            await writer.execute(f"DELETE FROM {f.table} WHERE org_id = any($1::uuid[])", orgs)
         await writer.close()
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from session_audit import envoy
 from session_audit.embedded import EmbeddedPostgres
-from tests.support import Stack, _with_conn, fresh_database, run, start_stack
+from tests.support import Stack, drop_database, fresh_database, start_stack
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +25,7 @@ def database(workdir: Path) -> Iterator[str]:
     if url:
         dsn, name = fresh_database(url)
         yield dsn
-        run(_with_conn(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        drop_database(url, name)
         return
     embedded = EmbeddedPostgres(workdir / "pg")
     yield embedded.start()

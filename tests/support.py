@@ -46,11 +46,33 @@ async def _with_conn(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
 
 
 def fresh_database(url: str) -> tuple[str, str]:
-    """A new, empty database on `url`'s server: (its DSN, its name)."""
+    """A new, empty database on `url`'s server: (its DSN, its name). With CITUS_WORKER_URLS
+    (a Citus cluster, tests/citus_cluster.py) the database is made on every node, with the
+    citus extension, and the workers are added to it."""
     name = f"session_audit_test_{uuid.uuid4().hex[:8]}"
-    run(_with_conn(url, f'CREATE DATABASE "{name}"'))
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path="/" + name)), name
+    workers = os.environ.get("CITUS_WORKER_URLS", "").split()
+    for node in [url, *workers]:
+        run(_with_conn(node, f'CREATE DATABASE "{name}"'))
+        if workers:
+            run(_with_conn(_on(node, name), "CREATE EXTENSION citus"))
+    dsn = _on(url, name)
+    if workers:
+        coordinator = urlsplit(url)
+        run(_with_conn(dsn, "SELECT citus_set_coordinator_host($1, $2)",
+                       coordinator.hostname, coordinator.port))  # fmt: skip
+        for w in workers:
+            parts = urlsplit(w)
+            run(_with_conn(dsn, "SELECT citus_add_node($1, $2)", parts.hostname, parts.port))
+    return dsn, name
+
+
+def drop_database(url: str, name: str) -> None:
+    for node in [url, *os.environ.get("CITUS_WORKER_URLS", "").split()]:
+        run(_with_conn(node, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def _on(url: str, database: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path="/" + database))
 
 
 def wait_grpc(target: str, timeout: float = 30.0) -> None:

@@ -197,9 +197,9 @@ def load(stack: Stack, world: World) -> tuple[uuid.UUID, list[Spec]]:
         if world.deleted:
             conn = await db.connect(stack.dsn)
             try:
-                await conn.execute(
-                    "DELETE FROM sessions WHERE id = any($1::uuid[])",
-                    [uuid.UUID(s.id) for s in world.deleted],
+                # The service's delete (no trigger): rollups follow in the same transaction.
+                await rollups.delete_sessions(
+                    conn, org, [uuid.UUID(s.id) for s in world.deleted], 60.0
                 )
             finally:
                 await conn.close()
@@ -365,19 +365,16 @@ def test_every_answer_matches_the_reference(stack: Stack, qdb: Db, data: st.Data
 def test_rollups_equal_a_rebuild_after_ingest_updates_and_deletes(
     stack: Stack, world: World
 ) -> None:
-    """Whatever was ingested, updated and deleted (ingest maintains the rollups, the DELETE
-    trigger of migration 0010 takes deleted sessions out): the rollups are exactly what
-    recomputing them from the sessions with rollups.py's definitions gives. Half of what is
-    left is deleted too, so the trigger's definitions are compared on every example."""
+    """Whatever was ingested, updated and deleted (ingest maintains the rollups,
+    rollups.delete_sessions takes deleted sessions out in the same transaction): the rollups
+    are exactly what recomputing them from the sessions with rollups.py's definitions gives.
+    Half of what is left is deleted too, so deletion is exercised on every example."""
     org, specs = load(stack, world)
 
     async def go() -> None:
         conn = await db.connect(stack.dsn)
         try:
-            await conn.execute(
-                "DELETE FROM sessions WHERE id = any($1::uuid[])",
-                [uuid.UUID(s.id) for s in specs[::2]],
-            )
+            await rollups.delete_sessions(conn, org, [uuid.UUID(s.id) for s in specs[::2]], 60.0)
             before = {f.table: await snapshot(conn, f, org) for f in rollups.FAMILIES}
             await rollups.rebuild(conn, org)
             after = {f.table: await snapshot(conn, f, org) for f in rollups.FAMILIES}

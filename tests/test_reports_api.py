@@ -261,7 +261,9 @@ def test_pending_report_is_409_then_downloads(stack: Stack, world: World) -> Non
                 " VALUES ($1, 'admin@acme.example', 'org', 11, 'session_summary', 'held')"
                 " RETURNING id", org_id)  # fmt: skip
             async with conn.transaction():
-                await conn.execute("SELECT 1 FROM reports WHERE id = $1 FOR UPDATE", rid)
+                await conn.execute(
+                    "SELECT 1 FROM reports WHERE org_id = $1 AND id = $2 FOR UPDATE", org_id, rid
+                )
                 await asyncio.sleep(0.3)
                 r = await asyncio.to_thread(stack.rest, "GET", f"/api/v2/report/{rid}/csv",
                                             world.admin)  # fmt: skip
@@ -702,7 +704,8 @@ def test_failed_generation_leaves_no_partial_rows(stack: Stack, world: World) ->
         conn: asyncpg.Connection = await db.connect(stack.dsn)
         try:
             n = await conn.fetchval(
-                "SELECT count(*) FROM report_rows rr JOIN reports r ON r.id = rr.report_id"
+                "SELECT count(*) FROM report_rows rr"
+                " JOIN reports r ON r.org_id = rr.org_id AND r.id = rr.report_id"
                 " WHERE r.status <> 'ready'"
             )
             assert n == 0
@@ -720,13 +723,25 @@ def test_a_report_whose_generation_keeps_dying_is_failed_not_retried_forever(
     failed on the next claim, with the reason. One interrupted attempt less still generates, and
     a finished report leaves no count."""
 
+    async def insert(title: str, attempts: int) -> str:
+        # One transaction: no generator may claim the report before its count is there.
+        conn = await db.connect(stack.dsn)
+        try:
+            async with conn.transaction():
+                org = await conn.fetchval("SELECT id FROM orgs WHERE name = $1", world.org)
+                rid = await conn.fetchval(
+                    "INSERT INTO reports (org_id, owner, owner_scope, defined_report_id, type,"
+                    " title) VALUES ($1, 'admin@acme.example', 'org', 11, 'session_summary', $2)"
+                    " RETURNING id", org, title)  # fmt: skip
+                await conn.execute(
+                    "INSERT INTO report_attempts (org_id, report_id, attempts) VALUES ($1, $2, $3)",
+                    org, rid, attempts)  # fmt: skip
+            return str(rid)
+        finally:
+            await conn.close()
+
     def pending(title: str, attempts: int) -> str:
-        rows = stack.sql(
-            "WITH r AS (INSERT INTO reports (org_id, owner, owner_scope, defined_report_id, type,"
-            " title) SELECT id, 'admin@acme.example', 'org', 11, 'session_summary', $2 FROM orgs"
-            " WHERE name = $1 RETURNING id), a AS (INSERT INTO report_attempts"
-            " SELECT id, $3 FROM r) SELECT id FROM r", world.org, title, attempts)  # fmt: skip
-        return str(rows[0]["id"])
+        return asyncio.run(insert(title, attempts))
 
     doomed, survivor = pending("doomed", 3), pending("survivor", 2)
     report = wait_report(stack, world.admin, doomed)

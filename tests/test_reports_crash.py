@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from session_audit.core import auth, db, migrate
-from tests.support import ServerProcess, Stack, _with_conn, fresh_database, run
+from tests.support import ServerProcess, Stack, drop_database, fresh_database
 
 
 @pytest.fixture()
@@ -23,7 +23,7 @@ def own_database(stack: Stack) -> Iterator[str]:
     """A database of its own: the shared stack's generators must not claim this report."""
     dsn, name = fresh_database(stack.dsn)
     yield dsn
-    run(_with_conn(stack.dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    drop_database(stack.dsn, name)
 
 
 async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:
@@ -45,10 +45,12 @@ def test_generation_that_dies_with_its_process_is_retried_then_failed(
         try:
             await migrate.migrate(conn)
             await auth.create_token(conn, "crash", "admin", "admin@crash.example")
+            org = await conn.fetchval("SELECT id FROM orgs WHERE name = 'crash'")
             rid = await conn.fetchval(
                 "INSERT INTO reports (org_id, owner, owner_scope, defined_report_id, type, title)"
-                " SELECT id, 'admin@crash.example', 'org', 11, 'session_summary', 'doomed'"
-                " FROM orgs WHERE name = 'crash' RETURNING id"
+                " VALUES ($1, 'admin@crash.example', 'org', 11, 'session_summary', 'doomed')"
+                " RETURNING id",
+                org,
             )
 
             async def attempts() -> int:
@@ -62,7 +64,10 @@ def test_generation_that_dies_with_its_process_is_retried_then_failed(
                 try:
                     async with conn.transaction():
                         row = await conn.fetchrow(
-                            "SELECT status FROM reports WHERE id = $1 FOR UPDATE NOWAIT", rid
+                            "SELECT status FROM reports WHERE org_id = $1 AND id = $2"
+                            " FOR UPDATE NOWAIT",
+                            org,
+                            rid,
                         )
                     return row is not None and row["status"] == "pending"
                 except asyncpg.LockNotAvailableError:

@@ -236,8 +236,9 @@ def test_a_subscription_follows_its_owners_access_now(stack: Stack) -> None:
             async def made(sid: int) -> list[tuple[datetime, str | None]]:
                 rows = await conn.fetch(
                     "SELECT p.period_start, r.owner_scope FROM subscription_periods p"
-                    " LEFT JOIN reports r ON r.id = p.report_id WHERE p.subscription_id = $1"
-                    " ORDER BY 1", sid)  # fmt: skip
+                    " LEFT JOIN reports r ON r.org_id = p.org_id AND r.id = p.report_id"
+                    " WHERE p.org_id = $2 AND p.subscription_id = $1"
+                    " ORDER BY 1", sid, org_id)  # fmt: skip
                 return [(r["period_start"], r["owner_scope"]) for r in rows]
 
             d0 = utc(2031, 3, 2)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -245,10 +245,37 @@ def test_org_isolation(stack: Stack, world: World) -> None:
     assert not mine & theirs
     r = stack.rest("GET", f"/api/sessions/{world.specs[0].id}", world.other_admin)
     assert r.status_code == 404 and r.json() == {"message": r.json()["message"]}
-    # Re-using another org's id on ingest is refused, and their row is untouched.
-    reply = stack.ingest(world.other_admin, [world.specs[0].to_proto()])
-    assert reply.rejected == 1 and reply.rejections[0].reason.startswith("id:")
-    assert stack.rest("GET", f"/api/sessions/{world.specs[0].id}", world.admin).status_code == 200
+
+
+def test_the_same_id_in_two_orgs_is_two_sessions(stack: Stack) -> None:
+    """Session ids are unique per org (key (org_id, id)): an org sending an id another org
+    uses stores its own session, and neither org can tell the other's exists."""
+    a = stack.token(stack.new_org("twin-a"), "admin", "admin@a.example")
+    b = stack.token(stack.new_org("twin-b"), "admin", "admin@b.example")
+    theirs = Spec(email="ana@a.example", connection="db-a", end=T0 + timedelta(minutes=5))
+    mine = replace(theirs, email="bob@b.example", connection="db-b", end=None)
+    assert stack.ingest(a, [theirs.to_proto()]).written == 1
+    reply = stack.ingest(b, [mine.to_proto()])
+    assert (reply.accepted, reply.written, reply.rejected) == (1, 1, 0)
+    got_a = stack.rest("GET", f"/api/sessions/{theirs.id}", a).json()
+    got_b = stack.rest("GET", f"/api/sessions/{theirs.id}", b).json()
+    assert (got_a["user"], got_a["connection"], got_a["status"]) == (
+        "ana@a.example",
+        "db-a",
+        "done",
+    )
+    assert (got_b["user"], got_b["connection"], got_b["status"]) == (
+        "bob@b.example",
+        "db-b",
+        "open",
+    )
+    assert rest_ids(stack, a, {}) == rest_ids(stack, b, {}) == [theirs.id]
+    # An update from b changes b's session only.
+    stack.ingest(b, [replace(mine, end=T0 + timedelta(hours=1)).to_proto()])
+    assert (
+        stack.rest("GET", f"/api/sessions/{theirs.id}", a).json()["end_date"] == (got_a["end_date"])
+    )
+    assert stack.rest("GET", f"/api/sessions/{theirs.id}", b).json()["status"] == "done"
 
 
 def test_user_role_sees_only_own_sessions(stack: Stack, world: World) -> None:

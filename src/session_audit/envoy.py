@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from session_audit.core.config import project_root
@@ -32,6 +33,13 @@ def envoy_binary() -> str:
     return found
 
 
+ENDPOINT = """\
+        - endpoint:
+            address:
+              socket_address: {address: 127.0.0.1, port_value: 50051}
+"""
+
+
 METRICS_BEGIN = "  # >>> metrics listener"
 METRICS_END = "  # <<< metrics listener\n"
 ADMIN_SOCKET = "/tmp/session-audit-envoy-admin.sock"  # noqa: S108 - the template's; replaced
@@ -49,10 +57,12 @@ def render(
     *,
     metrics_port: int = 0,
     access_log: str = "/dev/stdout",
+    upstreams: Sequence[tuple[str, int]] = (),
 ) -> str:
     """envoy.yaml with the listener, upstream port, descriptor and admin socket filled in; the
     access log to `access_log`, and the /stats/prometheus listener on `metrics_port` (none
-    when 0)."""
+    when 0). With `upstreams`, one endpoint per (host, port) instead of 127.0.0.1:grpc_port
+    (several server instances, docs/scaling.md)."""
     base = root or project_root()
     text = (base / TEMPLATE).read_text()
     descriptor = base / DESCRIPTOR
@@ -70,6 +80,15 @@ def render(
         f"filename: {OPENAPI}": f"filename: {base / OPENAPI}",
         "path: /dev/stdout": f"path: {access_log}",
     }
+    if upstreams:
+        if ENDPOINT not in text:
+            raise ValueError(f"{TEMPLATE}: expected one 127.0.0.1:50051 endpoint")
+        endpoints = "".join(
+            ENDPOINT.replace("127.0.0.1", host).replace("50051", str(port))
+            for host, port in upstreams
+        )
+        text = text.replace(ENDPOINT, endpoints)
+        replacements = {k: v for k, v in replacements.items() if k != "port_value: 50051"}
     if admin is not None:
         # Both the admin address and the envoy_admin cluster that the metrics listener uses.
         replacements[f"path: {ADMIN_SOCKET}"] = f"path: {admin}"
@@ -100,11 +119,13 @@ def start(
     *,
     metrics_port: int = 0,
     access_log: str | None = None,
+    upstreams: Sequence[tuple[str, int]] = (),
     drain_time: int = 10,
 ) -> subprocess.Popen[bytes]:
     """Start Envoy in its own session (so it outlives no one but is not killed with a shell's
     process group) and wait until it listens. Its access log goes to `access_log` (default:
-    envoy-<port>-access.log in `workdir`; "/dev/stdout" for a terminal)."""
+    envoy-<port>-access.log in `workdir`; "/dev/stdout" for a terminal). `upstreams`: several
+    server instances."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / f"envoy-{http_port}.yaml"
     admin = admin_socket(workdir, http_port)
@@ -116,6 +137,7 @@ def start(
         render(
             http_port, grpc_port, admin=admin, metrics_port=metrics_port,
             access_log="/dev/stdout" if access_log is None else access_log,
+            upstreams=upstreams,
         )
     )  # fmt: skip
     # Distinct base ids let several Envoys share the machine (tests, run, bench).

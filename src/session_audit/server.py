@@ -25,6 +25,7 @@ from session_audit.core.app import App
 from session_audit.core.auth import TokenCache
 from session_audit.core.config import Config
 from session_audit.core.decode import DecodeGuard
+from session_audit.core.reads import Reads
 from session_audit.core.rpc import Guard
 from session_audit.reports.config import ReportConfig
 from session_audit.reports.service import ReportService
@@ -193,7 +194,15 @@ async def serve(
     probe_pool = await db.create_pool(
         dsn, 1, 1, name="health probe", acquire_timeout=max(1.0, config.health_interval)
     )
-    app = App(config, pool, ingest_pool, report_pool=report_pool)
+    standby = None
+    if config.database_read_url:
+        # No connection at start: a standby that is down must not keep the service down.
+        standby = await db.create_pool(
+            config.database_read_url, 0, config.pool_max, name="standby", acquire_timeout=wait,
+            idle_in_transaction=idle,
+        )  # fmt: skip
+    reads = Reads(pool, standby, config.read_max_lag)
+    app = App(config, pool, ingest_pool, report_pool=report_pool, reads=reads)
     guard = Guard(app)
     server = grpc.aio.server(
         # Observer first: outermost, so it sees the status the Guard settled on; DecodeGuard
@@ -225,6 +234,7 @@ async def serve(
     log.info("gRPC listening on %s:%d (pid %d)", config.grpc_host, port, os.getpid())
     for task in background:
         task.start()
+    reads.start()
     metrics_server = observability.serve_metrics(config.metrics_port) if metrics_endpoint else None
     # Handlers first: a Ctrl-C right after the banner (printed by on_ready) stops cleanly.
     done = stop or asyncio.Event()
@@ -242,6 +252,9 @@ async def serve(
     await server.stop(config.shutdown_grace)
     for task in background:
         await task.stop()
+    await reads.stop()
+    if standby is not None:
+        await standby.close()
     for p in (pool, ingest_pool, report_pool, probe_pool):
         await p.close()
     if metrics_server is not None:

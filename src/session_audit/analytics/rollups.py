@@ -206,8 +206,8 @@ def _capture_sql(src: str) -> str:
     return "WITH " + ", ".join(parts) + " SELECT 1"
 
 
-# The stored rows of ids $2 (sessions being overwritten, or just merged).
-CAPTURE = _capture_sql(f"SELECT {_NAMES} FROM sessions WHERE id = any($2::uuid[])")
+# The stored rows of org $3's ids $2 (sessions being overwritten, or just merged).
+CAPTURE = _capture_sql(f"SELECT {_NAMES} FROM sessions WHERE org_id = $3 AND id = any($2::uuid[])")
 # Rows given as one array per column ($2…): sessions just copied in, whose stored values are
 # exactly what was sent, so they need not be read back.
 CAPTURE_VALUES = _capture_sql(
@@ -248,8 +248,9 @@ IS_STALE = "SELECT EXISTS (SELECT 1 FROM rollup_stale_orgs WHERE org_id = $1)"
 class Deltas:
     """The rollup changes of one ingest batch, held in temporary tables until `apply`."""
 
-    def __init__(self, conn: Conn, timeout: float) -> None:
+    def __init__(self, conn: Conn, org_id: uuid.UUID, timeout: float) -> None:
         self.conn = conn
+        self.org_id = org_id
         self.timeout = timeout
         self.pending = False
         self._ready = False
@@ -280,7 +281,7 @@ class Deltas:
         if not ids:
             return
         await self._prepare()
-        await self.conn.execute(CAPTURE, sign, list(ids), timeout=self.timeout)
+        await self.conn.execute(CAPTURE, sign, list(ids), self.org_id, timeout=self.timeout)
         self.pending = True
 
     async def apply(self) -> None:
@@ -290,6 +291,31 @@ class Deltas:
         for sql in APPLY:
             await self.conn.execute(sql, timeout=self.timeout)
         self.pending = False
+
+
+LOCK_FOR_DELETE = """
+SELECT id FROM sessions WHERE org_id = $1 AND id = any($2::uuid[]) ORDER BY id FOR UPDATE
+"""
+DELETE_SESSIONS = "DELETE FROM sessions WHERE org_id = $1 AND id = any($2::uuid[])"
+
+
+async def delete_sessions(
+    conn: Conn, org_id: uuid.UUID, ids: Sequence[uuid.UUID], timeout: float
+) -> int:
+    """Delete sessions of one org and take their contributions out of the rollups, in one
+    transaction (retention, clean-up). The only way to delete sessions that keeps the rollups
+    exact: there is no trigger (none on a distributed table, docs/scaling.md). Returns how
+    many were deleted."""
+    async with conn.transaction():
+        locked = await conn.fetch(LOCK_FOR_DELETE, org_id, list(ids), timeout=timeout)
+        found = [r["id"] for r in locked]
+        if not found:
+            return 0
+        deltas = Deltas(conn, org_id, timeout)
+        await deltas.subtract(found)
+        status = await conn.execute(DELETE_SESSIONS, org_id, found, timeout=timeout)
+        await deltas.apply()
+    return int(status.rsplit(" ", 1)[-1])
 
 
 async def mark_stale(conn: Conn, org_id: uuid.UUID, timeout: float) -> None:

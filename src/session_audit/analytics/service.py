@@ -24,8 +24,10 @@ class AnalyticsService(pb_grpc.AnalyticsServiceServicer):
     ) -> pb.SessionReport:
         who = caller()
         query = requests.parse_report(request, datetime.now(UTC))
-        async with self.app.pool.acquire() as conn:
-            result = await store.report(conn, who, query, self.app.timeout(context))
+        timeout = self.app.timeout(context)
+        result = await self.app.read(
+            who.token_id, lambda conn: store.report(conn, who, query, timeout)
+        )
         return rows.report_to_proto(result)
 
     @roles(READERS, "read session histograms")
@@ -34,8 +36,10 @@ class AnalyticsService(pb_grpc.AnalyticsServiceServicer):
     ) -> pb.HistogramResponse:
         who = caller()
         query = requests.parse_histogram(request, datetime.now(UTC))
-        async with self.app.pool.acquire() as conn:
-            result = await store.histogram(conn, who, query, self.app.timeout(context))
+        timeout = self.app.timeout(context)
+        result = await self.app.read(
+            who.token_id, lambda conn: store.histogram(conn, who, query, timeout)
+        )
         return rows.histogram_to_proto(query, result, self.app.remaining(context))
 
     @roles(READERS, "read session statistics")
@@ -44,6 +48,8 @@ class AnalyticsService(pb_grpc.AnalyticsServiceServicer):
     ) -> pb.SessionStatsResponse:
         who = caller()
         query = requests.parse_stats(request, datetime.now(UTC))
-        async with self.app.pool.acquire() as conn:
-            result = await store.stats(conn, who, query, self.app.timeout(context))
+        timeout = self.app.timeout(context)
+        result = await self.app.read(
+            who.token_id, lambda conn: store.stats(conn, who, query, timeout)
+        )
         return rows.stats_to_proto(query, result, self.app.remaining(context))

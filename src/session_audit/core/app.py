@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
+from typing import TypeVar
 
 import asyncpg
 import grpc
 
 from session_audit.core import auth
 from session_audit.core.config import Config
+from session_audit.core.db import Conn
+from session_audit.core.reads import Reads
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -22,6 +28,22 @@ class App:
     # Report generation and the scheduler (None: share `pool`). Separate so generators, which
     # hold a connection for a whole generation, can never starve RPCs or each other.
     report_pool: asyncpg.Pool | None = None
+    # Where read-only calls run (a standby when DATABASE_READ_URL is set); see core/reads.py.
+    reads: Reads | None = None
+
+    async def read(self, token_id: int, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """A read-only call of the caller with this token: on the standby when it may serve
+        them, else on the primary."""
+        if self.reads is None:
+            async with self.pool.acquire() as conn:
+                return await fn(conn)
+        return await self.reads.run(token_id, fn)
+
+    async def wrote(self, who: auth.Principal) -> None:
+        """After `who`'s write committed: their reads stay on the primary until the standby
+        has replayed past the primary's position now (which is past the commit)."""
+        if self.reads is not None:
+            await self.reads.wrote(who.token_id)
 
     def pools(self) -> dict[str, asyncpg.Pool]:
         """Every pool the app holds, by field name (the `pool` label of the metrics)."""

@@ -43,6 +43,13 @@ INSERT INTO orgs (id, name) VALUES ($1, $2)
 ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
 RETURNING id
 """
+# Every org has its own copy of the predefined definitions (ids 5-16, owner NULL), so that
+# definitions are always read within one org (migration 0030, docs/scaling.md).
+INSERT_PREDEFINED = """
+INSERT INTO defined_reports (org_id, id, title, type, created_at, modified_at)
+SELECT $1, p.id, p.title, p.type, p.created_at, p.modified_at FROM predefined_reports p
+ON CONFLICT (org_id, id) DO NOTHING
+"""
 INSERT_TOKEN = """
 INSERT INTO api_tokens (org_id, token_hash, prefix, role, email)
 VALUES ($1, $2, $3, $4, $5)
@@ -186,7 +193,11 @@ async def authenticate(
 
 
 async def ensure_org(conn: asyncpg.Connection, name: str) -> uuid.UUID:
-    org_id: uuid.UUID = await conn.fetchval(INSERT_ORG, uuid.uuid4(), name)
+    """The org's id, creating it (with its copy of the predefined report definitions) when
+    it is new."""
+    async with conn.transaction():
+        org_id: uuid.UUID = await conn.fetchval(INSERT_ORG, uuid.uuid4(), name)
+        await conn.execute(INSERT_PREDEFINED, org_id)
     return org_id
 
 

@@ -64,6 +64,10 @@ class Config:
     stream_max: float = 900.0
     # Concurrent StreamIngestSessions per org and server process (RESOURCE_EXHAUSTED beyond).
     streams_per_org: int = 4
+    # A streaming standby for read-only calls (core/reads.py); empty: all reads on the primary.
+    database_read_url: str = ""
+    # A standby further behind than this is not read from.
+    read_max_lag: float = 10.0
     # Loopback port of the server's Prometheus /metrics (0: none).
     metrics_port: int = 9464
     # Loopback port where Envoy's /stats/prometheus is served, and nothing else of its admin
@@ -92,6 +96,8 @@ class Config:
             stream_idle=float(_int(env, "STREAM_IDLE_SECONDS", 30, 1, 3600)),
             stream_max=float(_int(env, "STREAM_MAX_SECONDS", 900, 1, 86400)),
             streams_per_org=_int(env, "INGEST_STREAMS_PER_ORG", 4, 1, 1000),
+            database_read_url=env.get("DATABASE_READ_URL", ""),
+            read_max_lag=float(_int(env, "READ_MAX_LAG_SECONDS", 10, 0, 86400)),
             metrics_port=_int(env, "METRICS_PORT", 9464, 0, 65535),
             envoy_metrics_port=_int(env, "ENVOY_METRICS_PORT", 9465, 0, 65535),
         )

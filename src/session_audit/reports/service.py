@@ -7,6 +7,7 @@ and the subscription scheduler.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -20,6 +21,7 @@ from session_audit.core.app import App
 from session_audit.core.auth import READERS
 from session_audit.core.errors import Conflict, InvalidArgument, NotFound, PermissionDenied
 from session_audit.core.json_body import parse_strict
+from session_audit.core.reads import Behind
 from session_audit.core.rpc import caller, roles
 from session_audit.reports import messages as msg
 from session_audit.reports import requests as req
@@ -209,14 +211,19 @@ class ReportService(pb_grpc.ReportServiceServicer):
         kind = BY_KEY[row["type"]]
         _restricted(kind, me)
         timeout = self.app.timeout(context)
-        content = await store.report_content(self.app.pool, id_, timeout)
+        try:
+            content = await self.app.read(
+                me.token_id, lambda conn: store.report_content(conn, me.org_id, id_, timeout)
+            )
+        except Behind:  # not on the primary either: deleted meanwhile
+            raise NotFound(f"report {id_} not found") from None
         doc = self._doc(row, content, kind, fmt)
         await context.send_initial_metadata(
             (("content-disposition", content_disposition(doc, fmt)),)
         )
         content_type = CONTENT_TYPES[fmt]
         first = True
-        async for data in self._render(doc, fmt, id_, timeout):
+        async for data in self._render(doc, fmt, me, id_, timeout):
             yield httpbody_pb2.HttpBody(content_type=content_type if first else "", data=data)
             first = False
 
@@ -252,32 +259,35 @@ class ReportService(pb_grpc.ReportServiceServicer):
             note=content["note"] or "", row_count=row["row_count"] or 0, notices=notices,
         )  # fmt: skip
 
-    async def _batches(self, id_: int, timeout: float, limit: int | None = None) -> Any:
+    async def _batches(
+        self, me: store.Owner, id_: int, timeout: float, limit: int | None = None
+    ) -> Any:
         """The snapshot's rows in order, a page at a time (a pooled connection per page, so a
         slow client holds no connection)."""
         after = 0
         while limit is None or after < limit:
             size = ROW_PAGE if limit is None else min(ROW_PAGE, limit - after)
-            async with self.app.pool.acquire() as conn:
-                rows = await store.report_rows(conn, id_, after, size, timeout)
+            page = functools.partial(store.report_rows, org_id=me.org_id, id_=id_, after=after,
+                                     limit=size, timeout=timeout)  # fmt: skip
+            rows = await self.app.read(me.token_id, page)
             if not rows:
                 return
             yield rows
             after += len(rows)
 
     async def _render(
-        self, doc: ReportDoc, fmt: str, id_: int, timeout: float
+        self, doc: ReportDoc, fmt: str, me: store.Owner, id_: int, timeout: float
     ) -> AsyncIterator[bytes]:
         if fmt == "csv":
-            async for chunk in csv_chunks(doc, self._batches(id_, timeout)):
+            async for chunk in csv_chunks(doc, self._batches(me, id_, timeout)):
                 yield chunk
         elif fmt == "html":
-            async for chunk in html_chunks(doc, self._batches(id_, timeout)):
+            async for chunk in html_chunks(doc, self._batches(me, id_, timeout)):
                 yield chunk
         else:
             async with self._pdf_slots:
                 builder = await asyncio.to_thread(PdfBuilder, doc, self.config.pdf_max_rows)
-                async for batch in self._batches(id_, timeout, self.config.pdf_max_rows):
+                async for batch in self._batches(me, id_, timeout, self.config.pdf_max_rows):
                     await asyncio.to_thread(builder.add_rows, batch)
                 data = await asyncio.to_thread(builder.output)
                 del builder

@@ -2,7 +2,9 @@
 
 Who sees what (docs/reports.md, "Permissions"): every statement is scoped by the caller's org;
 a `user` reads only objects they own (owner = their token's e-mail, lower case), admin and
-auditor read the whole org's. Predefined definitions (org_id NULL) are visible to everyone.
+auditor read the whole org's. Predefined definitions (owner NULL; every org has its copy,
+ids 5-16) are visible to everyone. Every statement names the org (`org_id = …` on each table
+it reads), so on Citus it is routed to the one node holding the org (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncpg
 from session_audit.core.auth import ORG_READERS, Principal
 from session_audit.core.db import Conn
 from session_audit.core.errors import Conflict, NotFound
+from session_audit.core.reads import Behind
 from session_audit.core.sql import Sql, Template, Where, join, q
 from session_audit.core.validation import DEFAULT_ZONE
 
@@ -29,10 +32,12 @@ class Owner:
     org_id: uuid.UUID
     email: str  # lower case; the owner key of what they create
     role: str
+    # Which caller's reads these are (core.reads: read-your-writes on a standby).
+    token_id: int = 0
 
     @classmethod
     def of(cls, who: Principal) -> Owner:
-        return cls(who.org_id, who.email.strip().lower(), who.role)
+        return cls(who.org_id, who.email.strip().lower(), who.role, who.token_id)
 
     @property
     def reads_org(self) -> bool:
@@ -107,14 +112,17 @@ async def audit(
 # -- definitions ------------------------------------------------------------------------------
 
 
+# Predefined definitions are the org's own copies (owner NULL); the org of a predefined one is
+# not shown (org_id NULL), as before they were copied per org.
 DEFINITION_SELECT = Template("""
-SELECT d.id, d.org_id, d.title, d.type, d.query_filter, d.query_order, d.owner,
-       d.created_at, d.modified_at,
+SELECT d.id, CASE WHEN d.owner IS NOT NULL THEN d.org_id END AS org_id, d.title, d.type,
+       d.query_filter, d.query_order, d.owner, d.created_at, d.modified_at,
        EXISTS (SELECT 1 FROM report_subscriptions rs
-                WHERE rs.defined_report_id = d.id AND rs.org_id = $org AND rs.owner = $email)
+                WHERE rs.org_id = d.org_id AND rs.defined_report_id = d.id
+                  AND rs.org_id = $org AND rs.owner = $email)
            AS subscribed,
        EXISTS (SELECT 1 FROM reports r
-                WHERE r.defined_report_id = d.id AND r.org_id = $org
+                WHERE r.org_id = d.org_id AND r.defined_report_id = d.id AND r.org_id = $org
                   AND ($reads::boolean OR r.owner = $email)) AS has_reports
   FROM defined_reports d""")
 DEFINITIONS = Sql("defined_reports d")
@@ -126,12 +134,9 @@ def _definition_select(me: Owner) -> Sql:
 
 
 def _definitions_where(me: Owner) -> Where:
-    where = Where()
-    if me.reads_org:
-        where.add("d.org_id IS NULL OR d.org_id = $org", org=me.org_id)
-    else:
-        where.add("d.org_id IS NULL OR (d.org_id = $org AND d.owner = $owner)", org=me.org_id,
-                  owner=me.email)  # fmt: skip
+    where = Where().add("d.org_id = $org", org=me.org_id)
+    if not me.reads_org:
+        where.add("d.owner IS NULL OR d.owner = $owner", owner=me.email)
     return where
 
 
@@ -215,7 +220,8 @@ async def delete_definition(conn: Conn, me: Owner, id_: int, timeout: float) -> 
         gone = await conn.fetchrow(
             "DELETE FROM defined_reports WHERE id = $1 AND org_id = $2"
             " RETURNING title, type, owner,"
-            " (SELECT count(*) FROM report_subscriptions WHERE defined_report_id = $1)"
+            " (SELECT count(*) FROM report_subscriptions"
+            "   WHERE org_id = $2 AND defined_report_id = $1)"
             "   AS subscriptions",
             id_, me.org_id, timeout=timeout,
         )  # fmt: skip
@@ -233,7 +239,8 @@ r.period_end, r.status, r.failure, r.row_count, r.generated_at, r.created_at, r.
 
 REPORT_SELECT = Sql(f"""
 SELECT {REPORT_COLUMNS}, d.title AS defined_report_title
-  FROM reports r LEFT JOIN defined_reports d ON d.id = r.defined_report_id""")  # noqa: S608
+  FROM reports r
+  LEFT JOIN defined_reports d ON d.org_id = r.org_id AND d.id = r.defined_report_id""")  # noqa: S608
 REPORTS = Sql("reports r")
 NEWEST_FIRST = Sql("r.id DESC")
 
@@ -302,6 +309,13 @@ async def create_report(conn: Conn, me: Owner, r: NewReport, timeout: float) -> 
     return id_
 
 
+DELETE_REPORT = (
+    "DELETE FROM report_rows WHERE org_id = $1 AND report_id = $2",
+    "DELETE FROM reports WHERE org_id = $1 AND id = $2",
+    "DELETE FROM report_attempts WHERE org_id = $1 AND report_id = $2",
+)
+
+
 async def delete_report(conn: Conn, me: Owner, id_: int, timeout: float) -> None:
     """Waits at most 2 s for a generation holding the report (then 409)."""
     async with conn.transaction():
@@ -316,32 +330,37 @@ async def delete_report(conn: Conn, me: Owner, id_: int, timeout: float) -> None
             raise Conflict(f"report {id_} is being generated; try again when it is ready") from None
         if row is None:  # a concurrent delete won
             raise NotFound(f"report {id_} not found")
-        await conn.execute("DELETE FROM report_rows WHERE report_id = $1", id_, timeout=timeout)
-        await conn.execute("DELETE FROM reports WHERE id = $1", id_, timeout=timeout)
-        await conn.execute("DELETE FROM report_attempts WHERE report_id = $1", id_, timeout=timeout)
+        for sql in DELETE_REPORT:
+            await conn.execute(sql, me.org_id, id_, timeout=timeout)
         await audit(conn, me, "delete", "report", id_, dict(row), timeout)
 
 
 # -- snapshot reads (downloads) ----------------------------------------------------------------
 
 REPORT_CONTENT = """
-SELECT summary, chart, note FROM reports WHERE id = $1
+SELECT summary, chart, note FROM reports WHERE org_id = $1 AND id = $2 AND status = 'ready'
 """
-ROWS = "SELECT cells FROM report_rows WHERE report_id = $1 AND n > $2 ORDER BY n LIMIT $3"
+ROWS = """
+SELECT cells FROM report_rows WHERE org_id = $1 AND report_id = $2 AND n > $3 ORDER BY n LIMIT $4
+"""
 
 
-async def report_content(conn: Conn | asyncpg.Pool, id_: int, timeout: float) -> asyncpg.Record:
-    row: asyncpg.Record | None = await conn.fetchrow(REPORT_CONTENT, id_, timeout=timeout)
+async def report_content(
+    conn: Conn | asyncpg.Pool, org_id: uuid.UUID, id_: int, timeout: float
+) -> asyncpg.Record:
+    """A ready report's summary, chart and note. Raises reads.Behind when this database does not
+    have it ready (a standby behind the primary, or the report deleted meanwhile)."""
+    row: asyncpg.Record | None = await conn.fetchrow(REPORT_CONTENT, org_id, id_, timeout=timeout)
     if row is None:
-        raise NotFound(f"report {id_} not found")
+        raise Behind(f"report {id_} not ready here")
     return row
 
 
 async def report_rows(
-    conn: Conn, id_: int, after: int, limit: int, timeout: float
+    conn: Conn, org_id: uuid.UUID, id_: int, after: int, limit: int, timeout: float
 ) -> list[list[str]]:
     """Rows n > after, in order (keyset pages: constant cost at any depth)."""
-    rows = await conn.fetch(ROWS, id_, after, limit, timeout=timeout)
+    rows = await conn.fetch(ROWS, org_id, id_, after, limit, timeout=timeout)
     return [r["cells"] for r in rows]
 
 

@@ -70,7 +70,8 @@ class ReportType:
         return self.source == "sessions"
 
 
-_INSERT = "INSERT INTO report_rows (report_id, n, cells)\n"
+# Each row carries its report's org ($org), the distribution key of report_rows on Citus.
+_INSERT = "INSERT INTO report_rows (report_id, org_id, n, cells)\n"
 
 SESSION_SUMMARY = ReportType(
     "session_summary", "Session summary", 11, "sessions",
@@ -85,7 +86,7 @@ SESSION_SUMMARY = ReportType(
         Column("exit_code", "Exit code", "integer"),
     ),
     Template(_INSERT + f"""
-SELECT $report, row_number() OVER (ORDER BY $order),
+SELECT $report, $org::uuid, row_number() OVER (ORDER BY $order),
        ARRAY[s.id::text, {ts("s.start_date")}, {ts("s.end_date")}, {num(DURATION)},
              s.user_email, s.user_id, s.connection, s.connection_subtype, s.role_name,
              {txt("s.verb")}, s.status, {txt("s.review_status")},
@@ -107,7 +108,7 @@ SESSIONS_BY_SERVER = ReportType(
         Column("duration_s", "Total duration (s)", "integer"),
     ),
     Template(_INSERT + f"""
-SELECT $report,
+SELECT $report, $org::uuid,
        row_number() OVER (ORDER BY count(*) DESC, s.connection COLLATE "C",
                           s.connection_type COLLATE "C", s.connection_subtype COLLATE "C"),
        ARRAY[s.connection, s.connection_type, s.connection_subtype, count(*)::text,
@@ -131,7 +132,7 @@ SERVER_ACCESS = ReportType(
         Column("last_access", "Last access", "time"),
     ),
     Template(_INSERT + f"""
-SELECT $report,
+SELECT $report, $org::uuid,
        row_number() OVER (ORDER BY s.connection COLLATE "C", s.connection_subtype COLLATE "C",
                           lower(s.user_email) COLLATE "C"),
        ARRAY[s.connection, s.connection_subtype, lower(s.user_email), count(*)::text,
@@ -152,7 +153,7 @@ ACCOUNT_ACCESS = ReportType(
         Column("last_access", "Last access", "time"),
     ),
     Template(_INSERT + f"""
-SELECT $report,
+SELECT $report, $org::uuid,
        row_number() OVER (ORDER BY s.role_name COLLATE "C", s.connection COLLATE "C",
                           lower(s.user_email) COLLATE "C"),
        ARRAY[s.role_name, s.connection, lower(s.user_email), count(*)::text,
@@ -173,7 +174,7 @@ SAFE_ACCESS = ReportType(
         Column("last_access", "Last access", "time"),
     ),
     Template(_INSERT + f"""
-SELECT $report,
+SELECT $report, $org::uuid,
        row_number() OVER (ORDER BY t.safe COLLATE "C", lower(s.user_email) COLLATE "C"),
        ARRAY[t.safe, lower(s.user_email), count(DISTINCT s.connection)::text, count(*)::text,
              {ts("min(s.start_date)")}, {ts("max(s.start_date)")}]
@@ -201,7 +202,7 @@ USER_ACCESS = ReportType(
         Column("last_access", "Last access", "time"),
     ),
     Template(_INSERT + f"""
-SELECT $report,
+SELECT $report, $org::uuid,
        row_number() OVER (ORDER BY lower(s.user_email) COLLATE "C", s.user_id COLLATE "C",
                           s.connection COLLATE "C", s.connection_subtype COLLATE "C"),
        ARRAY[lower(s.user_email), s.user_id, s.connection, s.connection_subtype, count(*)::text,
@@ -223,7 +224,7 @@ USER = ReportType(
         Column("last_session", "Last session", "time"),
     ),
     Template(_INSERT + f"""
-SELECT $report,
+SELECT $report, $org::uuid,
        row_number() OVER (ORDER BY lower(s.user_email) COLLATE "C", s.user_id COLLATE "C"),
        ARRAY[lower(s.user_email), s.user_id, max(s.user_name), count(*)::text,
              count(DISTINCT s.connection)::text,
@@ -247,7 +248,7 @@ SESSION_APPROVALS = ReportType(
         Column("last_session", "Last session", "time"),
     ),
     Template(_INSERT + f"""
-SELECT $report,
+SELECT $report, $org::uuid,
        row_number() OVER (ORDER BY coalesce(a.approver, '(none)') COLLATE "C"),
        ARRAY[coalesce(a.approver, '(none)'), count(*)::text,
              (count(*) FILTER (WHERE s.review_status = 'APPROVED'))::text,
@@ -285,7 +286,7 @@ USER_ACTIVITY = ReportType(
         Column("object_id", "Object id"), Column("details", "Details", weight=4.0),
     ),
     Template(_INSERT + f"""
-SELECT $report, row_number() OVER (ORDER BY a.at, a.id),
+SELECT $report, $org::uuid, row_number() OVER (ORDER BY a.at, a.id),
        ARRAY[{ts("a.at")}, a.actor, a.actor_role, a.action, a.object_type, a.object_id,
              a.details::text]
   FROM audit_log a
@@ -305,7 +306,7 @@ USER_PRIVILEGE = ReportType(
         Column("last_granted", "Last granted", "time"),
     ),
     Template(_INSERT + f"""
-SELECT $report, row_number() OVER (ORDER BY lower(t.email) COLLATE "C", t.role),
+SELECT $report, $org::uuid, row_number() OVER (ORDER BY lower(t.email) COLLATE "C", t.role),
        ARRAY[lower(t.email), t.role,
              (count(*) FILTER (WHERE t.revoked_at IS NULL))::text,
              (count(*) FILTER (WHERE t.revoked_at IS NOT NULL))::text,
@@ -324,7 +325,7 @@ SYSTEM = ReportType(
     "system", "System report", 5, "sessions",
     (Column("metric", "Metric"), Column("value", "Value", "integer")),
     Template(_INSERT + f"""
-SELECT $report, m.n, ARRAY[m.metric, m.value::text]
+SELECT $report, $org::uuid, m.n, ARRAY[m.metric, m.value::text]
   FROM (SELECT count(*) AS sessions,
                count(*) FILTER (WHERE s.end_date IS NULL) AS open,
                count(DISTINCT lower(s.user_email)) AS users,

@@ -59,7 +59,6 @@ Opener = Callable[[], contextlib.AbstractAsyncContextManager[Conn]]
 Check = Callable[[], Awaitable[None]]
 
 AFTER_END = "start_date: after the session's end_date (stored or reported earlier)"
-OTHER_ORG = "id: already used by another session"
 
 
 @dataclass
@@ -178,7 +177,7 @@ class IngestBatch:
         self._opener = opener
         self._check = check
         self._tx: contextlib.AsyncExitStack | None = None
-        self._deltas = rollups.Deltas(conn, self.timeout) if conn is not None else None
+        self._deltas = rollups.Deltas(conn, org_id, self.timeout) if conn is not None else None
         self.now = datetime.now(UTC)
         self.result = IngestResult()
         self._next_index = 0
@@ -294,7 +293,7 @@ class IngestBatch:
                 raise RuntimeError("IngestBatch: no connection and no opener")
             tx = contextlib.AsyncExitStack()
             conn = await tx.enter_async_context(self._opener())
-            deltas = rollups.Deltas(conn, self.timeout)
+            deltas = rollups.Deltas(conn, self.org_id, self.timeout)
             self._tx, self.conn, self._deltas = tx, conn, deltas
         deltas.timeout = self.timeout
         return conn, deltas
@@ -365,7 +364,7 @@ class IngestBatch:
             # waiting for that batch to commit) and the next round finds and locks it: every
             # stored row we overwrite is locked before its old contribution to the rollups is
             # read.
-            existing = await store.lock_existing(conn, ids, self.timeout)
+            existing = await store.lock_existing(conn, self.org_id, ids, self.timeout)
             out = _Outcome()
             fresh, known, kept = self._partition(pending, ids, existing, out)
             records = [fresh[sid][0].record() for sid in sorted(fresh)]
@@ -382,7 +381,7 @@ class IngestBatch:
             several = [sid for sid in known_ids if len(known[sid][1]) > 1]
             exact: dict[uuid.UUID, list[bool]] = {}
             if several:
-                rows = await store.stored_values(conn, several, self.timeout)
+                rows = await store.stored_values(conn, self.org_id, several, self.timeout)
                 exact = {sid: _changes_over(rows[sid], kept[sid]) for sid in several}
             if self.maintain_rollups:
                 await deltas.subtract(known_ids)
@@ -425,9 +424,6 @@ class IngestBatch:
             old = existing.get(sid)
             if old is None:
                 fresh[sid] = _fold(reports)
-                continue
-            if old.org_id != self.org_id:
-                out.rejections += [(r.index, r.sent_id, OTHER_ORG) for r in reports]
                 continue
             kept = []
             end = old.end_date

@@ -47,8 +47,10 @@ class SessionService(pb_grpc.SessionServiceServicer):
     ) -> pb.ListSessionsResponse:
         who = caller()
         query = listing.parse_list_request(request)
-        async with self.app.pool.acquire() as conn:
-            page = await store.list_sessions(conn, who, query, self.app.timeout(context))
+        timeout = self.app.timeout(context)
+        page = await self.app.read(
+            who.token_id, lambda conn: store.list_sessions(conn, who, query, timeout)
+        )
         reply = pb.ListSessionsResponse(
             data=[row_to_proto(r) for r in page.rows],
             has_next_page=page.has_next,
@@ -71,7 +73,10 @@ class SessionService(pb_grpc.SessionServiceServicer):
     ) -> pb.Session:
         who = caller()
         session_id = parse_session_id(request.id)
-        row = await store.get_session(self.app.pool, who, session_id, self.app.timeout(context))
+        timeout = self.app.timeout(context)
+        row = await self.app.read(
+            who.token_id, lambda conn: store.get_session(conn, who, session_id, timeout)
+        )
         if row is None:
             raise NotFound(f"session {session_id} not found")
         return row_to_proto(row)
@@ -106,6 +111,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
             for session in request.sessions:
                 await batch.add(session)
             result = await batch.finish()
+        await self.app.wrote(who)
         metrics.ingested(result.written, result.unchanged, result.rejected)
         return result.to_proto()
 
@@ -160,6 +166,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
             self._streams[who.org_id] -= 1
             if not self._streams[who.org_id]:
                 del self._streams[who.org_id]
+        await self.app.wrote(who)
         metrics.ingested(result.written, result.unchanged, result.rejected)
         return result.to_proto()
 

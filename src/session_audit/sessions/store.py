@@ -41,10 +41,11 @@ CREATE_STAGING = (
 TRUNCATE_STAGING = "TRUNCATE ingest_staging"
 
 # Rows are locked in id order, so two batches updating overlapping sessions cannot deadlock.
+# Ids are unique per org (key (org_id, id)): another org's sessions are never seen.
 LOCK_EXISTING = """
 SELECT id, org_id, start_date, end_date
   FROM sessions
- WHERE id = any($1::uuid[])
+ WHERE org_id = $2 AND id = any($1::uuid[])
  ORDER BY id
    FOR UPDATE
 """
@@ -82,7 +83,8 @@ _UPDATABLE = [c for c in INGEST_COLUMNS if c not in ("id", "org_id")]
 
 # Insert new sessions; merge reported ones into what is stored. A row whose merged value equals
 # the stored one is not touched at all (no new tuple, updated_at unchanged), so re-sending a
-# batch changes nothing. RETURNING tells inserts (xmax = 0) from updates.
+# batch changes nothing. RETURNING tells inserts (xmax = 0) from updates. updated_at is the
+# proposed row's default (now()): Citus allows no function call in DO UPDATE SET.
 UPSERT = f"""
 WITH t AS (
     SELECT {", ".join(f"{_insert_value(c)} AS {c}" for c in INGEST_COLUMNS)}
@@ -90,11 +92,10 @@ WITH t AS (
 )
 INSERT INTO sessions AS s ({", ".join(INGEST_COLUMNS)})
 SELECT {", ".join(INGEST_COLUMNS)} FROM t ORDER BY id
-ON CONFLICT (id) DO UPDATE SET
+ON CONFLICT (org_id, id) DO UPDATE SET
     {", ".join(f"{c} = {_merged(c).replace('t.', 'EXCLUDED.')}" for c in _UPDATABLE)},
-    updated_at = now()
- WHERE s.org_id = EXCLUDED.org_id
-   AND ({", ".join(f"s.{c}" for c in _UPDATABLE)})
+    updated_at = EXCLUDED.updated_at
+ WHERE ({", ".join(f"s.{c}" for c in _UPDATABLE)})
        IS DISTINCT FROM
        ({", ".join(_merged(c).replace("t.", "EXCLUDED.") for c in _UPDATABLE)})
 RETURNING s.id
@@ -191,18 +192,20 @@ class Existing:
 
 
 async def lock_existing(
-    conn: Conn, ids: Sequence[uuid.UUID], timeout: float
+    conn: Conn, org_id: uuid.UUID, ids: Sequence[uuid.UUID], timeout: float
 ) -> dict[uuid.UUID, Existing]:
-    rows = await conn.fetch(LOCK_EXISTING, list(ids), timeout=timeout)
+    rows = await conn.fetch(LOCK_EXISTING, list(ids), org_id, timeout=timeout)
     return {r["id"]: Existing(r["org_id"], r["start_date"], r["end_date"]) for r in rows}
 
 
 async def stored_values(
-    conn: Conn, ids: Sequence[uuid.UUID], timeout: float
+    conn: Conn, org_id: uuid.UUID, ids: Sequence[uuid.UUID], timeout: float
 ) -> dict[uuid.UUID, dict[str, Any]]:
     """The stored columns of `ids` (locked by the caller), as ingest items hold them."""
     rows = await conn.fetch(
-        f"SELECT {GET_COLUMNS} FROM sessions s WHERE s.id = any($1::uuid[])",  # noqa: S608
+        f"SELECT {GET_COLUMNS} FROM sessions s"  # noqa: S608
+        " WHERE s.org_id = $1 AND s.id = any($2::uuid[])",
+        org_id,
         list(ids),
         timeout=timeout,
     )
@@ -220,9 +223,19 @@ async def copy_new(conn: Conn, records: Sequence[tuple[Any, ...]], timeout: floa
             await conn.copy_records_to_table(
                 "sessions", records=records, columns=INGEST_COLUMNS, timeout=timeout
             )
-    except asyncpg.UniqueViolationError:
+    except (asyncpg.UniqueViolationError, asyncpg.InternalServerError) as exc:
+        if not _duplicate_key(exc):
+            raise
         return False
     return True
+
+
+def _duplicate_key(exc: asyncpg.PostgresError) -> bool:
+    """A unique violation. Citus reports a worker's unique violation during COPY into a
+    distributed table as an internal error (XX000) carrying the worker's message."""
+    return isinstance(exc, asyncpg.UniqueViolationError) or str(exc).startswith(
+        "duplicate key value violates unique constraint"
+    )
 
 
 async def upsert(conn: Conn, records: Sequence[tuple[Any, ...]], timeout: float) -> set[uuid.UUID]:
