@@ -10,7 +10,8 @@ PROTOC  = PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Ip
           -I$$($(BIN)/python -c 'import grpc_tools,os;print(os.path.join(os.path.dirname(grpc_tools.__file__),"_proto"))') \
           -I$$($(BIN)/python -c 'import google.api.annotations_pb2 as m,os;print(os.path.dirname(os.path.dirname(os.path.dirname(m.__file__))))')
 
-.PHONY: all venv proto check-proto descriptor openapi check-openapi buf-lint buf-baseline lint test soak test-citus fuzz run bench bench-reports bench-analytics bench-analytics-citus clean
+.PHONY: all venv proto check-proto descriptor openapi check-openapi buf-lint buf-baseline lint test soak test-citus fuzz run bench bench-reports bench-analytics bench-analytics-citus \
+        bench-throughput clean
 
 all: venv descriptor
 
@@ -112,6 +113,10 @@ bench-reports: $(STAMP) $(DESC)
 # Aggregations at 10M sessions; the data set is kept in .bench-data-analytics/ and reused.
 bench-analytics: $(STAMP) $(DESC)
 	$(BIN)/python bench/bench_analytics.py $(BENCH_ARGS)
+
+# Requests/s of cheap calls, REST (wrk, through Envoy) and gRPC, WORKERS=2 and 1; 30 s each.
+bench-throughput: $(STAMP) $(DESC)
+	$(BIN)/python bench/bench_throughput.py $(BENCH_ARGS)
 
 # The same bench against a fresh 3-node Citus cluster (docs/scaling.md: --seed, --t-end and
 # --answers in BENCH_ARGS give the same data as a single-node run, to compare answers).

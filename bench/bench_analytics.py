@@ -137,6 +137,14 @@ async def load(
     t_end = t_end_at or datetime.now(UTC).replace(microsecond=0)
     per_org = n // orgs
     t = time.perf_counter()
+    # Secondary indexes are dropped while generating and built afterwards (several times
+    # faster than maintaining them row by row); the definitions are put back verbatim.
+    indexes = await conn.fetch(
+        "SELECT i.indexrelid::regclass::text AS name, pg_get_indexdef(i.indexrelid) AS ddl"
+        "  FROM pg_index i WHERE i.indrelid = 'sessions'::regclass AND NOT i.indisprimary"
+    )
+    for ix in indexes:
+        await conn.execute(f"DROP INDEX {ix['name']}")
     with tqdm(total=n, unit="session", desc="generate") as bar:
         for k in range(1, orgs + 1):
             org_id = await auth.ensure_org(conn, f"bench-org-{k}")
@@ -147,6 +155,8 @@ async def load(
                     await conn.execute("SELECT setseed($1)", part % 2 - 1)
                 await conn.execute(data.GENERATE, org_id, k, size, t_end, days * 86400.0)
                 bar.update(size)
+    for ix in tqdm(indexes, desc="index"):
+        await conn.execute(ix["ddl"])
     generated = time.perf_counter() - t
     t = time.perf_counter()
     await rollups.rebuild(conn)
@@ -178,22 +188,28 @@ async def main() -> None:
     ap.add_argument("--ingest-sessions", type=int, default=100_000)
     ap.add_argument("--ingest-rounds", type=int, default=3)
     ap.add_argument("--skip-ingest", action="store_true")
+    ap.add_argument("--only-ingest", action="store_true", help="skip the latency cases")
+    ap.add_argument("--skip", action="append", default=[], metavar="TEXT",
+                    help="skip the cases whose name contains TEXT (repeatable)")  # fmt: skip
     ap.add_argument("--fresh", action="store_true", help="drop and reload the data set")
     ap.add_argument("--load-only", action="store_true", help="load the data set and stop")
+    ap.add_argument("--data-dir", type=Path, default=DATA_DIR,
+                    help="embedded PostgreSQL data directory (one per data set size)")  # fmt: skip
     # Comparing engines (docs/scaling.md): the same data on each (seeded, fixed end time), and
     # every answer written to a file to compare.
     ap.add_argument("--seed", type=float, default=None, help="seed the generated data")
     ap.add_argument("--t-end", type=datetime.fromisoformat, default=None, help="data end time")
     ap.add_argument("--answers", type=Path, default=None, help="write each case's answer here")
     args = ap.parse_args()
+    data_dir: Path = args.data_dir
 
     print(f"machine  {machine()}")
     url = os.environ.get("DATABASE_URL", "")
     embedded = None
     if not url:
         if args.fresh:
-            shutil.rmtree(DATA_DIR, ignore_errors=True)
-        embedded = EmbeddedPostgres(DATA_DIR)
+            shutil.rmtree(data_dir, ignore_errors=True)
+        embedded = EmbeddedPostgres(data_dir)
         url = embedded.start()
     conn = await db.connect(url)
     if args.fresh and embedded is None:
@@ -213,9 +229,9 @@ async def main() -> None:
 
     auditor = await auth.create_token(conn, "bench-org-1", "auditor", "auditor@org1.example")
     user_token = await auth.create_token(conn, "bench-org-1", "user", "user-007@org1.example")
-    srv = ServerProcess(url, DATA_DIR).start()
+    srv = ServerProcess(url, data_dir).start()
     http_port = envoy.free_port()
-    proxy = envoy.start(http_port, srv.port, DATA_DIR)
+    proxy = envoy.start(http_port, srv.port, data_dir)
     pool = await db.create_pool(url, 2, 4)
     channel = grpc.aio.insecure_channel(
         srv.target, options=[("grpc.max_receive_message_length", 256 << 20)]
@@ -235,8 +251,10 @@ async def main() -> None:
             org_id=org_id,
             now=t_end,
         )
-        cases = build_cases(ctx, t_end.date())
-        await run_cases(cases, args)
+        if not args.only_ingest:
+            cases = [c for c in build_cases(ctx, t_end.date())
+                     if not any(text in c.name for text in args.skip)]  # fmt: skip
+            await run_cases(cases, args)
         if not args.skip_ingest:
             await ingest(url, conn, srv, args, t_end)
     finally:

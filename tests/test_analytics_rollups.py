@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from session_audit.analytics import requests, rollups, store
-from session_audit.analytics.fields import BASE, CUBE, USER
+from session_audit.analytics.fields import BASE, CUBE, USER, VALUES
 from session_audit.analytics.q import parse_q
 from session_audit.analytics.timebins import bin_starts
 from session_audit.core import auth, db
@@ -191,6 +191,11 @@ def test_ingest_without_maintenance_marks_the_org_stale_until_a_rebuild(stack: S
     [
         ("auditor", "protocol", None, "", CUBE),
         ("auditor", "connection", 10, "verb:exec AND NOT review_status:*", CUBE),
+        # One field, grouped by and/or searched: its per-value totals (rollup_values).
+        ("auditor", "protocol", 5, "", VALUES),
+        ("auditor", "connection", 3, "connection:pg* AND NOT connection:pg-2", VALUES),
+        ("auditor", "protocol", None, "verb:exec", VALUES),
+        ("auditor", "protocol", 5, "verb:exec", CUBE),
         ("auditor", "user", 10, "", USER),
         ("auditor", "user", 10, "user:ana*", USER),
         ("auditor", "user", 10, "protocol:ssh", BASE),  # no rollup holds user x protocol

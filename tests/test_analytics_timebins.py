@@ -195,3 +195,40 @@ def test_pieces_from_the_beginning_of_time() -> None:
         (tb.DAY, utc(2026, 3, 1), utc(2026, 3, 2)),
         (tb.RAW, utc(2026, 3, 2), utc(2026, 3, 2, 7)),
     ]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(instants, instants, st.sampled_from([tb.HOUR, tb.DAY]))
+def test_shortened_pieces_add_up_to_the_interval(a: datetime, b: datetime, finest: int) -> None:
+    """Signed pieces (a month minus the days it lacks…) still count every instant of the
+    interval exactly once and nothing outside it, each piece aligned to its grain."""
+    lo, hi = min(a, b), max(a, b)
+    pieces = tb.decompose(lo, hi, 7, finest)
+    short = tb.shorten(pieces)
+    edges = sorted({lo, hi, *(p.lo for p in short), *(p.hi for p in short)})
+    for x, y in itertools.pairwise(edges):
+        signed = sum(p.sign for p in short if p.lo <= x and y <= p.hi)
+        assert signed == (1 if lo <= x and y <= hi else 0), (x, y, short)
+    for p in short:
+        assert p.bin == 7 and p.lo < p.hi and p.sign in (1, -1)
+        assert p.sign == 1 or p.grain in (tb.HOUR, tb.DAY)
+        if p.grain == tb.MONTH and p.lo != tb.EPOCH:
+            assert p.lo.day == p.hi.day == 1 and p.lo.time() == datetime.min.time()
+        if p.grain == tb.DAY:
+            assert p.lo.time() == p.hi.time() == datetime.min.time()
+    # Never more rollup rows to read: count the finest units each piece spans.
+    unit = timedelta(hours=1) if finest == tb.HOUR else timedelta(days=1)
+
+    def rows(ps: list[tb.Piece], grain: int) -> int:
+        return sum(-(-(p.hi - p.lo) // unit) for p in ps if p.grain == grain)
+
+    assert rows(short, finest) <= rows(pieces, finest)
+
+
+def test_a_month_minus_its_missing_days() -> None:
+    pieces = tb.shorten(tb.decompose(utc(2026, 10, 29), utc(2026, 11, 28), 0, tb.DAY))
+    assert [(p.grain, p.lo, p.hi, p.sign) for p in pieces] == [
+        (tb.DAY, utc(2026, 10, 29), utc(2026, 11, 1), 1),
+        (tb.MONTH, utc(2026, 11, 1), utc(2026, 12, 1), 1),
+        (tb.DAY, utc(2026, 11, 28), utc(2026, 12, 1), -1),
+    ]

@@ -124,3 +124,44 @@ def test_run_prints_commands_that_work_and_ctrl_c_stops_everything(
         code = proc.wait(60)
     assert code == 0
     assert not listening(grpc_port) and not listening(http_port)
+
+
+def test_run_honours_workers(stack: Stack, tmp_path: Path) -> None:
+    """WORKERS=2: `run` starts two server processes on the gRPC port, Envoy in front of them
+    once both listen, and Ctrl-C still stops everything."""
+    import psutil
+
+    grpc_port, http_port = free_port(), free_port()
+    env = {**os.environ, "DATABASE_URL": stack.dsn, "GRPC_PORT": str(grpc_port),
+           "HTTP_PORT": str(http_port), "SESSION_AUDIT_DATA_DIR": str(tmp_path),
+           "WORKERS": "2"}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "session_audit.cli", "run"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        lines = read_banner(proc)
+        token = next(x for x in lines if "export TOKEN=" in x).split("TOKEN=", 1)[1]
+        workers = [
+            c for c in psutil.Process(proc.pid).children()
+            if "spawn_main" in " ".join(c.cmdline())
+        ]  # fmt: skip
+        assert len(workers) == 2
+        assert all(
+            any(c.laddr.port == grpc_port and c.status == psutil.CONN_LISTEN
+                for c in w.net_connections("tcp"))
+            for w in workers
+        )  # fmt: skip
+        for _ in range(6):
+            r = httpx.get(f"http://127.0.0.1:{http_port}/api/sessions?limit=1",
+                          headers={"authorization": f"Bearer {token}"}, timeout=30)  # fmt: skip
+            assert r.status_code == 200, r.text
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(60)
+    assert code == 0
+    assert not listening(grpc_port) and not listening(http_port)

@@ -275,7 +275,8 @@ def run_cmd() -> None:
             if proxy is not None:
                 envoy.drain(admin_socket)
 
-        asyncio.run(server.serve(config, dsn, on_ready=ready, on_stopping=stopping))
+        # WORKERS processes share GRPC_PORT (SO_REUSEPORT); Envoy starts once all listen.
+        server.serve_workers(config, dsn, on_ready=ready, on_stopping=stopping)
         # Envoy may still be sending what the server produced (a slow client's download):
         # it gets what is left of the grace period (at least a second).
         if proxy is not None:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import queue
 import signal
 from collections.abc import Callable
 from dataclasses import replace
@@ -261,41 +262,77 @@ async def serve(
         metrics_server.shutdown()
 
 
-def _worker(config: Config, dsn: str, log_format: str) -> None:
+def _worker(config: Config, dsn: str, log_format: str, ready: Any = None) -> None:
     logs.configure(logging.INFO, log_format)
-    asyncio.run(serve(config, dsn, reuse_port=True, metrics_endpoint=False))
+
+    def on_ready(_port: int) -> None:
+        if ready is not None:
+            ready.put(os.getpid())
+
+    asyncio.run(serve(config, dsn, reuse_port=True, on_ready=on_ready, metrics_endpoint=False))
 
 
-def serve_workers(config: Config, dsn: str) -> None:
-    """Several processes on one port (SO_REUSEPORT); the kernel spreads connections."""
+def serve_workers(
+    config: Config,
+    dsn: str,
+    *,
+    on_ready: Callable[[int], None] | None = None,
+    on_stopping: Callable[[], None] | None = None,
+) -> None:
+    """Several processes on one port (SO_REUSEPORT); the kernel spreads connections.
+    `on_ready(port)` runs in this process once every worker listens; `on_stopping()` when
+    the stop begins (see serve)."""
     if config.workers == 1:
-        asyncio.run(serve(config, dsn))
+        asyncio.run(serve(config, dsn, on_ready=on_ready, on_stopping=on_stopping))
         return
     if config.grpc_port == 0:
         raise SystemExit("GRPC_PORT: several workers need a fixed port, not 0")
     with observability.multiprocess_dir():
-        _run_workers(config, dsn)
+        _run_workers(config, dsn, on_ready, on_stopping)
 
 
-def _run_workers(config: Config, dsn: str) -> None:
+def _run_workers(
+    config: Config,
+    dsn: str,
+    on_ready: Callable[[int], None] | None,
+    on_stopping: Callable[[], None] | None = None,
+) -> None:
     # The workers write their metrics to PROMETHEUS_MULTIPROC_DIR; this process serves the sum.
     metrics_server = observability.serve_metrics(config.metrics_port)
     ctx = multiprocessing.get_context("spawn")
     fmt = logs.log_format()
+    ready = ctx.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(replace(config, workers=1), dsn, fmt), daemon=False)
+        ctx.Process(
+            target=_worker, args=(replace(config, workers=1), dsn, fmt, ready), daemon=False
+        )
         for _ in range(config.workers)
     ]
     for p in procs:
         p.start()
 
     def forward(signum: int, _frame: Any) -> None:
+        if on_stopping is not None:
+            on_stopping()
         for p in procs:
             if p.pid is not None and p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    listening = 0
+    while listening < len(procs):
+        try:
+            ready.get(timeout=0.5)
+            listening += 1
+        except queue.Empty:
+            if any(not p.is_alive() for p in procs):
+                forward(signal.SIGTERM, None)
+                for p in procs:
+                    p.join()
+                raise SystemExit("a worker exited before listening") from None
+    if on_ready is not None:
+        on_ready(config.grpc_port)
     for p in procs:
         p.join()
         if p.pid is not None:

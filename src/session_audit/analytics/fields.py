@@ -15,6 +15,8 @@ from session_audit.core.schema import REVIEW_STATUSES
 Kind = Literal["text", "ci_text", "enum", "time", "number", "uuid"]
 
 BASE, CUBE, USER = "base", "cube", "user"
+# rollup_values: one field at a time (its name in `r.field`), no `q`; see store.plan.
+VALUES = "values"
 
 
 @dataclass(frozen=True)
@@ -37,22 +39,27 @@ def _f(
     return Field(name, kind, {BASE: base, **(rollup or {})}, **kw)  # type: ignore[arg-type]
 
 
+def _cube(column: str) -> dict[str, str]:
+    """A dimension of rollup_sessions, also one of rollup_values' fields."""
+    return {CUBE: column, VALUES: "r.value"}
+
+
 FIELDS: dict[str, Field] = {
     f.name: f
     for f in (
-        _f("protocol", "text", "s.connection_subtype", {CUBE: "r.connection_subtype"},
+        _f("protocol", "text", "s.connection_subtype", _cube("r.connection_subtype"),
            groupable=True, doc="connection subtype: postgres, ssh, rdp…"),
-        _f("connection", "text", "s.connection", {CUBE: "r.connection"},
+        _f("connection", "text", "s.connection", _cube("r.connection"),
            groupable=True, doc="connection name"),
-        _f("connection_type", "text", "s.connection_type", {CUBE: "r.connection_type"},
+        _f("connection_type", "text", "s.connection_type", _cube("r.connection_type"),
            groupable=True, doc="database, application, custom…"),
         _f("user", "ci_text", "lower(s.user_email)", {USER: "r.user_key"},
            groupable=True, doc="user e-mail, case-insensitive (values are lower case)"),
-        _f("verb", "enum", "coalesce(s.verb, '')", {CUBE: "r.verb"},
+        _f("verb", "enum", "coalesce(s.verb, '')", _cube("r.verb"),
            values=("connect", "exec"), groupable=True, doc="connect or exec"),
-        _f("status", "enum", "s.status", {CUBE: "r.status"},
+        _f("status", "enum", "s.status", _cube("r.status"),
            values=("open", "ready", "done"), groupable=True, doc="open, ready or done"),
-        _f("review_status", "enum", "coalesce(s.review_status, '')", {CUBE: "r.review_status"},
+        _f("review_status", "enum", "coalesce(s.review_status, '')", _cube("r.review_status"),
            values=REVIEW_STATUSES, groupable=True, doc="the review's status, e.g. APPROVED"),
         _f("id", "uuid", "s.id", doc="session id"),
         _f("user_id", "text", "s.user_id", doc="the user's subject id"),

@@ -1,6 +1,6 @@
 """Rollups: per org, time bucket and dimensions, kept current by ingest.
 
-Five tables (migration 0010), with UTC buckets at the grains that pay for themselves:
+Six tables (migrations 0010, 0050), with UTC buckets at the grains that pay for themselves:
 
     rollup_sessions         day, month   starts/ends per connection, type, protocol, verb,
                                          status, review status
@@ -10,6 +10,8 @@ Five tables (migration 0010), with UTC buckets at the grains that pay for themse
     rollup_redactions       day, month   report sums per connection, type, verb, info type
                                          (by end time)
     rollup_redactions_user  day, month   report sums per user, info type
+    rollup_values           day, month   starts/ends per (field, value) of each cube field
+                                         alone: what a top-N or one-field statistic ranks
 
 Rows with dimensions barely compress within an hour (about one row per session or two), so
 only the dimension-less totals keep hours: they answer histograms that filter and group
@@ -42,6 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from session_audit.analytics.fields import BASE, CUBE, FIELDS
 from session_audit.analytics.timebins import DAY, HOUR, MONTH
 from session_audit.core.db import Conn
 from session_audit.core.schema import INGEST_COLUMNS
@@ -164,7 +167,26 @@ REDACTIONS_USER = Family(
     lateral=_REDACTIONS,
     where="s.end_date IS NOT NULL AND jsonb_typeof(s.redactions) = 'array'",
 )
-FAMILIES = (SESSIONS, SESSIONS_TOTAL, SESSIONS_USER, REDACTIONS, REDACTIONS_USER)
+# Per-field totals (migration 0050): one row per (org, bucket, field, value), what a top-N or
+# a one-field statistic ranks, without summing every dimension combination of rollup_sessions.
+# The fields and their SQL are analytics.fields' (values as the cube stores them).
+VALUE_FIELDS = ("protocol", "connection", "connection_type", "verb", "status", "review_status")
+VALUES = Family(
+    table="rollup_values",
+    dims=(("field", "f.field"), ("value", "f.value")),
+    measures=(("starts", "t.st"), ("ends", "t.en")),
+    lateral=_START_END
+    + " CROSS JOIN LATERAL (VALUES "
+    + ", ".join(f"('{name}', {FIELDS[name].sql[BASE]})" for name in VALUE_FIELDS)
+    + ") f(field, value)",
+    where="t.at IS NOT NULL",
+)
+FAMILIES = (SESSIONS, SESSIONS_TOTAL, SESSIONS_USER, REDACTIONS, REDACTIONS_USER, VALUES)
+# What ingest captures per chunk. VALUES is derived from the cube's deltas when they are
+# applied (each field's totals are sums over the cube's rows): unpivoting every session into
+# six (field, value) rows per chunk cost ingest a tenth of its rate, the aggregated deltas
+# almost nothing.
+CAPTURED = (SESSIONS, SESSIONS_TOTAL, SESSIONS_USER, REDACTIONS, REDACTIONS_USER)
 
 
 def _delta_table(f: Family) -> str:
@@ -173,7 +195,7 @@ def _delta_table(f: Family) -> str:
 
 CREATE_DELTAS = "; ".join(
     f"CREATE TEMP TABLE IF NOT EXISTS delta_{f.table} (LIKE {f.table}) ON COMMIT DELETE ROWS"
-    for f in FAMILIES
+    for f in CAPTURED
 )
 
 
@@ -192,9 +214,9 @@ _RECORD_INDEX = tuple(INGEST_COLUMNS.index(c) for c, _ in SOURCE_COLUMNS)
 def _capture_sql(src: str) -> str:
     """One statement: the contributions of the sessions of `src` times `$1` (+1 or -1) at each
     table's finest grain, into every delta table. The rows are read once (a materialized CTE)
-    for all four tables; coarser grains are derived when the deltas are applied."""
+    for all the tables; coarser grains are derived when the deltas are applied."""
     parts = [f"src AS MATERIALIZED ({src})"]
-    for i, f in enumerate(FAMILIES):
+    for i, f in enumerate(CAPTURED):
         select = f.contributions("TRUE", "src", (f.finest,))
         signed = ", ".join(
             [*f.key, *(f"{c} * $1::int" for c, _ in f.measures)]
@@ -240,7 +262,27 @@ def _apply_sql(f: Family) -> str:
     )
 
 
-APPLY = tuple(_apply_sql(f) for f in FAMILIES)
+def _apply_values_sql() -> str:
+    """rollup_values from the cube's deltas (finest grain) → every grain, in key order."""
+    unpivot = ", ".join(
+        f"('{name}', d.{FIELDS[name].sql[CUBE].removeprefix('r.')})" for name in VALUE_FIELDS
+    )
+    f = VALUES
+    positions = ", ".join(str(i) for i in range(1, len(f.key) + 1))
+    updates = ", ".join(f"{c} = r.{c} + EXCLUDED.{c}" for c, _ in f.measures)
+    return (
+        f"INSERT INTO {f.table} AS r ({', '.join(f.columns)})"
+        f" SELECT d.org_id, g.grain, date_trunc(g.unit, d.bucket, 'UTC'), v.field, v.value,"
+        f" sum(d.starts), sum(d.ends)"
+        f" FROM {_delta_table(SESSIONS)} d CROSS JOIN LATERAL (VALUES {unpivot}) v(field, value)"
+        f" CROSS JOIN {grains_sql(f.grains)}"
+        f" GROUP BY {positions} HAVING sum(d.starts) <> 0 OR sum(d.ends) <> 0"
+        f" ORDER BY {positions} ON CONFLICT ({', '.join(f.key)}) DO UPDATE SET {updates}"
+    )
+
+
+assert SESSIONS.finest == VALUES.finest and VALUES.grains == SESSIONS.grains
+APPLY = (*(_apply_sql(f) for f in CAPTURED), _apply_values_sql())
 MARK_STALE = "INSERT INTO rollup_stale_orgs (org_id) VALUES ($1) ON CONFLICT DO NOTHING"
 IS_STALE = "SELECT EXISTS (SELECT 1 FROM rollup_stale_orgs WHERE org_id = $1)"
 

@@ -29,16 +29,16 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from session_audit.analytics import rollups
-from session_audit.analytics.fields import BASE, CUBE, FIELDS, USER
+from session_audit.analytics.fields import BASE, CUBE, FIELDS, USER, VALUES
 from session_audit.analytics.q import Query, compile_q
 from session_audit.analytics.requests import HistogramQuery, ReportQuery, StatsQuery
-from session_audit.analytics.timebins import EPOCH, HOUR, RAW, Piece, decompose
+from session_audit.analytics.timebins import EPOCH, HOUR, RAW, Piece, decompose, shorten
 from session_audit.core.auth import ORG_READERS, Principal
 from session_audit.core.db import Conn
 from session_audit.core.errors import InvalidArgument
 from session_audit.core.sql import Sql, Template, Where, join, param, q
 
-ROLLUP_TABLES = {CUBE: "rollup_sessions", USER: "rollup_sessions_user"}
+ROLLUP_TABLES = {CUBE: "rollup_sessions", USER: "rollup_sessions_user", VALUES: "rollup_values"}
 # Dimension-less counters: every piece of a count that filters and groups nothing.
 TOTAL_TABLE = "rollup_sessions_total"
 LOOK_BACK = timedelta(hours=24)
@@ -52,7 +52,11 @@ REPORT_FINEST = {
     REPORT_CONN: rollups.REDACTIONS.finest,
     REPORT_USER: rollups.REDACTIONS_USER.finest,
 }
-FINEST = {CUBE: rollups.SESSIONS.finest, USER: rollups.SESSIONS_USER.finest}
+FINEST = {
+    CUBE: rollups.SESSIONS.finest,
+    USER: rollups.SESSIONS_USER.finest,
+    VALUES: rollups.VALUES.finest,
+}
 # Largest answer of the session report with group_by=id (items: session × info type).
 MAX_ID_ITEMS = 10_000
 
@@ -87,6 +91,10 @@ def _arrays(pieces: Sequence[Piece]) -> tuple[list[int], list[datetime], list[da
     )
 
 
+def _signs(pieces: Sequence[Piece]) -> list[int]:
+    return [p.sign for p in pieces]
+
+
 async def _rollups_usable(conn: Conn, who: Principal, opts: Options, timeout: float) -> bool:
     if opts.force_base or who.role not in ORG_READERS:
         return False
@@ -115,6 +123,10 @@ def _values_sql(spec: CountSpec, src: str) -> list[str]:
 
 def _filters(spec: CountSpec, src: str) -> Sql:
     cond = compile_q(spec.q, src)
+    if src == VALUES:
+        # rollup_values holds every field's values: keep the one field this count is about.
+        (name,) = _needed(spec.q, *spec.groups)
+        cond += q(" AND r.field = $field::text", field=name)
     if spec.top is not None:
         top = FIELDS[spec.groups[0]].sql[src]
         cond += q(f" AND {top} = any($top::text[])", top=list(spec.top))
@@ -146,12 +158,16 @@ def _by_grain(pieces: Sequence[Piece]) -> dict[int, list[Piece]]:
 
 
 # Slots: $cols/$positions/$table/$grain/$ends are code; the rest are values.
+# Each piece is read by a LATERAL on its bounds, fenced by OFFSET 0 (not flattened into a
+# join): always one index range scan per piece (a plain join let the planner scan every row of
+# the org and grain once and filter the ranges). A piece's sign subtracts it (timebins.shorten).
 ROLLUP_PART = Template("""
-SELECT p.bin$cols, sum(r.starts)::bigint AS starts, $ends AS ends
-  FROM unnest($lo::timestamptz[], $hi::timestamptz[], $bin::int[]) AS p(lo, hi, bin)
-  JOIN $table r ON r.org_id = $org AND r.grain = $grain
-   AND r.bucket >= p.lo AND r.bucket < p.hi
- WHERE $filters
+SELECT p.bin$cols, sum(r.starts * p.sign)::bigint AS starts, $ends AS ends
+  FROM unnest($lo::timestamptz[], $hi::timestamptz[], $bin::int[], $sign::int[])
+       AS p(lo, hi, bin, sign)
+ CROSS JOIN LATERAL (SELECT r.starts, r.ends$inner FROM $table r
+        WHERE r.org_id = $org AND r.grain = $grain AND r.bucket >= p.lo AND r.bucket < p.hi
+          AND $filters OFFSET 0) r
  GROUP BY $positions""")
 BASE_PART = Template("""
 SELECT p.bin$cols, $measures
@@ -172,7 +188,7 @@ LONG_OR_OPEN = Template(
     "(s.end_date IS NULL OR s.end_date - s.start_date > interval '24 hours')"
     " AND s.start_date < $since"
 )
-SUMS = Sql("sum(r.ends)::bigint")
+SUMS = Sql("sum(r.ends * p.sign)::bigint")
 NO_ENDS = Sql("0::bigint")
 
 
@@ -180,14 +196,16 @@ def _rollup_parts(spec: CountSpec, pieces: Sequence[Piece], table: str) -> list[
     """One part per grain, the grain a constant: pieces and rollup rows share no equality, so
     each piece is a nested-loop index range scan (an equality on grain let the planner pick a
     merge join that rescans every row of the org per piece)."""
-    cols, positions = _group_cols(_values_sql(spec, spec.source))
+    values = _values_sql(spec, spec.source)
+    cols, positions = _group_cols([f"r.v{i}" for i in range(len(values))])
+    inner = Sql("".join(f", {v} AS v{i}" for i, v in enumerate(values)))
     out = []
     for grain, group in sorted(_by_grain(pieces).items()):
         _, lo, hi, b = _arrays(group)
         out.append(ROLLUP_PART(
             cols=cols, ends=SUMS if spec.ends else NO_ENDS, lo=lo, hi=hi, bin=b,
-            table=Sql(table), org=spec.who.org_id, grain=Sql(str(int(grain))),
-            filters=_filters(spec, spec.source), positions=positions,
+            sign=_signs(group), inner=inner, table=Sql(table), org=spec.who.org_id,
+            grain=Sql(str(int(grain))), filters=_filters(spec, spec.source), positions=positions,
         ))  # fmt: skip
     return out
 
@@ -253,6 +271,7 @@ async def count(
         pieces += decompose(lo, hi, b, finest)
     if open_at is not None and use_rollups:
         pieces += decompose(EPOCH, open_at, BASELINE, finest)
+    pieces = shorten(pieces)
     parts = []
     rolled = [x for x in pieces if x.grain != RAW]
     if rolled:
@@ -276,6 +295,9 @@ def plan(who: Principal, needed: set[str], rollups_ok: bool) -> str:
     """The source that answers: a rollup carrying every needed field, else the base table."""
     if not rollups_ok or who.role not in ORG_READERS:
         return BASE
+    # One field only (grouped by and/or searched): its per-value totals, a few rows per day.
+    if len(needed) == 1 and VALUES in FIELDS[next(iter(needed))].sql:
+        return VALUES
     for source in (CUBE, USER):
         if all(source in FIELDS[name].sql for name in needed):
             return source
@@ -439,11 +461,12 @@ def _report_where(rq: ReportQuery, src: str) -> Sql:
 
 
 REPORT_ROLLUP_PART = Template("""
-SELECT $resource AS resource, r.info_type, sum(r.sessions)::bigint, sum(r.redact_total)::bigint,
-       sum(r.transformed_bytes)::bigint
-  FROM unnest($lo::timestamptz[], $hi::timestamptz[]) AS p(lo, hi)
-  JOIN $table r ON r.org_id = $org AND r.grain = $grain AND r.bucket >= p.lo AND r.bucket < p.hi
- WHERE $filters
+SELECT $resource AS resource, r.info_type, sum(r.sessions * p.sign)::bigint,
+       sum(r.redact_total * p.sign)::bigint, sum(r.transformed_bytes * p.sign)::bigint
+  FROM unnest($lo::timestamptz[], $hi::timestamptz[], $sign::int[]) AS p(lo, hi, sign)
+ CROSS JOIN LATERAL (SELECT * FROM $table r
+        WHERE r.org_id = $org AND r.grain = $grain AND r.bucket >= p.lo AND r.bucket < p.hi
+          AND $filters OFFSET 0) r
  GROUP BY 1, 2""")
 # A session reports each info type once (ingest checks it), so with group_by=id the base rows
 # are already one per item: no grouping needed.
@@ -472,13 +495,13 @@ async def report(
     opts = opts or Options()
     usable = await _rollups_usable(conn, who, opts, timeout)
     source = report_plan(who, rq, usable)
-    pieces = decompose(rq.start, rq.end, 0, REPORT_FINEST[source])
+    pieces = shorten(decompose(rq.start, rq.end, 0, REPORT_FINEST[source]))
     parts: list[Sql] = []
     rolled = [x for x in pieces if x.grain != RAW]
     for grain, group in sorted(_by_grain(rolled).items()):
         _, lo, hi, _ = _arrays(group)
         parts.append(REPORT_ROLLUP_PART(
-            resource=Sql(REPORT_GROUP[rq.group_by][source]), lo=lo, hi=hi,
+            resource=Sql(REPORT_GROUP[rq.group_by][source]), lo=lo, hi=hi, sign=_signs(group),
             table=Sql(REPORT_TABLES[source]), org=who.org_id, grain=Sql(str(int(grain))),
             filters=_report_where(rq, source),
         ))  # fmt: skip

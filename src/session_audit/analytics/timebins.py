@@ -232,12 +232,14 @@ def bin_starts(
 
 @dataclass(frozen=True)
 class Piece:
-    """[lo, hi) of one grain (RAW: base table), counted into bin `bin`."""
+    """[lo, hi) of one grain (RAW: base table), counted into bin `bin`, added (sign 1) or
+    subtracted (sign -1, see `shorten`)."""
 
     grain: int
     lo: datetime
     hi: datetime
     bin: int
+    sign: int = 1
 
 
 def _floor(t: datetime, grain: int) -> datetime:
@@ -288,3 +290,38 @@ def _split(lo: datetime, hi: datetime, b: int, grain: int, finest: int) -> list[
     right = _split(inner_hi, hi, b, grain - 1, finest) if inner_hi < hi else []
     middle = [Piece(grain, inner_lo, inner_hi, b)] if inner_lo < inner_hi else []
     return [*left, *middle, *right]
+
+
+def _next(t: datetime, grain: int) -> datetime:
+    """The start of the `grain` unit after the one starting at `t`."""
+    return _ceil(t + timedelta(microseconds=1), grain)
+
+
+_PARENT = {HOUR: DAY, DAY: MONTH}
+
+
+def shorten(pieces: list[Piece]) -> list[Piece]:
+    """The same sum read from fewer rollup rows: a run of days covering more than half of a
+    month becomes the month minus the days it lacks (likewise hours of a day). A 30-day
+    window then reads ~7 days and a month instead of 30 days. Exact because a month's rollup
+    row is the sum of its days' rows (both are kept from the same sessions)."""
+    out: list[Piece] = []
+    for piece in pieces:
+        parent = _PARENT.get(piece.grain)
+        if parent is None or piece.sign != 1:
+            out.append(piece)
+            continue
+        lo = piece.lo
+        while lo < piece.hi:
+            unit_lo = _floor(lo, parent)
+            unit_hi = _next(unit_lo, parent)
+            hi = min(piece.hi, unit_hi)
+            if (hi - lo) * 2 > unit_hi - unit_lo:
+                out.append(Piece(parent, unit_lo, unit_hi, piece.bin))
+                for a, b in ((unit_lo, lo), (hi, unit_hi)):
+                    if a < b:
+                        out.append(Piece(piece.grain, a, b, piece.bin, -1))
+            else:
+                out.append(Piece(piece.grain, lo, hi, piece.bin))
+            lo = hi
+    return out
