@@ -11,7 +11,7 @@ PROTOC  = PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Ip
           -I$$($(BIN)/python -c 'import google.api.annotations_pb2 as m,os;print(os.path.dirname(os.path.dirname(os.path.dirname(m.__file__))))')
 
 .PHONY: all venv proto check-proto descriptor openapi check-openapi buf-lint buf-baseline lint test \
-        test-citus fuzz run bench bench-reports bench-analytics bench-analytics-citus bench-retention \
+        soak test-citus fuzz run bench bench-reports bench-analytics bench-analytics-citus bench-retention \
         bench-throughput clean
 
 all: venv descriptor
@@ -78,6 +78,11 @@ lint: $(STAMP) buf-lint
 
 test: $(STAMP) check-proto $(DESC) check-openapi lint
 	$(BIN)/pytest
+
+# Reliability soak (docs/reliability.md): concurrent overlapping ingest, kill -9 and replay,
+# mixed load with p50/p99 per call, event-loop probe. Bounded: about 5 minutes, at most 10.
+soak: $(STAMP) $(DESC)
+	SOAK=1 timeout 600 $(BIN)/pytest tests/soak -s -p no:cacheprovider --basetemp=.pytest-soak
 
 # The API test modules on a Citus cluster: a coordinator and two workers started for the run
 # (binaries from CITUS_PG_BIN, else built by ../shared/citus/build-citus), stopped afterwards.

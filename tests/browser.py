@@ -114,7 +114,10 @@ async def open_page(url: str, width: int = 1280, height: int = 900) -> AsyncIter
     binary = chromium()
     if binary is None:
         raise FileNotFoundError("chromium: not installed")
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+    # Chromium's helper processes may still write to the profile as it is removed.
+    with tempfile.TemporaryDirectory(
+        prefix="chromium-profile-", ignore_cleanup_errors=True
+    ) as profile:
         proc = await asyncio.create_subprocess_exec(
             binary, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
             "about:blank", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -10,6 +10,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import asyncpg
 import click
 
 from session_audit import envoy, seed, server
@@ -358,29 +360,72 @@ def run_cmd() -> None:
                     click.echo(f"loading {DEMO_SESSIONS} demo sessions…", err=True)
                     await seed.seed(conn, DEMO_SESSIONS)
                 org = await seed.showcase_org(conn)
-                email = f"admin@{org}.example"
-                return org, await auth.create_token(conn, org, "admin", email)
+                return org, await banner_token(conn, org, config.data_dir / BANNER_TOKEN_FILE)
             finally:
                 await conn.close()
 
         org, admin = asyncio.run(prepare())
 
+        admin_socket = envoy.admin_socket(config.data_dir, config.http_port)
+        grace = config.shutdown_grace
+
         def ready(grpc_port: int) -> None:
             nonlocal proxy
             proxy = envoy.start(
                 config.http_port, grpc_port, config.data_dir,
-                metrics_port=config.envoy_metrics_port,
+                metrics_port=config.envoy_metrics_port, drain_time=max(1, int(grace)),
             )  # fmt: skip
             _print_banner(config, grpc_port, org, admin)
 
+        stop_began = 0.0
+
+        def stopping() -> None:
+            # Health is NOT_SERVING already; Envoy asks its clients to go elsewhere.
+            nonlocal stop_began
+            stop_began = time.monotonic()
+            if proxy is not None:
+                envoy.drain(admin_socket)
+
         # WORKERS processes share GRPC_PORT (SO_REUSEPORT); Envoy starts once all listen.
-        server.serve_workers(config, dsn, on_ready=ready)
+        server.serve_workers(config, dsn, on_ready=ready, on_stopping=stopping)
+        # Envoy may still be sending what the server produced (a slow client's download):
+        # it gets what is left of the grace period (at least a second).
+        if proxy is not None:
+            left = grace - (time.monotonic() - stop_began) if stop_began else 1.0
+            envoy.wait_idle(admin_socket, max(1.0, left))
     finally:
         if proxy is not None:
             envoy.stop(proxy)
         if embedded is not None:
             embedded.stop()
         click.echo("stopped.", err=True)
+
+
+BANNER_TOKEN_FILE = "banner-token"  # noqa: S105 - a file name
+
+
+def _saved_token(path: Path) -> str | None:
+    return path.read_text().strip() if path.exists() else None
+
+
+def _save_token(path: Path, token: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+
+
+async def banner_token(conn: asyncpg.Connection, org: str, path: Path) -> str:
+    """The admin token `run` prints: the one saved in the data folder (mode 0600) while it is
+    valid, else a new one saved there. Each `make run` no longer mints another admin token;
+    revoking it (`session-audit token revoke <prefix>`) makes the next run mint a fresh one."""
+    token = _saved_token(path)
+    if token and await conn.fetchval(auth.LOOKUP, auth.hash_token(token)) is not None:
+        return token
+    token = await auth.create_token(conn, org, "admin", f"admin@{org}.example")
+    _save_token(path, token)
+    return token
 
 
 def _data_env(config: Config) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import logging
 import os
 import shutil
 import socket
@@ -12,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from session_audit.core.config import project_root
+
+log = logging.getLogger(__name__)
 
 TEMPLATE = Path("envoy/envoy.yaml")
 DESCRIPTOR = Path("envoy/session_audit.pb")
@@ -116,6 +120,7 @@ def start(
     metrics_port: int = 0,
     access_log: str | None = None,
     upstreams: Sequence[tuple[str, int]] = (),
+    drain_time: int = 10,
 ) -> subprocess.Popen[bytes]:
     """Start Envoy in its own session (so it outlives no one but is not killed with a shell's
     process group) and wait until it listens. Its access log goes to `access_log` (default:
@@ -143,7 +148,8 @@ def start(
         [envoy_binary(), "-c", str(config), "--base-id", str(base_id), "-l", log_level,
          "--concurrency", "2",
          # Access lines reach their file within a second (default: 10 s).
-         "--file-flush-interval-msec", "1000"],
+         "--file-flush-interval-msec", "1000",
+         "--drain-time-s", str(drain_time), "--drain-strategy", "immediate"],
         stdout=subprocess.PIPE if capped_access else None, stderr=subprocess.PIPE,
         start_new_session=True,
     )  # fmt: skip
@@ -166,6 +172,62 @@ def start(
     if proc.poll() is not None:
         raise RuntimeError(f"envoy exited with {proc.returncode}; see {workdir}")
     return proc
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("envoy-admin", timeout=timeout)
+        self.path = str(path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.path)
+        self.sock = sock
+
+
+def _admin(admin: Path, method: str, path: str, timeout: float = 2.0) -> str:
+    """One request to Envoy's admin interface on its Unix socket."""
+    conn = _UnixHTTPConnection(admin, timeout)
+    try:
+        conn.request(method, path)
+        r = conn.getresponse()
+        body = r.read().decode()
+        if r.status != 200:
+            raise OSError(f"envoy admin {method} {path}: HTTP {r.status}: {body[:200]}")
+        return body
+    finally:
+        conn.close()
+
+
+def drain(admin: Path) -> None:
+    """Start a graceful drain: connections are asked to close (HTTP/1.1 `connection: close`,
+    HTTP/2 GOAWAY) as their requests end, and listeners close after --drain-time-s."""
+    try:
+        _admin(admin, "POST", "/drain_listeners?graceful")
+    except OSError as exc:
+        log.warning("envoy: could not start the drain: %s", exc)
+
+
+def active_requests(admin: Path) -> int:
+    """Downstream requests Envoy is still serving (responses still being sent included)."""
+    text = _admin(admin, "GET", "/stats?filter=^http%5C.rest%5C.downstream_rq_active$")
+    _, _, value = text.strip().partition(":")
+    return int(value.strip() or 0)
+
+
+def wait_idle(admin: Path, timeout: float) -> bool:
+    """Wait until Envoy has sent every response it is sending (a slow client's download
+    included), at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if active_requests(admin) == 0:
+                return True
+        except (OSError, ValueError):
+            return False
+        time.sleep(0.1)
+    return False
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

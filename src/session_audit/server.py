@@ -28,6 +28,7 @@ from session_audit.core.config import Config
 from session_audit.core.decode import DecodeGuard
 from session_audit.core.reads import Reads
 from session_audit.core.rpc import Guard
+from session_audit.reports.config import ReportConfig
 from session_audit.reports.service import ReportService
 from session_audit.retention.service import RetentionService
 from session_audit.sessions.service import SessionService
@@ -111,6 +112,7 @@ class Health:
         log.info("health: %s", "SERVING" if serving else "NOT_SERVING")
 
     async def probe(self) -> bool:
+        """One `SELECT 1` on the probe's own pool (a busy RPC pool is not an outage)."""
         try:
             async with asyncio.timeout(max(1.0, self.interval)):
                 await self.pool.fetchval("SELECT 1")
@@ -119,11 +121,27 @@ class Health:
             return False
 
     async def _keep_listening(self) -> None:
-        if self.tokens is None or (self._listener is not None and not self._listener.is_closed()):
+        """Keep the token cache's LISTEN connection alive, and prove it: a half-open TCP
+        connection looks open but hears nothing, so it must answer `SELECT 1` in time, else
+        the cache is disabled (every call looks its token up) until a new one listens."""
+        if self.tokens is None:
             return
+        listener = self._listener
+        if listener is not None and not listener.is_closed():
+            try:
+                async with asyncio.timeout(max(1.0, self.interval)):
+                    await listener.fetchval("SELECT 1")
+                return
+            except Exception as exc:
+                log.warning("token cache disabled: its listening connection is silent: %s", exc)
+                self.tokens.disable()
+                listener.terminate()
+                self._listener = None
         try:
-            self._listener = await self.tokens.listen(self.dsn)
+            async with asyncio.timeout(max(1.0, self.interval)):
+                self._listener = await self.tokens.listen(self.dsn)
         except Exception as exc:
+            self.tokens.disable()
             log.warning("token cache disabled: cannot listen for token changes: %s", exc)
 
     async def _watch(self) -> None:
@@ -131,6 +149,8 @@ class Health:
             serving = await self.probe()
             if serving:
                 await self._keep_listening()
+            elif self.tokens is not None:
+                self.tokens.disable()
             await self.set(serving)
             await asyncio.sleep(self.interval)
 
@@ -156,18 +176,42 @@ async def serve(
     reuse_port: bool = False,
     on_ready: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
+    on_stopping: Callable[[], None] | None = None,
     metrics_endpoint: bool = True,
 ) -> None:
-    """Run until SIGTERM/SIGINT (or `stop` is set), then drain in-flight RPCs. The /metrics
-    endpoint is this process's unless a parent serves it for all workers."""
-    pool = await db.create_pool(dsn, config.pool_min, config.pool_max)
-    ingest_pool = await db.create_pool(dsn, 1, max(2, config.pool_max // 2), json_codec=False)
+    """Run until SIGTERM/SIGINT (or `stop` is set), then drain: health turns NOT_SERVING
+    first, `on_stopping` runs (`run` starts Envoy's drain there), new RPCs are refused and
+    in-flight ones get SHUTDOWN_GRACE_SECONDS. The /metrics endpoint is this process's unless
+    a parent serves it for all workers."""
+    # Separate pools, so no setting starves one use of connections with another: RPCs,
+    # ingest (a stream holds one for its transaction), report generation (each generator
+    # holds one for a generation and briefly takes a second; plus the scheduler), the probe.
+    wait, idle = config.pool_acquire_timeout, config.idle_in_transaction
+    pool = await db.create_pool(
+        dsn, config.pool_min, config.pool_max, name="RPC", acquire_timeout=wait,
+        idle_in_transaction=idle,
+    )  # fmt: skip
+    ingest_pool = await db.create_pool(
+        dsn, 1, max(2, config.pool_max // 2), json_codec=False, name="ingest",
+        acquire_timeout=wait, idle_in_transaction=idle,
+    )  # fmt: skip
+    generators = ReportConfig.from_environ().generators
+    report_pool = await db.create_pool(
+        dsn, 1, 2 * generators + 1, name="report generation", acquire_timeout=60.0,
+        idle_in_transaction=config.idle_in_transaction,
+    )  # fmt: skip
+    probe_pool = await db.create_pool(
+        dsn, 1, 1, name="health probe", acquire_timeout=max(1.0, config.health_interval)
+    )
     standby = None
     if config.database_read_url:
         # No connection at start: a standby that is down must not keep the service down.
-        standby = await db.create_pool(config.database_read_url, 0, config.pool_max)
+        standby = await db.create_pool(
+            config.database_read_url, 0, config.pool_max, name="standby", acquire_timeout=wait,
+            idle_in_transaction=idle,
+        )  # fmt: skip
     reads = Reads(pool, standby, config.read_max_lag)
-    app = App(config, pool, ingest_pool, reads=reads)
+    app = App(config, pool, ingest_pool, report_pool=report_pool, reads=reads)
     guard = Guard(app)
     server = grpc.aio.server(
         # Observer first: outermost, so it sees the status the Guard settled on; DecodeGuard
@@ -187,7 +231,7 @@ async def serve(
         add(servicer, server)
         names.append(service.full_name)
         background += getattr(servicer, "background_tasks", [])
-    checker = Health(pool, names, config.health_interval, app.tokens, dsn)
+    checker = Health(probe_pool, names, config.health_interval, app.tokens, dsn)
     health_pb2_grpc.add_HealthServicer_to_server(checker.servicer, server)
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
@@ -201,25 +245,27 @@ async def serve(
         task.start()
     reads.start()
     metrics_server = observability.serve_metrics(config.metrics_port) if metrics_endpoint else None
-    if on_ready is not None:
-        on_ready(port)
-
+    # Handlers first: a Ctrl-C right after the banner (printed by on_ready) stops cleanly.
     done = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, done.set)
+    if on_ready is not None:
+        on_ready(port)
     await done.wait()
     log.info("shutting down: refusing new RPCs, draining for %.0fs", config.shutdown_grace)
     await checker.shutdown()
+    if on_stopping is not None:
+        await asyncio.to_thread(on_stopping)
     await server.stop(config.shutdown_grace)
     for task in background:
         await task.stop()
     await reads.stop()
     if standby is not None:
         await standby.close()
-    await pool.close()
-    await ingest_pool.close()
+    for p in (pool, ingest_pool, report_pool, probe_pool):
+        await p.close()
     if metrics_server is not None:
         metrics_server.shutdown()
 
@@ -235,20 +281,30 @@ def _worker(config: Config, dsn: str, log_format: str, ready: Any = None) -> Non
 
 
 def serve_workers(
-    config: Config, dsn: str, *, on_ready: Callable[[int], None] | None = None
+    config: Config,
+    dsn: str,
+    *,
+    on_ready: Callable[[int], None] | None = None,
+    on_stopping: Callable[[], None] | None = None,
 ) -> None:
     """Several processes on one port (SO_REUSEPORT); the kernel spreads connections.
-    `on_ready(port)` runs in this process once every worker listens."""
+    `on_ready(port)` runs in this process once every worker listens; `on_stopping()` when
+    the stop begins (see serve)."""
     if config.workers == 1:
-        asyncio.run(serve(config, dsn, on_ready=on_ready))
+        asyncio.run(serve(config, dsn, on_ready=on_ready, on_stopping=on_stopping))
         return
     if config.grpc_port == 0:
         raise SystemExit("GRPC_PORT: several workers need a fixed port, not 0")
     with observability.multiprocess_dir():
-        _run_workers(config, dsn, on_ready)
+        _run_workers(config, dsn, on_ready, on_stopping)
 
 
-def _run_workers(config: Config, dsn: str, on_ready: Callable[[int], None] | None) -> None:
+def _run_workers(
+    config: Config,
+    dsn: str,
+    on_ready: Callable[[int], None] | None,
+    on_stopping: Callable[[], None] | None = None,
+) -> None:
     # The workers write their metrics to PROMETHEUS_MULTIPROC_DIR; this process serves the sum.
     metrics_server = observability.serve_metrics(config.metrics_port)
     ctx = multiprocessing.get_context("spawn")
@@ -264,6 +320,8 @@ def _run_workers(config: Config, dsn: str, on_ready: Callable[[int], None] | Non
         p.start()
 
     def forward(signum: int, _frame: Any) -> None:
+        if on_stopping is not None:
+            on_stopping()
         for p in procs:
             if p.pid is not None and p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)

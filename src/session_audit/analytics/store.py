@@ -35,6 +35,7 @@ from session_audit.analytics.requests import HistogramQuery, ReportQuery, StatsQ
 from session_audit.analytics.timebins import EPOCH, HOUR, RAW, Piece, decompose, shorten
 from session_audit.core.auth import ORG_READERS, Principal
 from session_audit.core.db import Conn
+from session_audit.core.errors import InvalidArgument
 from session_audit.core.sql import Sql, Template, Where, join, param, q
 
 ROLLUP_TABLES = {CUBE: "rollup_sessions", USER: "rollup_sessions_user", VALUES: "rollup_values"}
@@ -56,6 +57,9 @@ FINEST = {
     USER: rollups.SESSIONS_USER.finest,
     VALUES: rollups.VALUES.finest,
 }
+# Largest answer of the session report with group_by=id (items: session × info type).
+MAX_ID_ITEMS = 10_000
+
 # group_by → SQL per report source
 REPORT_GROUP = {
     "connection": {BASE: "s.connection", REPORT_CONN: "r.connection"},
@@ -518,7 +522,18 @@ async def report(
     else:
         statement = REPORT_MERGED(union=join(" UNION ALL ", ("(" + x + ")" for x in parts)))
     sql, args = statement.render()
+    if per_session:
+        # One item per session and info type: bounded, so memory does not grow with the
+        # window (docs/reliability.md); the Reports API exports any number of sessions.
+        sql += f" LIMIT {MAX_ID_ITEMS + 1}"
     rows = await conn.fetch(sql, *args, timeout=timeout)
+    if per_session and len(rows) > MAX_ID_ITEMS:
+        raise InvalidArgument(
+            f"group_by: id lists at most {MAX_ID_ITEMS} items and this window has more; "
+            "narrow start_date/end_date or filter (connection_name, user_email, verb), or "
+            "export every session with the Reports API (POST /api/v2/report, then "
+            "GET /api/v2/report/{id}/csv)"
+        )
     if len(parts) == 1 and per_session:
         items = [(r[0], r[1], r[3], r[4]) for r in rows]
     else:

@@ -1,4 +1,4 @@
-"""What every servicer shares: the pool, the configuration, and the per-call query timeout."""
+"""What every servicer shares: the pools, the configuration, and the per-call time bounds."""
 
 from __future__ import annotations
 
@@ -20,10 +20,14 @@ T = TypeVar("T")
 @dataclass
 class App:
     config: Config
+    # RPC reads and small writes.
     pool: asyncpg.Pool
     # Connections without the JSON codec, for the ingest write path (see db.create_pool).
     ingest_pool: asyncpg.Pool
     tokens: auth.TokenCache = field(default_factory=auth.TokenCache)
+    # Report generation and the scheduler (None: share `pool`). Separate so generators, which
+    # hold a connection for a whole generation, can never starve RPCs or each other.
+    report_pool: asyncpg.Pool | None = None
     # Where read-only calls run (a standby when DATABASE_READ_URL is set); see core/reads.py.
     reads: Reads | None = None
 

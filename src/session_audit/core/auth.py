@@ -112,6 +112,8 @@ def bearer(context: grpc.aio.ServicerContext) -> str:
 
 
 CHANNEL = "session_audit_tokens"
+# application_name of the listening connection (operators and tests can find it).
+LISTENER_NAME = "session-audit token listener"
 
 
 class TokenCache:
@@ -155,7 +157,9 @@ class TokenCache:
 
     async def listen(self, dsn: str) -> asyncpg.Connection:
         """Open the listening connection; the cache works while it lives."""
-        conn: asyncpg.Connection = await asyncpg.connect(dsn)
+        conn: asyncpg.Connection = await asyncpg.connect(
+            dsn, server_settings={"application_name": LISTENER_NAME}
+        )
         await conn.add_listener(CHANNEL, self.clear)
         conn.add_termination_listener(self.disable)
         self.clear()

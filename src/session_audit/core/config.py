@@ -53,6 +53,17 @@ class Config:
     shutdown_grace: float
     # Seconds between database probes of the health service.
     health_interval: float
+    # Seconds a call waits for a pooled connection before UNAVAILABLE (bounded by its deadline).
+    pool_acquire_timeout: float = 5.0
+    # PostgreSQL ends a transaction of ours left idle this long (idle_in_transaction_session_
+    # timeout); longer than stream_idle, which ends an idle stream first.
+    idle_in_transaction: float = 60.0
+    # An ingest stream that sends nothing for stream_idle seconds, or runs longer than
+    # stream_max, is ended (DEADLINE_EXCEEDED; nothing of it is stored).
+    stream_idle: float = 30.0
+    stream_max: float = 900.0
+    # Concurrent StreamIngestSessions per org and server process (RESOURCE_EXHAUSTED beyond).
+    streams_per_org: int = 4
     # A streaming standby for read-only calls (core/reads.py); empty: all reads on the primary.
     database_read_url: str = ""
     # A standby further behind than this is not read from.
@@ -80,6 +91,11 @@ class Config:
             default_query_timeout=float(_int(env, "QUERY_TIMEOUT_SECONDS", 30, 1, 3600)),
             shutdown_grace=float(_int(env, "SHUTDOWN_GRACE_SECONDS", 10, 0, 600)),
             health_interval=float(_int(env, "HEALTH_INTERVAL_SECONDS", 2, 1, 60)),
+            pool_acquire_timeout=float(_int(env, "POOL_ACQUIRE_TIMEOUT_SECONDS", 5, 1, 600)),
+            idle_in_transaction=float(_int(env, "IDLE_IN_TRANSACTION_SECONDS", 60, 5, 86400)),
+            stream_idle=float(_int(env, "STREAM_IDLE_SECONDS", 30, 1, 3600)),
+            stream_max=float(_int(env, "STREAM_MAX_SECONDS", 900, 1, 86400)),
+            streams_per_org=_int(env, "INGEST_STREAMS_PER_ORG", 4, 1, 1000),
             database_read_url=env.get("DATABASE_READ_URL", ""),
             read_max_lag=float(_int(env, "READ_MAX_LAG_SECONDS", 10, 0, 86400)),
             metrics_port=_int(env, "METRICS_PORT", 9464, 0, 65535),

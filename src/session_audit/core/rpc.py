@@ -27,19 +27,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
-import asyncpg
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
-from session_audit.core import metrics, redact
+from session_audit.core import metrics
 from session_audit.core.app import App
 from session_audit.core.auth import Principal, authenticate
-from session_audit.core.errors import UNAVAILABLE, ServiceError
+from session_audit.core.db import request_deadline
+from session_audit.core.errors import ServiceError, status_for, within
 
 log = logging.getLogger(__name__)
 
@@ -82,22 +83,11 @@ def caller() -> Principal:
 
 
 async def abort_for(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> NoReturn:
-    """Abort the call with the status that fits `exc`, most specific first."""
-    if isinstance(exc, ServiceError):
-        await context.abort(exc.code, exc.message)
-    elif isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
+    """Abort the call with the status that fits `exc` (errors.status_for)."""
+    code, message = status_for(method, exc)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and not isinstance(exc, ServiceError):
         metrics.STATEMENT_TIMEOUTS.labels("rpc").inc()
-        await context.abort(
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            f"{method}: the query did not finish before the deadline",
-        )
-    elif isinstance(exc, UNAVAILABLE):
-        log.warning("%s: database unavailable: %s", method, redact.describe(exc))
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"{method}: the database is unavailable")
-    else:
-        # Class, SQLSTATE and frames only: the message can carry session data (redact.py).
-        log.error("%s failed: %s", method, redact.describe(exc))
-        await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error")
+    await context.abort(code, message)
     raise AssertionError("context.abort returned")
 
 
@@ -123,6 +113,10 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is un
 
     async def _authenticate(self, access: Access, context: grpc.aio.ServicerContext) -> None:
         app = self.app
+        left: float | None = context.time_remaining()
+        if left is not None:
+            # From here on pool waits never outlast the call's deadline (db.BoundedPool).
+            request_deadline.set(time.monotonic() + left)
         principal = await authenticate(
             app.pool, context, access.roles, access.action, app.timeout(context), app.tokens
         )
@@ -142,7 +136,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is un
         name, access = entry
         h: Any = handler
         if h.unary_unary is not None:
-            return h._replace(unary_unary=self._single(h.unary_unary, name, access))
+            return h._replace(unary_unary=self._single(h.unary_unary, name, access, bound=True))
         if h.stream_unary is not None:
             return h._replace(stream_unary=self._single(h.stream_unary, name, access))
         if h.unary_stream is not None:
@@ -151,11 +145,19 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is un
 
     def _single(
         self, behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], name: str,
-        access: Access,
+        access: Access, *, bound: bool = False,
     ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:  # fmt: skip
+        """`bound`: a unary call whose caller set no deadline runs at most
+        QUERY_TIMEOUT_SECONDS in all. (With a deadline gRPC itself cancels the call when it
+        passes.) This also answers a call stuck where no statement timeout reaches, e.g. a
+        ROLLBACK waiting on a frozen database; client streams have their own bounds."""
+
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
                 await self._authenticate(access, context)
+                if bound and context.time_remaining() is None:
+                    limit = self.app.config.default_query_timeout
+                    return await within(limit, behavior(request, context))
                 return await behavior(request, context)
             except _PASS:
                 raise

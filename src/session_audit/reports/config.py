@@ -51,6 +51,9 @@ class ReportConfig:
     # Where 'now' comes from (REPORT_CLOCK_FILE, for tests; else the system clock).
     clock: Clock
     scheduler_enabled: bool
+    # PDFs built at the same time per server process (each holds its document in memory,
+    # up to ~140 MB at pdf_max_rows); more downloads wait for a slot.
+    pdf_builders: int = 2
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> ReportConfig:
@@ -67,4 +70,5 @@ class ReportConfig:
             pdf_max_rows=_int(env, "REPORT_PDF_MAX_ROWS", 100_000, 1, 10_000_000),
             clock=file_clock(Path(clock_file)) if clock_file else system_clock,
             scheduler_enabled=_int(env, "REPORT_SCHEDULER", 1, 0, 1) == 1,
+            pdf_builders=_int(env, "REPORT_PDF_BUILDERS", 2, 1, 64),
         )

@@ -26,7 +26,7 @@ import asyncpg
 
 from session_audit.core import metrics, redact
 from session_audit.core.db import Conn
-from session_audit.core.errors import UNAVAILABLE, ServiceError
+from session_audit.core.errors import ServiceError, database_unreachable
 from session_audit.core.sql import Sql, Template, Where
 from session_audit.reports import filters as rf
 from session_audit.reports.types import BY_KEY, ReportType
@@ -331,7 +331,7 @@ async def _generate_in(pool: asyncpg.Pool, org_id: uuid.UUID, timeout: float) ->
             # Another process finished it after our snapshot began: nothing to do.
             return -1
         except Exception as exc:
-            lost = isinstance(exc, UNAVAILABLE) and not isinstance(exc, TimeoutError)
+            lost = database_unreachable(exc)
             if claimed is None or lost:
                 raise
             reason = failure_reason(exc, timeout)

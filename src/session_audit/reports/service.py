@@ -59,13 +59,17 @@ class ReportService(pb_grpc.ReportServiceServicer):
     def __init__(self, app: App, config: ReportConfig | None = None) -> None:
         self.app = app
         self.config = config or ReportConfig.from_environ()
+        background_pool = app.report_pool or app.pool
         self.generators = Generators(
-            app.pool, self.config.generators, self.config.poll_interval,
+            background_pool, self.config.generators, self.config.poll_interval,
             self.config.generation_timeout,
         )  # fmt: skip
         self.scheduler = Scheduler(
-            app.pool, self.config.clock, self.config.scheduler_interval, self.generators.kick
-        )
+            background_pool, self.config.clock, self.config.scheduler_interval,
+            self.generators.kick,
+        )  # fmt: skip
+        # PDF documents are built in memory: at most this many at once (REPORT_PDF_BUILDERS).
+        self._pdf_slots = asyncio.Semaphore(self.config.pdf_builders)
         # Started after the server listens, stopped before the pool closes (server.serve).
         self.background_tasks: list[Generators | Scheduler] = [self.generators]
         if self.config.scheduler_enabled:
@@ -281,10 +285,12 @@ class ReportService(pb_grpc.ReportServiceServicer):
             async for chunk in html_chunks(doc, self._batches(me, id_, timeout)):
                 yield chunk
         else:
-            builder = await asyncio.to_thread(PdfBuilder, doc, self.config.pdf_max_rows)
-            async for batch in self._batches(me, id_, timeout, self.config.pdf_max_rows):
-                await asyncio.to_thread(builder.add_rows, batch)
-            data = await asyncio.to_thread(builder.output)
+            async with self._pdf_slots:
+                builder = await asyncio.to_thread(PdfBuilder, doc, self.config.pdf_max_rows)
+                async for batch in self._batches(me, id_, timeout, self.config.pdf_max_rows):
+                    await asyncio.to_thread(builder.add_rows, batch)
+                data = await asyncio.to_thread(builder.output)
+                del builder
             for i in range(0, len(data), CHUNK):
                 yield data[i : i + CHUNK]
 

@@ -20,7 +20,7 @@ import asyncpg
 from session_audit.core import trail
 from session_audit.core.auth import ORG_READERS, Principal
 from session_audit.core.db import Conn
-from session_audit.core.errors import Conflict
+from session_audit.core.errors import Conflict, NotFound
 from session_audit.core.reads import Behind
 from session_audit.core.sql import Sql, Template, Where, join, q
 from session_audit.core.validation import DEFAULT_ZONE
@@ -205,13 +205,15 @@ async def update_definition(
 ) -> None:
     """`changes` maps column names (a fixed set, checked by the caller) to new values."""
     allowed = {"title", "query_filter", "query_order"}
-    assert set(changes) <= allowed
+    if not set(changes) <= allowed:
+        raise ValueError(f"update_definition: unexpected columns {sorted(set(changes) - allowed)}")
     assignments = join(", ", (q(f"{col} = $value", value=value)
                               for col, value in sorted(changes.items())))  # fmt: skip
     sql, args = UPDATE_DEFINITION(set=assignments, id=id_, org=me.org_id).render()
     async with conn.transaction():
         old = await conn.fetchrow(LOCK_DEFINITION, id_, me.org_id, timeout=timeout)
-        assert old is not None
+        if old is None:  # deleted since the caller looked it up
+            raise NotFound(f"defined report {id_} not found")
         await conn.execute(sql, *args, timeout=timeout)
         before = {k: old[k] for k in changes}
         await audit(conn, me, "update", "defined_report", id_,
@@ -228,7 +230,8 @@ async def delete_definition(conn: Conn, me: Owner, id_: int, timeout: float) -> 
             "   AS subscriptions",
             id_, me.org_id, timeout=timeout,
         )  # fmt: skip
-        assert gone is not None
+        if gone is None:  # a concurrent delete won
+            raise NotFound(f"defined report {id_} not found")
         await audit(conn, me, "delete", "defined_report", id_, dict(gone), timeout)
 
 
@@ -330,7 +333,8 @@ async def delete_report(conn: Conn, me: Owner, id_: int, timeout: float) -> None
             )  # fmt: skip
         except asyncpg.LockNotAvailableError:
             raise Conflict(f"report {id_} is being generated; try again when it is ready") from None
-        assert row is not None
+        if row is None:  # a concurrent delete won
+            raise NotFound(f"report {id_} not found")
         for sql in DELETE_REPORT:
             await conn.execute(sql, me.org_id, id_, timeout=timeout)
         await audit(conn, me, "delete", "report", id_, dict(row), timeout)
@@ -432,5 +436,6 @@ async def delete_subscription(conn: Conn, me: Owner, id_: int, timeout: float) -
             " RETURNING defined_report_id::text, period, time_zone, owner",
             id_, me.org_id, timeout=timeout,
         )  # fmt: skip
-        assert gone is not None
+        if gone is None:  # a concurrent delete won
+            raise NotFound(f"subscription {id_} not found")
         await audit(conn, me, "delete", "subscription", id_, dict(gone), timeout)

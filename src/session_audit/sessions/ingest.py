@@ -3,18 +3,43 @@
 A batch (a unary request, or a whole client stream) is one transaction. Invalid items are
 rejected with their index and reason and the valid ones are stored; a server fault rolls the
 whole batch back. Items are written in chunks so a long stream never sits whole in memory.
+
+Items of one id in a batch apply in order, as separate reports of that session would: each is
+checked against the session as the earlier ones (and the stored row) left it, a bad one is
+rejected alone, and the good ones are merged into one row write. The reply counts items: every
+item is either rejected or accepted, and every accepted item either wrote (changed the
+session) or left it unchanged — `accepted + rejected` is the number of items sent and
+`written + unchanged` is `accepted`.
+
+Locks: every write path takes row locks in one global order, the session id: the fast-path
+COPY inserts its chunk sorted by id, the careful path locks stored rows `FOR UPDATE` in id order
+and then inserts the new ones sorted by id, and the rollups are folded in in primary-key order
+at the end (rollups.py). Two batches of one chunk each therefore cannot deadlock. A stream of
+several chunks holds the first chunk's locks while it reads the next, so two such streams with
+overlapping ids in opposite chunk order still can: PostgreSQL then aborts one of them.
+A batch whose transaction holds only what is still in memory (every unary batch, and a stream
+of at most CHUNK items) is replayed from the start on a deadlock or serialization failure, up
+to MAX_ATTEMPTS times; after that, or for a longer stream, the caller gets ABORTED (retryable:
+re-sending a batch is idempotent).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
+
+import orjson
 
 from session_audit.analytics import rollups
 from session_audit.core.db import Conn
+from session_audit.core.errors import RETRYABLE_DB, Retryable
+from session_audit.core.schema import JSON_COLUMNS
 from session_audit.retention.ingest import on_ingest
 from session_audit.sessions import store
 from session_audit.sessions.rows import IngestItem, ItemError, item_from_proto, merge_items
@@ -22,10 +47,19 @@ from session_audit.v1 import sessions_pb2 as pb
 
 MAX_BATCH = 1000
 CHUNK = 5000
-YIELD_EVERY = 128
+# Validation yields to the event loop every this many items (~3 ms of CPU at most).
+YIELD_EVERY = 64
 MAX_REPORTED_REJECTIONS = 1000
+# Attempts of a replayable batch's transaction on deadlock / serialization failure.
+MAX_ATTEMPTS = 4
 # (index in the batch, id as sent, reason)
 Rejection = tuple[int, str, str]
+# Opens a connection with a transaction begun on it; leaving the context commits (or rolls
+# back on an exception) and gives the connection back.
+Opener = Callable[[], contextlib.AbstractAsyncContextManager[Conn]]
+Check = Callable[[], Awaitable[None]]
+
+AFTER_END = "start_date: after the session's end_date (stored or reported earlier)"
 
 
 @dataclass
@@ -51,149 +85,405 @@ class IngestResult:
         )
 
 
+@dataclass
+class _Report:
+    index: int
+    sent_id: str
+    item: IngestItem
+
+
+@dataclass
+class _Group:
+    """The reports of one id in a chunk, in arrival order (none rejected so far)."""
+
+    reports: list[_Report]
+    # The latest end_date among them: a later report without one must not start after it.
+    end_date: datetime | None
+
+
+@dataclass
+class _Outcome:
+    """What writing one chunk did, per item."""
+
+    written: int = 0
+    unchanged: int = 0
+    rejections: list[Rejection] = field(default_factory=list)
+
+
+# The reports of one id merged, and per report whether it changed the session.
+_Folded = tuple[IngestItem, list[bool]]
+
+
+def _comparable(values: dict[str, Any]) -> dict[str, Any]:
+    """Column values with JSON compared by meaning (PostgreSQL's jsonb text differs from ours)."""
+    return {c: orjson.loads(v) if c in JSON_COLUMNS and isinstance(v, str) else v
+            for c, v in values.items()}  # fmt: skip
+
+
+def _changes_over(stored: dict[str, Any], reports: list[_Report]) -> list[bool]:
+    """Whether each report changed the session, applied one after another to the stored row
+    (as separate requests would be)."""
+    end = stored["end_date"]
+    state = IngestItem(stored["id"], stored["start_date"], end, True, stored)
+    before = _comparable(stored)
+    changed = []
+    for r in reports:
+        state = merge_items(state, r.item)
+        after = _comparable(state.values)
+        changed.append(after != before)
+        before = after
+    return changed
+
+
+def _fold(reports: list[_Report]) -> _Folded:
+    """The reports merged in order, and whether each later one changed what the earlier left."""
+    item = reports[0].item
+    changed = [True]
+    for r in reports[1:]:
+        merged = merge_items(item, r.item)
+        changed.append(merged.values != item.values)
+        item = merged
+    return item, changed
+
+
 class IngestBatch:
     """Feed sessions with `add`; chunks are flushed to the open transaction as they fill.
 
     With `maintain_rollups` (the default) every chunk's contribution to the rollups is
     captured as it is written and folded in by `finish` (see rollups.py). Without it the org
-    is marked stale, so reads use the base tables until `session-audit rollups rebuild`."""
+    is marked stale, so reads use the base tables until `session-audit rollups rebuild`.
+
+    Given a connection, the caller owns its transaction and commits after `finish`. Made with
+    `on_pool`, the batch opens its transaction itself when it first writes (so a stream holds
+    no connection while it buffers its first chunk), commits in `finish`, and replays itself
+    on deadlocks while it can (see the module docstring). `check` runs before every chunk is
+    written and before the commit (the stream re-checks its token there)."""
 
     def __init__(
         self,
-        conn: Conn,
+        conn: Conn | None,
         org_id: uuid.UUID,
-        timeout: float,
+        timeout: float | Callable[[], float],
         *,
         maintain_rollups: bool = True,
+        opener: Opener | None = None,
+        check: Check | None = None,
         actor: str = "ingest",
     ) -> None:
+        if (conn is None) == (opener is None):
+            raise ValueError("IngestBatch: give a connection or an opener, not both")
         self.conn = conn
         self.actor = actor
+        # Every id the batch wrote (or found unchanged), for the retention hook.
+        self._ids: list[uuid.UUID] = []
+        self.actor = actor
         self.org_id = org_id
-        self.timeout = timeout
+        self._timeout = timeout
         self.maintain_rollups = maintain_rollups
-        self.deltas = rollups.Deltas(conn, org_id, timeout)
+        self._opener = opener
+        self._check = check
+        self._tx: contextlib.AsyncExitStack | None = None
+        self._deltas = rollups.Deltas(conn, org_id, self.timeout) if conn is not None else None
         self.now = datetime.now(UTC)
         self.result = IngestResult()
         self._next_index = 0
-        self._pending: dict[uuid.UUID, tuple[int, IngestItem]] = {}
-        # Every id the batch wrote (or found unchanged), for the retention hook.
-        self._ids: list[uuid.UUID] = []
+        self._pending: dict[uuid.UUID, _Group] = {}
+        self._pending_items = 0
         self._writer: asyncio.Task[None] | None = None
+        self._chunks = 0
+        # The first chunk while it is all the transaction holds (replayable); else None.
+        self._first: dict[uuid.UUID, _Group] | None = None
+        self._outcomes: list[_Outcome] = []
+        self._attempts = 1
+
+    @classmethod
+    def on_pool(
+        cls,
+        opener: Opener,
+        org_id: uuid.UUID,
+        timeout: float | Callable[[], float],
+        *,
+        maintain_rollups: bool = True,
+        check: Check | None = None,
+        actor: str = "ingest",
+    ) -> IngestBatch:
+        return cls(
+            None,
+            org_id,
+            timeout,
+            maintain_rollups=maintain_rollups,
+            opener=opener,
+            check=check,
+            actor=actor,
+        )
+
+    @property
+    def timeout(self) -> float:
+        """Seconds the next statement may run (a callable gives the time left to a deadline)."""
+        t = self._timeout
+        return t() if callable(t) else t
 
     async def __aenter__(self) -> IngestBatch:
         return self
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
-        # On failure the caller's transaction rolls back; a chunk still being written must
-        # not outlive it on the connection.
+        # On failure the transaction rolls back; a chunk still being written must not outlive
+        # it on the connection.
         if exc is not None and self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(BaseException):
                 await self._writer
             self._writer = None
+        if isinstance(exc, BaseException):
+            await self._close(exc)
+        else:  # left without finish(): keep nothing
+            await self._close(RuntimeError("IngestBatch left before finish()"))
+
+    # -- validation ----------------------------------------------------------------------------
 
     async def add(self, session: pb.Session) -> None:
         index = self._next_index
         self._next_index += 1
+        if index % YIELD_EVERY == 0:
+            # Validation is pure CPU: let other requests (and the writer's next statement:
+            # a chunk's write is several round trips) run between slices of it.
+            await asyncio.sleep(0)
         try:
             item = item_from_proto(session, self.org_id, self.now)
         except ItemError as exc:
             self.result.reject(index, session.id, str(exc))
             return
-        self.result.accepted += 1
-        earlier = self._pending.get(item.id)
-        if earlier is not None:
-            # Two reports of one session in a chunk: fold the earlier into the later.
-            item = merge_items(earlier[1], item)
-        self._pending[item.id] = (index, item)
-        if len(self._pending) >= CHUNK:
+        report = _Report(index, session.id, item)
+        group = self._pending.get(item.id)
+        if group is None:
+            self._pending[item.id] = _Group([report], item.end_date)
+        elif (
+            item.end_date is None
+            and group.end_date is not None
+            and (item.start_date > group.end_date)
+        ):
+            # An earlier report of this batch ended the session before this one starts.
+            self.result.reject(index, session.id, AFTER_END)
+            return
+        else:
+            group.reports.append(report)
+            group.end_date = item.end_date or group.end_date
+        self._pending_items += 1
+        if self._pending_items >= CHUNK:
             await self.flush()
-        elif index % YIELD_EVERY == 0 and self._writer is not None:
-            # Let the writer send its next statement: a chunk's write is several round trips
-            # (COPY, rollup capture), and they only advance when this loop yields.
-            await asyncio.sleep(0)
 
     async def flush(self) -> None:
         """Hand the pending chunk to the writer and return: PostgreSQL stores chunk k while
         Python validates chunk k+1 (chunks are still written one after another, in order)."""
         await self._wait_writer()
         if self._pending:
-            pending, self._pending = self._pending, {}
+            pending, self._pending, self._pending_items = self._pending, {}, 0
             self._ids.extend(pending)
-            self._writer = asyncio.create_task(self._write(pending))
+            self._chunks += 1
+            self._first = pending if self._chunks == 1 and self._opener is not None else None
+            self._writer = asyncio.create_task(self._write_chunk(pending))
 
     async def _wait_writer(self) -> None:
         if self._writer is not None:
             writer, self._writer = self._writer, None
-            await writer
+            try:
+                await writer
+            except RETRYABLE_DB as exc:
+                await self._replay_or_abort(exc)
 
-    async def _write(self, pending: dict[uuid.UUID, tuple[int, IngestItem]]) -> None:
+    async def _replay_or_abort(self, exc: BaseException) -> None:
+        if self._first is None:
+            raise Retryable(
+                "ingest: the batch conflicted with a concurrent one and was rolled back; re-send it"
+            ) from exc
+        await self._replay(exc)
+
+    # -- the transaction -----------------------------------------------------------------------
+
+    async def _connection(self) -> tuple[Conn, rollups.Deltas]:
+        conn, deltas = self.conn, self._deltas
+        if conn is None or deltas is None:
+            if self._opener is None:
+                raise RuntimeError("IngestBatch: no connection and no opener")
+            tx = contextlib.AsyncExitStack()
+            conn = await tx.enter_async_context(self._opener())
+            deltas = rollups.Deltas(conn, self.org_id, self.timeout)
+            self._tx, self.conn, self._deltas = tx, conn, deltas
+        deltas.timeout = self.timeout
+        return conn, deltas
+
+    async def _close(self, exc: BaseException | None) -> None:
+        """Leave the transaction this batch opened: commit if `exc` is None, else roll back."""
+        tx, self._tx = self._tx, None
+        if tx is None:
+            return
+        self.conn = None
+        self._deltas = None
+        if exc is None:
+            await tx.aclose()
+        else:
+            await tx.__aexit__(type(exc), exc, exc.__traceback__)
+
+    async def _replay(self, exc: BaseException) -> None:
+        """Roll back and write the first (only) chunk again, a bounded number of times."""
+        first = self._first
+        if first is None:
+            raise exc
+        while self._attempts < MAX_ATTEMPTS:
+            self._attempts += 1
+            await self._close(exc)
+            await asyncio.sleep(random.uniform(0.02, 0.1) * self._attempts)
+            self._outcomes.clear()
+            try:
+                await self._write_chunk(first)
+                return
+            except RETRYABLE_DB as again:
+                exc = again
+        await self._close(exc)
+        raise Retryable(
+            f"ingest: the batch conflicted with concurrent ones {MAX_ATTEMPTS} times and was "
+            "rolled back; re-send it"
+        ) from exc
+
+    async def _write_chunk(self, pending: dict[uuid.UUID, _Group]) -> None:
+        if self._check is not None:
+            await self._check()
+        conn, deltas = await self._connection()
+        self._outcomes.append(await self._write(conn, deltas, pending))
+
+    async def _write(
+        self, conn: Conn, deltas: rollups.Deltas, pending: dict[uuid.UUID, _Group]
+    ) -> _Outcome:
+        # One lock order for everything: the session id.
+        ids = sorted(pending)
+        out = _Outcome()
         # Most chunks are sessions never seen before: try the binary COPY first. It fails
         # fast (savepoint rolled back) when any id is already stored; then the chunk takes
         # the careful path.
-        ids = list(pending)
-        records = [item.record() for _, item in pending.values()]
-        if await store.copy_new(self.conn, records, self.timeout):
-            self.result.written += len(pending)
+        folded: dict[uuid.UUID, _Folded] = {}
+        for n, sid in enumerate(ids):
+            folded[sid] = _fold(pending[sid].reports)
+            if n % (4 * YIELD_EVERY) == 0:
+                await asyncio.sleep(0)
+        records = [folded[sid][0].record() for sid in ids]
+        if await store.copy_new(conn, records, self.timeout):
+            for sid in ids:
+                self._count(out, folded[sid][1], True)
             if self.maintain_rollups:
-                await self.deltas.add_records(records)
-            return
+                await deltas.add_records(records)
+            return out
         while True:
-            # Lock what is stored; insert the rest by COPY. If a concurrent batch stored one of
-            # "the rest" meanwhile, the COPY fails (after waiting for that batch to commit)
-            # and the next round finds and locks it: every stored row we overwrite is locked
-            # before its old contribution to the rollups is read.
-            existing = await store.lock_existing(self.conn, self.org_id, ids, self.timeout)
-            fresh, known, rejected = self._partition(pending, existing)
-            records = [item.record() for item in fresh.values()]
-            if not fresh or await store.copy_new(self.conn, records, self.timeout):
+            # Lock what is stored (in id order); insert the rest by COPY (in id order). If a
+            # concurrent batch stored one of "the rest" meanwhile, the COPY fails (after
+            # waiting for that batch to commit) and the next round finds and locks it: every
+            # stored row we overwrite is locked before its old contribution to the rollups is
+            # read.
+            existing = await store.lock_existing(conn, self.org_id, ids, self.timeout)
+            out = _Outcome()
+            fresh, known, kept = self._partition(pending, ids, existing, out)
+            records = [fresh[sid][0].record() for sid in sorted(fresh)]
+            if not fresh or await store.copy_new(conn, records, self.timeout):
                 break
-        for index, sid, reason in rejected:
-            self.result.accepted -= 1
-            self.result.reject(index, sid, reason)
-        self.result.written += len(fresh)
+        for _item, changed in fresh.values():
+            self._count(out, changed, True)
         if self.maintain_rollups:
-            await self.deltas.add_records(records)
+            await deltas.add_records(records)
         if known:
+            known_ids = sorted(known)
+            # Several reports of a stored session: which of them changed it is told by
+            # applying them one by one to the stored row (rare: read it only then).
+            several = [sid for sid in known_ids if len(known[sid][1]) > 1]
+            exact: dict[uuid.UUID, list[bool]] = {}
+            if several:
+                rows = await store.stored_values(conn, self.org_id, several, self.timeout)
+                exact = {sid: _changes_over(rows[sid], kept[sid]) for sid in several}
             if self.maintain_rollups:
-                await self.deltas.subtract(list(known))
-            inserted, updated = await store.upsert(
-                self.conn, [item.record() for item in known.values()], self.timeout
+                await deltas.subtract(known_ids)
+            written = await store.upsert(
+                conn, [known[sid][0].record() for sid in known_ids], self.timeout
             )
-            self.result.written += inserted + updated
+            for sid in known_ids:
+                if sid in exact:
+                    flags = exact[sid]
+                    out.written += sum(flags)
+                    out.unchanged += len(flags) - sum(flags)
+                else:
+                    self._count(out, known[sid][1], sid in written)
             if self.maintain_rollups:
-                await self.deltas.add(list(known))
+                await deltas.add(known_ids)
+        return out
+
+    @staticmethod
+    def _count(out: _Outcome, changed: list[bool], row_written: bool) -> None:
+        """Per item: the first wrote iff the row changed; a later one iff it changed what the
+        earlier reports left (and the row was written at all)."""
+        n_written = sum(changed) if row_written else 0
+        out.written += n_written
+        out.unchanged += len(changed) - n_written
 
     def _partition(
         self,
-        pending: dict[uuid.UUID, tuple[int, IngestItem]],
+        pending: dict[uuid.UUID, _Group],
+        ids: list[uuid.UUID],
         existing: dict[uuid.UUID, store.Existing],
-    ) -> tuple[dict[uuid.UUID, IngestItem], dict[uuid.UUID, IngestItem], list[Rejection]]:
-        """Split a chunk into new sessions, stored ones to merge, and rejected reports."""
-        fresh: dict[uuid.UUID, IngestItem] = {}
-        known: dict[uuid.UUID, IngestItem] = {}
-        rejected: list[Rejection] = []
-        for sid, (index, item) in pending.items():
+        out: _Outcome,
+    ) -> tuple[dict[uuid.UUID, _Folded], dict[uuid.UUID, _Folded], dict[uuid.UUID, list[_Report]]]:
+        """Split a chunk into new sessions and stored ones to merge; apply each stored one's
+        reports in order against the stored row, rejecting the ones that do not fit."""
+        fresh: dict[uuid.UUID, _Folded] = {}
+        known: dict[uuid.UUID, _Folded] = {}
+        kept_reports: dict[uuid.UUID, list[_Report]] = {}
+        for sid in ids:
+            reports = pending[sid].reports
             old = existing.get(sid)
             if old is None:
-                fresh[sid] = item
-            elif (item.end_date or old.end_date or item.start_date) < item.start_date:
-                rejected.append((index, str(sid), "start_date: after the stored end_date"))
-            else:
-                known[sid] = item
-        return fresh, known, rejected
+                fresh[sid] = _fold(reports)
+                continue
+            kept = []
+            end = old.end_date
+            for r in reports:
+                if r.item.end_date is None and end is not None and r.item.start_date > end:
+                    out.rejections.append((r.index, r.sent_id, AFTER_END))
+                else:
+                    kept.append(r)
+                    end = r.item.end_date or end
+            if kept:
+                known[sid] = _fold(kept)
+                kept_reports[sid] = kept
+        return fresh, known, kept_reports
 
     async def finish(self) -> IngestResult:
-        """Write what is pending and bring the rollups up to date; the caller commits."""
+        """Write what is pending and bring the rollups up to date. A batch made on a
+        connection leaves the commit to the caller; one made `on_pool` commits here."""
         await self.flush()
         await self._wait_writer()
+        while True:
+            try:
+                await self._apply_and_commit()
+                break
+            except RETRYABLE_DB as exc:
+                await self._replay_or_abort(exc)
+        result = self.result
+        for out in self._outcomes:
+            result.written += out.written
+            result.unchanged += out.unchanged
+            for index, sid, reason in out.rejections:
+                result.reject(index, sid, reason)
+        result.rejections.sort()
+        result.accepted = self._next_index - result.rejected
+        return result
+
+    async def _apply_and_commit(self) -> None:
+        if self.conn is None and self._chunks == 0:
+            return  # nothing valid was sent: no transaction was opened
+        if self._check is not None:
+            await self._check()
+        conn, deltas = await self._connection()
         if self.maintain_rollups:
-            await self.deltas.apply()
-        elif self.result.written:
-            await rollups.mark_stale(self.conn, self.org_id, self.timeout)
+            await deltas.apply()
+        elif any(o.written for o in self._outcomes):
+            await rollups.mark_stale(conn, self.org_id, self.timeout)
         # Retention (locks on arrival) and the org's trail entry for the batch: last, so the
         # org's chain head is held only for the moment before commit.
-        await on_ingest(self.conn, self.org_id, self.actor, self._ids, self.timeout)
-        self.result.unchanged = self.result.accepted - self.result.written
-        return self.result
+        await on_ingest(conn, self.org_id, self.actor, self._ids, self.timeout)
+        await self._close(None)

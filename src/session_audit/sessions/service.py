@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,13 +15,14 @@ from google.protobuf import struct_pb2
 
 from session_audit.core import metrics
 from session_audit.core.app import App
-from session_audit.core.auth import READERS, WRITERS, Principal
-from session_audit.core.errors import InvalidArgument, NotFound
+from session_audit.core.auth import READERS, WRITERS, Principal, authenticate
+from session_audit.core.db import Conn
+from session_audit.core.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
 from session_audit.core.json_body import parse_strict
 from session_audit.core.rpc import caller, roles
 from session_audit.sessions import requests as listing
 from session_audit.sessions import store
-from session_audit.sessions.ingest import MAX_BATCH, IngestBatch
+from session_audit.sessions.ingest import MAX_BATCH, Check, IngestBatch
 from session_audit.sessions.rows import row_to_proto
 from session_audit.v1 import sessions_pb2 as pb
 from session_audit.v1 import sessions_pb2_grpc as pb_grpc
@@ -33,6 +38,8 @@ def parse_session_id(raw: str) -> uuid.UUID:
 class SessionService(pb_grpc.SessionServiceServicer):
     def __init__(self, app: App) -> None:
         self.app = app
+        # Open ingest streams per org (this process).
+        self._streams: Counter[uuid.UUID] = Counter()
 
     @roles(READERS, "list sessions")
     async def ListSessions(
@@ -100,15 +107,32 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 f"sessions: expected at most {MAX_BATCH} per request, got {n}; "
                 "split the batch or use StreamIngestSessions"
             )
-        timeout = self.app.timeout(context)
-        async with self.app.ingest_pool.acquire() as conn, conn.transaction():
-            async with IngestBatch(conn, who.org_id, timeout, actor=who.email) as batch:
-                for session in request.sessions:
-                    await batch.add(session)
-                result = await batch.finish()
+        async with self._batch(who, context) as batch:
+            for session in request.sessions:
+                await batch.add(session)
+            result = await batch.finish()
         await self.app.wrote(who)
         metrics.ingested(result.written, result.unchanged, result.rejected)
         return result.to_proto()
+
+    def _batch(
+        self, who: Principal, context: grpc.aio.ServicerContext, check: Check | None = None
+    ) -> IngestBatch:
+        """A batch that opens its own transaction on the ingest pool when it first writes,
+        with every statement bounded by the time left to the call's deadline."""
+
+        @contextlib.asynccontextmanager
+        async def transaction() -> AsyncIterator[Conn]:
+            async with self.app.ingest_pool.acquire() as conn, conn.transaction():
+                yield conn
+
+        return IngestBatch.on_pool(
+            transaction,
+            who.org_id,
+            lambda: self.app.timeout(context),
+            check=check,
+            actor=who.email,
+        )
 
     @roles(WRITERS, "ingest sessions")
     async def StreamIngestSessions(
@@ -116,14 +140,61 @@ class SessionService(pb_grpc.SessionServiceServicer):
         request_iterator: AsyncIterator[pb.IngestSessionsRequest],
         context: grpc.aio.ServicerContext,
     ) -> pb.IngestSessionsResponse:
+        """One transaction for the whole stream, opened when its first chunk is written (a
+        stream buffers up to CHUNK items holding no connection). Bounded: STREAM_IDLE_SECONDS
+        between messages, STREAM_MAX_SECONDS in all, INGEST_STREAMS_PER_ORG at once per org;
+        the token is checked again before every chunk is written and before the commit, so
+        a token revoked meanwhile stores nothing more."""
         who = caller()
-        timeout = self.app.timeout(context)
-        async with self.app.ingest_pool.acquire() as conn, conn.transaction():
-            async with IngestBatch(conn, who.org_id, timeout, actor=who.email) as batch:
-                async for chunk in request_iterator:
+        limit = self.app.config.streams_per_org
+        if self._streams[who.org_id] >= limit:
+            raise ResourceExhausted(
+                f"ingest: at most {limit} concurrent streams per org (INGEST_STREAMS_PER_ORG); "
+                "retry when one has ended"
+            )
+        self._streams[who.org_id] += 1
+
+        async def still_allowed() -> None:
+            app = self.app
+            await authenticate(
+                app.pool, context, WRITERS, "ingest sessions", app.timeout(context), app.tokens
+            )
+
+        try:
+            async with self._batch(who, context, still_allowed) as batch:
+                async for chunk in self._bounded(request_iterator):
                     for session in chunk.sessions:
                         await batch.add(session)
                 result = await batch.finish()
+        finally:
+            self._streams[who.org_id] -= 1
+            if not self._streams[who.org_id]:
+                del self._streams[who.org_id]
         await self.app.wrote(who)
         metrics.ingested(result.written, result.unchanged, result.rejected)
         return result.to_proto()
+
+    async def _bounded(
+        self, requests: AsyncIterator[pb.IngestSessionsRequest]
+    ) -> AsyncIterator[pb.IngestSessionsRequest]:
+        idle, longest = self.app.config.stream_idle, self.app.config.stream_max
+        end = time.monotonic() + longest
+        it = aiter(requests)
+        while True:
+            left = end - time.monotonic()
+            try:
+                async with asyncio.timeout(max(0.0, min(idle, left))):
+                    chunk = await anext(it)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if left <= idle:
+                    raise DeadlineExceeded(
+                        f"stream: open longer than {longest:g} s (STREAM_MAX_SECONDS); nothing "
+                        "of it was stored; send it in shorter streams"
+                    ) from None
+                raise DeadlineExceeded(
+                    f"stream: nothing received for {idle:g} s (STREAM_IDLE_SECONDS); nothing "
+                    "of it was stored"
+                ) from None
+            yield chunk

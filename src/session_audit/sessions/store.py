@@ -91,14 +91,14 @@ WITH t AS (
       FROM ingest_staging t
 )
 INSERT INTO sessions AS s ({", ".join(INGEST_COLUMNS)})
-SELECT {", ".join(INGEST_COLUMNS)} FROM t
+SELECT {", ".join(INGEST_COLUMNS)} FROM t ORDER BY id
 ON CONFLICT (org_id, id) DO UPDATE SET
     {", ".join(f"{c} = {_merged(c).replace('t.', 'EXCLUDED.')}" for c in _UPDATABLE)},
     updated_at = EXCLUDED.updated_at
  WHERE ({", ".join(f"s.{c}" for c in _UPDATABLE)})
        IS DISTINCT FROM
        ({", ".join(_merged(c).replace("t.", "EXCLUDED.") for c in _UPDATABLE)})
-RETURNING (xmax = 0) AS inserted
+RETURNING s.id
 """  # noqa: S608 - every name above is a code constant
 
 GET = Template(f"""
@@ -198,10 +198,25 @@ async def lock_existing(
     return {r["id"]: Existing(r["org_id"], r["start_date"], r["end_date"]) for r in rows}
 
 
+async def stored_values(
+    conn: Conn, org_id: uuid.UUID, ids: Sequence[uuid.UUID], timeout: float
+) -> dict[uuid.UUID, dict[str, Any]]:
+    """The stored columns of `ids` (locked by the caller), as ingest items hold them."""
+    rows = await conn.fetch(
+        f"SELECT {GET_COLUMNS} FROM sessions s"  # noqa: S608
+        " WHERE s.org_id = $1 AND s.id = any($2::uuid[])",
+        org_id,
+        list(ids),
+        timeout=timeout,
+    )
+    return {r["id"]: dict(r) for r in rows}
+
+
 async def copy_new(conn: Conn, records: Sequence[tuple[Any, ...]], timeout: float) -> bool:
     """Binary COPY of sessions not stored yet straight into the table (the fast path, as fast
-    as a raw COPY). Runs in a savepoint: if a concurrent writer stored one of the ids
-    meanwhile, nothing of this chunk is kept and False tells the caller to upsert instead.
+    as a raw COPY); give the records in id order (the lock order). Runs in a savepoint: if a
+    concurrent writer stored one of the ids meanwhile, nothing of this chunk is kept and False
+    tells the caller to upsert instead.
     JSON columns must hold JSON text (a connection without the JSON codec)."""
     try:
         async with conn.transaction():
@@ -223,13 +238,13 @@ def _duplicate_key(exc: asyncpg.PostgresError) -> bool:
     )
 
 
-async def upsert(conn: Conn, records: Sequence[tuple[Any, ...]], timeout: float) -> tuple[int, int]:
-    """Write staged rows (must run inside a transaction). Returns (inserted, updated)."""
+async def upsert(conn: Conn, records: Sequence[tuple[Any, ...]], timeout: float) -> set[uuid.UUID]:
+    """Write staged rows (must run inside a transaction; give them in id order, the lock
+    order). Returns the ids of the rows inserted or changed."""
     await conn.execute(CREATE_STAGING)
     await conn.execute(TRUNCATE_STAGING)
     await conn.copy_records_to_table(
         "ingest_staging", records=records, columns=INGEST_COLUMNS, timeout=timeout
     )
     result = await conn.fetch(UPSERT, timeout=timeout)
-    inserted = sum(1 for r in result if r["inserted"])
-    return inserted, len(result) - inserted
+    return {r["id"] for r in result}
