@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 import asyncpg
+import sqlparse
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,14 @@ def available() -> list[Migration]:
     return sorted(out)
 
 
+def statements(sql: str) -> list[str]:
+    """A migration file's statements, one by one (dollar-quoted bodies kept whole). Citus
+    forwards some DDL on a distributed table to the workers as the original query string,
+    and refuses it when that string holds several commands; one statement per call works on
+    both engines."""
+    return [s for s in sqlparse.split(sql) if sqlparse.format(s, strip_comments=True).strip()]
+
+
 async def migrate(conn: asyncpg.Connection, shipped: list[Migration] | None = None) -> list[str]:
     """Apply pending migrations, each in its own transaction, after checking the applied ones
     against their files. Returns the names applied."""
@@ -86,7 +95,8 @@ async def migrate(conn: asyncpg.Connection, shipped: list[Migration] | None = No
             if m.version in done:
                 continue
             async with conn.transaction():
-                await conn.execute(m.sql)
+                for statement in statements(m.sql):
+                    await conn.execute(statement)
                 await conn.execute(RECORD, m.version, m.name, m.checksum)
             log.info("applied migration %s", m.name)
             applied_now.append(m.name)
