@@ -61,6 +61,10 @@ def available() -> list[Migration]:
     return sorted(out)
 
 
+HAS_CITUS = "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')"
+SEQUENTIAL = "SET LOCAL citus.multi_shard_modify_mode TO 'sequential'"
+
+
 def statements(sql: str) -> list[str]:
     """A migration file's statements, one by one (dollar-quoted bodies kept whole). Citus
     forwards some DDL on a distributed table to the workers as the original query string,
@@ -91,10 +95,16 @@ async def migrate(conn: asyncpg.Connection, shipped: list[Migration] | None = No
                     f"(sha256 applied {row['checksum'][:12]}…, file now {m.checksum[:12]}…); "
                     "restore the file and put the change in a new migration"
                 )
+        citus = await conn.fetchval(HAS_CITUS)
         for m in migrations:
             if m.version in done:
                 continue
             async with conn.transaction():
+                if citus:
+                    # Citus runs DDL on a distributed table over parallel connections and then
+                    # refuses DDL on a reference table in the same transaction; one connection
+                    # per worker (sequential mode) lets a migration touch both.
+                    await conn.execute(SEQUENTIAL)
                 for statement in statements(m.sql):
                     await conn.execute(statement)
                 await conn.execute(RECORD, m.version, m.name, m.checksum)
