@@ -68,20 +68,22 @@ WITH e AS (
 )
 UPDATE trail_heads SET seq = $2, hash = $11 WHERE org_id = $1
 """
-ITEMS_OF_SESSIONS = f"""
-INSERT INTO trail_items (org_id, seq, session_id, digest)
-SELECT s.org_id, $2, s.id, {ROW_DIGEST}
+# Items are read, then written: Citus cannot plan INSERT … SELECT … RETURNING into
+# trail_items ("missing FROM-clause entry"), and both steps stay router queries.
+DIGESTS_OF_SESSIONS = f"""
+SELECT s.id AS session_id, {ROW_DIGEST} AS digest
   FROM sessions s
- WHERE s.org_id = $1 AND s.id = any($3::uuid[])
-RETURNING session_id, digest
+ WHERE s.org_id = $1 AND s.id = any($2::uuid[])
 """  # noqa: S608 - ROW_DIGEST is built from code constants
-ITEMS_OF_ORG = f"""
-INSERT INTO trail_items (org_id, seq, session_id, digest)
-SELECT s.org_id, $2, s.id, {ROW_DIGEST}
+DIGESTS_OF_ORG = f"""
+SELECT s.id AS session_id, {ROW_DIGEST} AS digest
   FROM sessions s
- WHERE s.org_id = $1 AND NOT (s.id = any($3::uuid[]))
-RETURNING session_id, digest
+ WHERE s.org_id = $1 AND NOT (s.id = any($2::uuid[]))
 """  # noqa: S608
+INSERT_ITEMS = """
+INSERT INTO trail_items (org_id, seq, session_id, digest)
+SELECT $1, $2, x.id, x.digest FROM unnest($3::uuid[], $4::bytea[]) AS x(id, digest)
+"""
 ITEMS_DELETED = """
 INSERT INTO trail_items (org_id, seq, session_id, digest)
 SELECT $1, $2, x, NULL FROM unnest($3::uuid[]) x
@@ -213,13 +215,30 @@ class Head:
             )
             items: list[tuple[uuid.UUID, bytes | None]] = [(i, None) for i in ids]
         else:
-            rows = await self.conn.fetch(
-                ITEMS_OF_SESSIONS, self.org_id, seq, list(ids), timeout=self.timeout
+            items = await _write_items(
+                self.conn, self.org_id, seq, DIGESTS_OF_SESSIONS, list(ids), self.timeout
             )
-            items = [(r["session_id"], r["digest"]) for r in rows]
         if not items:
             return None
         return await self.add(actor, kind, "sessions", (), items_digest(items), len(items))
+
+
+async def _write_items(
+    conn: Conn, org_id: uuid.UUID, seq: int, query: str, ids: list[uuid.UUID], timeout: float
+) -> list[tuple[uuid.UUID, bytes | None]]:
+    """Digest the sessions `query` selects and store them as entry `seq`'s items."""
+    rows = await conn.fetch(query, org_id, ids, timeout=timeout)
+    items: list[tuple[uuid.UUID, bytes | None]] = [(r["session_id"], r["digest"]) for r in rows]
+    if items:
+        await conn.execute(
+            INSERT_ITEMS,
+            org_id,
+            seq,
+            [i for i, _ in items],
+            [d for _, d in items],
+            timeout=timeout,
+        )
+    return items
 
 
 async def lock_head(
@@ -232,8 +251,7 @@ async def lock_head(
     assert row is not None  # INSERT … ON CONFLICT DO UPDATE returns its row
     head = Head(conn, org_id, row["seq"], row["hash"], timeout)
     if row["created"]:
-        rows = await conn.fetch(ITEMS_OF_ORG, org_id, 1, list(covered), timeout=timeout)
-        items = [(r["session_id"], r["digest"]) for r in rows]
+        items = await _write_items(conn, org_id, 1, DIGESTS_OF_ORG, list(covered), timeout)
         await head.add("service", "genesis", "sessions", (), items_digest(items), len(items))
     return head
 
