@@ -68,12 +68,13 @@ def check_reason(reason: str, required: bool) -> str:
 # -- policy -----------------------------------------------------------------------------------
 
 GET_POLICY = "SELECT days FROM retention_policies WHERE org_id = $1"
+# The times come from the proposed row: Citus allows no function call in DO UPDATE SET.
 SET_POLICY = """
-INSERT INTO retention_policies (org_id, days, modified_by, next_purge_at)
-VALUES ($1, $2, $3, now())
+INSERT INTO retention_policies (org_id, days, modified_by, modified_at, next_purge_at)
+VALUES ($1, $2, $3, now(), now())
 ON CONFLICT (org_id) DO UPDATE
-   SET days = EXCLUDED.days, modified_by = EXCLUDED.modified_by, modified_at = now(),
-       next_purge_at = now()
+   SET days = EXCLUDED.days, modified_by = EXCLUDED.modified_by,
+       modified_at = EXCLUDED.modified_at, next_purge_at = EXCLUDED.next_purge_at
 """
 
 
@@ -122,10 +123,10 @@ SELECT s.retention_locked, {LABELLED} AS labelled
    FOR UPDATE
 """  # noqa: S608 - code constants
 UPSERT_LOCK = """
-INSERT INTO retention_locks (org_id, hold_id, session_id, reason, locked_by)
-VALUES ($1, $2, $3, $4, $5)
+INSERT INTO retention_locks (org_id, hold_id, session_id, reason, locked_by, locked_at)
+VALUES ($1, $2, $3, $4, $5, now())
 ON CONFLICT (org_id, hold_id, session_id) DO UPDATE
-   SET reason = EXCLUDED.reason, locked_by = EXCLUDED.locked_by, locked_at = now()
+   SET reason = EXCLUDED.reason, locked_by = EXCLUDED.locked_by, locked_at = EXCLUDED.locked_at
 """
 DELETE_LOCK = "DELETE FROM retention_locks WHERE org_id = $1 AND hold_id = $2 AND session_id = $3"
 HOLDS_OF = """
