@@ -337,3 +337,14 @@ def parse_strict(data: bytes, cls: type[M]) -> M:
         return cls(**fields)
     except (TypeError, ValueError, OverflowError) as err:  # only the constructor knows
         raise InvalidArgument(f"body: {str(err)[:300]}") from None
+
+
+def parse_strict_for_path(data: bytes, cls: type[M], path_id: str) -> M:
+    """`parse_strict` for a body whose object is named by the path (PATCH/PUT …/{id}): the id
+    comes from the path; the same id in the body is tolerated, another one is refused."""
+    body = parse_strict(data, cls)
+    given: str = getattr(body, "id")  # noqa: B009 - every such request message has an id
+    if given and given != path_id:
+        raise InvalidArgument(f"id: given in the path ({path_id[:40]}); leave it out of the body")
+    setattr(body, "id", path_id)  # noqa: B010
+    return body

@@ -20,7 +20,7 @@ from session_audit.core import validation as v
 from session_audit.core.app import App
 from session_audit.core.auth import READERS
 from session_audit.core.errors import Conflict, InvalidArgument, NotFound, PermissionDenied
-from session_audit.core.json_body import parse_strict
+from session_audit.core.json_body import parse_strict, parse_strict_for_path
 from session_audit.core.reads import Behind
 from session_audit.core.rpc import caller, roles
 from session_audit.reports import messages as msg
@@ -160,12 +160,7 @@ class ReportService(pb_grpc.ReportServiceServicer):
     async def UpdateDefinedReportJson(
         self, request: pb.JsonBodyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportResult:
-        body = parse_strict(request.body.data, pb.UpdateDefinedReportRequest)
-        if body.id and body.id != request.id:
-            raise InvalidArgument(
-                f"id: given in the path ({request.id[:40]}); leave it out of the body"
-            )
-        body.id = request.id
+        body = parse_strict_for_path(request.body.data, pb.UpdateDefinedReportRequest, request.id)
         return await self.UpdateDefinedReport(body, context)
 
     @roles(READERS, "subscribe to reports")

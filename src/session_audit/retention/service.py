@@ -15,7 +15,7 @@ from session_audit.core import trail
 from session_audit.core.app import App
 from session_audit.core.auth import ORG_READERS, Principal
 from session_audit.core.errors import InvalidArgument
-from session_audit.core.json_body import parse_strict
+from session_audit.core.json_body import parse_strict, parse_strict_for_path
 from session_audit.core.rpc import caller, roles
 from session_audit.retention import store
 from session_audit.retention.config import RetentionConfig
@@ -110,12 +110,7 @@ class RetentionService(pb_grpc.RetentionServiceServicer):
     async def SetRetentionLockJson(
         self, request: pb.RetentionJsonBody, context: grpc.aio.ServicerContext
     ) -> pb.RetentionLock:
-        body = parse_strict(request.body.data, pb.SetRetentionLockRequest)
-        if body.id and body.id != request.id:
-            raise InvalidArgument(
-                f"id: given in the path ({request.id[:40]}); leave it out of the body"
-            )
-        body.id = request.id
+        body = parse_strict_for_path(request.body.data, pb.SetRetentionLockRequest, request.id)
         return await self.SetRetentionLock(body, context)
 
     @roles(ORG_READERS, "create legal holds")
