@@ -6,9 +6,12 @@ would stall every other test); the server gets short bounds so the tests stay qu
 
 from __future__ import annotations
 
+import random
 import signal
 import threading
 import time
+import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,6 +25,8 @@ from grpc_health.v1 import health_pb2
 
 from session_audit import envoy
 from session_audit.embedded import EmbeddedPostgres
+from session_audit.v1 import analytics_pb2 as an
+from session_audit.v1 import analytics_pb2_grpc as an_grpc
 from session_audit.v1 import sessions_pb2 as pb
 from session_audit.v1 import sessions_pb2_grpc as pb_grpc
 from tests.factories import T0, Spec
@@ -152,6 +157,198 @@ def test_a_stopped_database_is_unavailable_then_recovers(faulty: Faulty) -> None
         faulty.pg.pg_ctl("start")
     wait_for(lambda: health_status(faulty.server.target) == SERVING, 30)
     wait_for(lambda: faulty.rest("/api/sessions")[0] == 200, 30)
+
+
+@dataclass
+class Call:
+    """One call of the load: when it started (seconds since the load began), what it was and
+    how it ended (a gRPC status name or an HTTP status), and how long it took."""
+
+    at: float
+    what: str
+    code: str
+    took: float
+
+
+def test_a_frozen_then_stopped_database_under_load(faulty: Faulty) -> None:
+    """Issue 11, "How it is proven": six callers of three orgs run list, session report,
+    histogram and ingest over gRPC and REST (through Envoy), each with a 1.5 s deadline, while
+    PostgreSQL is frozen (SIGSTOP, every process of it) for 5 s, runs again, is stopped for 3 s
+    and started again. Every call answers within its deadline + 1 s, with OK or a retryable
+    DEADLINE_EXCEEDED / UNAVAILABLE (REST 504 / 503), never INTERNAL or 500; health reads
+    NOT_SERVING in both outages; afterwards the same server process answers every kind of call,
+    and every session whose ingest was acknowledged, before, between or after the outages, is
+    stored."""
+    stack = Stack(faulty.dsn, faulty.server, faulty.http_port, faulty.envoy_proc)
+    orgs = [stack.new_org(f"load{i}") for i in range(3)]
+    tokens = {org: stack.token(org, "admin") for org in orgs}
+    day = T0.replace(hour=0, minute=0)
+    for token in tokens.values():
+        stack.ingest(token, [Spec(start=day + timedelta(minutes=7 * i)).to_proto()
+                             for i in range(200)])  # fmt: skip
+    window = {"start_date": day.date().isoformat(),
+              "end_date": (day + timedelta(days=2)).date().isoformat()}  # fmt: skip
+    deadline = 1.5
+    server_pid = faulty.server.proc.pid if faulty.server.proc else 0
+    acked: dict[str, list[str]] = {org: [] for org in orgs}
+    calls: list[Call] = []
+    health: list[tuple[float, str]] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    t_zero = time.monotonic()
+
+    def grpc_call(what: str, token: str, ch: grpc.Channel, ids: list[str]) -> str:
+        md = auth_md(token)
+        try:
+            if what == "list":
+                pb_grpc.SessionServiceStub(ch).ListSessions(
+                    pb.ListSessionsRequest(limit=20), metadata=md, timeout=deadline
+                )
+            elif what == "report":
+                an_grpc.AnalyticsServiceStub(ch).GetSessionReport(
+                    an.SessionReportRequest(**window), metadata=md, timeout=deadline
+                )
+            elif what == "histogram":
+                an_grpc.AnalyticsServiceStub(ch).GetSessionHistogram(
+                    an.HistogramRequest(
+                        field="protocol",
+                        bin_size="hour",
+                        start=window["start_date"],
+                        end=window["end_date"],
+                    ),
+                    metadata=md,
+                    timeout=deadline,
+                )
+            else:
+                reply = pb_grpc.SessionServiceStub(ch).IngestSessions(
+                    pb.IngestSessionsRequest(
+                        sessions=[Spec(id=i, start=day).to_proto() for i in ids]
+                    ),
+                    metadata=md,
+                    timeout=deadline,
+                )
+                if reply.accepted != len(ids):
+                    return f"accepted {reply.accepted} of {len(ids)}"
+            return "OK"
+        except grpc.RpcError as err:
+            return str(err.code().name)  # fmt: skip
+
+    def rest_call(what: str, token: str, client: httpx.Client, ids: list[str]) -> str:
+        h = {"authorization": f"Bearer {token}", "grpc-timeout": f"{int(deadline * 1000)}m"}
+        if what == "list":
+            r = client.get("/api/sessions", params={"limit": 20}, headers=h)
+        elif what == "report":
+            r = client.get("/api/reports/sessions", params=window, headers=h)
+        elif what == "histogram":
+            r = client.get("/api/audit/sessions/histogram", headers=h, params={
+                "field": "protocol", "bin-size": "hour",
+                "start": window["start_date"], "end": window["end_date"]})  # fmt: skip
+        else:
+            body = {"sessions": [{"id": i, "start_date": day.isoformat(), "connection": "pg"}
+                                 for i in ids]}  # fmt: skip
+            r = client.post("/api/sessions/ingest", json=body, headers=h)
+            if r.status_code == 200 and r.json()["accepted"] != len(ids):
+                return f"accepted {r.json()['accepted']} of {len(ids)}"
+        return str(r.status_code)
+
+    def caller(seed: int) -> None:
+        rng = random.Random(seed)
+        with (
+            grpc.insecure_channel(faulty.server.target) as ch,
+            httpx.Client(base_url=f"http://127.0.0.1:{faulty.http_port}", timeout=30) as client,
+        ):
+            while not stop.is_set():
+                org = rng.choice(orgs)
+                what = rng.choice(["list", "report", "histogram", "ingest"])
+                via = rng.choice(["gRPC", "REST"])
+                ids = [str(uuid.uuid4()) for _ in range(5)] if what == "ingest" else []
+                t0 = time.monotonic()
+                try:
+                    if via == "gRPC":
+                        code = grpc_call(what, tokens[org], ch, ids)
+                    else:
+                        code = rest_call(what, tokens[org], client, ids)
+                except Exception as err:  # recorded: the test fails on it
+                    code = repr(err)
+                took = time.monotonic() - t0
+                with lock:
+                    calls.append(Call(t0 - t_zero, f"{via} {what}", code, took))
+                    if what == "ingest" and code in ("OK", "200"):
+                        acked[org].extend(ids)
+                time.sleep(rng.uniform(0.02, 0.1))
+
+    def prober() -> None:
+        while not stop.is_set():
+            t0 = time.monotonic() - t_zero
+            try:
+                status = health_pb2.HealthCheckResponse.ServingStatus.Name(
+                    health_status(faulty.server.target)
+                )
+            except grpc.RpcError as err:
+                status = str(err.code().name)  # fmt: skip
+            with lock:
+                health.append((t0, status))
+            time.sleep(0.25)
+
+    threads = [threading.Thread(target=caller, args=(s,)) for s in range(6)]
+    threads.append(threading.Thread(target=prober))
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.5)
+        procs = faulty.postgres_processes()
+        frozen_at = time.monotonic() - t_zero
+        for p in procs:
+            p.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(5)
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGCONT)
+        thawed_at = time.monotonic() - t_zero
+        wait_for(lambda: health_status(faulty.server.target) == SERVING, 30)
+        time.sleep(1)
+        stopped_at = time.monotonic() - t_zero
+        faulty.pg.pg_ctl("stop")
+        try:
+            time.sleep(3)
+        finally:
+            faulty.pg.pg_ctl("start")
+        started_at = time.monotonic() - t_zero
+        wait_for(lambda: health_status(faulty.server.target) == SERVING, 30)
+        recovered_at = time.monotonic() - t_zero
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    ok = {"OK", "200"}
+    retryable = {"DEADLINE_EXCEEDED", "UNAVAILABLE", "503", "504"}
+    wrong = [c for c in calls if c.code not in ok | retryable]
+    assert not wrong, wrong[:10]
+    late = [c for c in calls if c.took > deadline + 1.0]
+    assert not late, late[:10]
+    # The outages were felt: calls gave up and health said so, in each of them.
+    assert any(c.code in retryable for c in calls if frozen_at <= c.at < thawed_at)
+    assert any(c.code in retryable for c in calls if stopped_at <= c.at < started_at)
+    assert any(s == "NOT_SERVING" for t, s in health if frozen_at <= t < thawed_at + 2)
+    assert any(s == "NOT_SERVING" for t, s in health if stopped_at <= t < started_at + 2)
+    # The same process serves again: every kind of call succeeded once health was back.
+    assert faulty.server.proc is not None and faulty.server.proc.pid == server_pid
+    assert faulty.server.proc.poll() is None
+    after = {c.what for c in calls if c.at >= recovered_at + 1 and c.code in ok}
+    assert after == {f"{via} {what}" for via in ("gRPC", "REST")
+                     for what in ("list", "report", "histogram", "ingest")}, after  # fmt: skip
+    # No acknowledged session was lost.
+    for org, ids in acked.items():
+        stored = stack.sql("SELECT count(*) FROM sessions s JOIN orgs o ON o.id = s.org_id "
+                           "WHERE o.name = $1 AND s.id = any($2::uuid[])", org, ids)[0][0]  # fmt: skip
+        assert stored == len(ids), (org, stored, len(ids))
+    counts = Counter((c.what, c.code) for c in calls)
+    print(
+        f"\n{len(calls)} calls: {dict(sorted(counts.items()))}; "
+        f"acknowledged ingests: {sum(len(v) for v in acked.values())} sessions"
+    )
 
 
 def test_an_idle_stream_is_ended_and_stores_nothing(faulty: Faulty) -> None:

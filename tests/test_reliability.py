@@ -238,6 +238,29 @@ def test_parallel_deletes_of_a_subscription_one_wins(
         (TimeoutError(), "DEADLINE_EXCEEDED"),
         (asyncpg.ConnectionDoesNotExistError("connection was closed"), "UNAVAILABLE"),
         (asyncpg.AdminShutdownError("terminating connection"), "UNAVAILABLE"),
+        # asyncpg's words for a pooled connection lost (PostgreSQL stopping) before it was used.
+        (
+            asyncpg.InterfaceError(
+                "cannot call Transaction.start(): the underlying connection is closed"
+            ),
+            "UNAVAILABLE",
+        ),
+        (asyncpg.InterfaceError("cannot perform operation: connection is closed"), "UNAVAILABLE"),
+        (
+            asyncpg.InternalClientError(
+                'cannot switch to state 15; protocol is in the "failed" state'
+            ),
+            "UNAVAILABLE",
+        ),
+        # Our misuse stays INTERNAL.
+        (
+            asyncpg.InterfaceError(
+                "cannot call Transaction.start(): the underlying connection has been released "
+                "back to the pool"
+            ),
+            "INTERNAL",
+        ),
+        (asyncpg.InternalClientError("waiter is not done"), "INTERNAL"),
         (ConnectionRefusedError(111, "Connection refused"), "UNAVAILABLE"),
         (FileNotFoundError(2, "No such file or directory", "/srv/template.html"), "INTERNAL"),
         (KeyError("status"), "INTERNAL"),

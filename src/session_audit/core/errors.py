@@ -120,9 +120,25 @@ def _network_error(exc: BaseException) -> bool:
     return exc.errno in _NETWORK_ERRNOS or (exc.errno == errno.ENOENT and exc.filename is None)
 
 
+# What asyncpg (0.30-0.32) says, in an InterfaceError or InternalClientError rather than in
+# ConnectionDoesNotExistError, when the connection was lost between taking it from the pool and
+# using it: PostgreSQL shutting down (`pg_ctl stop -m fast`) closes idle pooled connections, and
+# a call that took one a moment before finds it closed (tests/test_faults.py, under load). Only
+# connection_lost (or a failed connect) puts asyncpg's protocol in the "failed" state.
+_CONNECTION_GONE = ("the underlying connection is closed", "connection is closed",
+                    'protocol is in the "failed" state')  # fmt: skip
+
+
+def _connection_gone(exc: BaseException) -> bool:
+    if not isinstance(exc, asyncpg.InterfaceError | asyncpg.InternalClientError):
+        return False
+    text = str(exc)
+    return any(phrase in text for phrase in _CONNECTION_GONE)
+
+
 def database_unreachable(exc: BaseException) -> bool:
     """The database cannot be reached or is going away (not: it answered with an error)."""
-    return isinstance(exc, UNAVAILABLE) or _network_error(exc)
+    return isinstance(exc, UNAVAILABLE) or _network_error(exc) or _connection_gone(exc)
 
 
 def status_for(method: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
