@@ -12,7 +12,7 @@ PROTOC  = PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Ip
 
 .PHONY: all venv proto check-proto descriptor openapi check-openapi buf-lint buf-baseline lint test \
         soak test-citus fuzz run bench bench-reports bench-analytics bench-analytics-citus bench-retention \
-        bench-throughput clean
+        bench-throughput bench-loop clean
 
 all: venv descriptor
 
@@ -129,6 +129,10 @@ bench-analytics-citus: $(STAMP) $(DESC)
 bench-retention: $(STAMP) $(DESC)
 	$(BIN)/python bench/bench_retention.py $(BENCH_ARGS)
 
+# Event-loop responsiveness: health-probe p50/p99 and the server's own loop stalls (LOOP_STALL_MS)
+# while ten 1,000-session batches, a report generation and a PDF download run; about a minute.
+bench-loop: $(STAMP) $(DESC)
+	$(BIN)/python bench/bench_loop.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .gen-check $(DESC) .pytest_cache .mypy_cache .ruff_cache build/buf-deps

@@ -19,7 +19,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from session_audit import observability
+from session_audit import loopwatch, observability
 from session_audit.analytics.service import AnalyticsService
 from session_audit.core import db, logs
 from session_audit.core.app import App
@@ -225,6 +225,8 @@ async def serve(
     names = []
     # A servicer may carry `background_tasks` (start()/async stop()): run while serving.
     background: list[Any] = [observability.PoolSampler(app.pools)]
+    if config.loop_stall_ms:
+        background.append(loopwatch.LoopWatch(config.loop_stall_ms / 1000))
     for service, add, factory in SERVICES:
         servicer = factory(app)
         guard.register(service, servicer)

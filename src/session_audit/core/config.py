@@ -73,6 +73,9 @@ class Config:
     # Loopback port where Envoy's /stats/prometheus is served, and nothing else of its admin
     # interface (0: none).
     envoy_metrics_port: int = 9465
+    # Log event-loop stalls longer than this many ms, with what held the loop (0: off;
+    # loopwatch.py).
+    loop_stall_ms: int = 0
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -100,4 +103,5 @@ class Config:
             read_max_lag=float(_int(env, "READ_MAX_LAG_SECONDS", 10, 0, 86400)),
             metrics_port=_int(env, "METRICS_PORT", 9464, 0, 65535),
             envoy_metrics_port=_int(env, "ENVOY_METRICS_PORT", 9465, 0, 65535),
+            loop_stall_ms=_int(env, "LOOP_STALL_MS", 0, 0, 60000),
         )

@@ -81,6 +81,13 @@ SCHEDULER_LAG = Gauge(
     multiprocess_mode="livemax",
 )
 
+# The event loop (loopwatch.py, only while LOOP_STALL_MS is set): how late its ticker woke.
+EVENT_LOOP_LAG = Histogram(
+    "session_audit_event_loop_lag_seconds",
+    "How late the event loop ran a task due to run: time it spent on something else.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+
 # The token cache (core/auth.py).
 TOKEN_CACHE_HITS = Counter("session_audit_token_cache_hits_total", "Tokens found in the cache.")
 TOKEN_CACHE_MISSES = Counter(

@@ -18,7 +18,7 @@ from session_audit.core.app import App
 from session_audit.core.auth import READERS, WRITERS, Principal, authenticate
 from session_audit.core.db import Conn
 from session_audit.core.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
-from session_audit.core.json_body import parse_strict
+from session_audit.core.json_body import parse_strict_off_loop
 from session_audit.core.rpc import caller, roles
 from session_audit.sessions import requests as listing
 from session_audit.sessions import store
@@ -93,7 +93,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
         self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext
     ) -> pb.IngestSessionsResponse:
         who = caller()
-        parsed = parse_strict(request.data, pb.IngestSessionsRequest)
+        parsed = await parse_strict_off_loop(request.data, pb.IngestSessionsRequest)
         return await self._ingest(who, parsed, context)
 
     async def _ingest(
