@@ -19,6 +19,7 @@ Bounded: a few thousand sessions, about a minute; stops only the processes it st
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -42,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_sessions import machine, pct
 from session_audit import envoy
+from session_audit.core import json_body
 from session_audit.embedded import EmbeddedPostgres
 from session_audit.v1 import sessions_pb2 as pb
 from session_audit.v1 import sessions_pb2_grpc as pb_grpc
@@ -71,13 +73,16 @@ def ms(values: list[float]) -> str:
             f"p99 {1000 * pct(values, 0.99):.1f} ms, max {1000 * max(values):.1f} ms")  # fmt: skip
 
 
-def stalls(log: Path, windows: list[tuple[float, float]]) -> list[dict[str, Any]]:
-    """The server's stall lines that fall in one of `windows` (wall-clock seconds)."""
+def stalls(log: Path, windows: list[tuple[float, float]], key: str) -> list[dict[str, Any]]:
+    """The server's loopwatch lines carrying `key` (stall_ms or step_ms) that fall in one of
+    `windows` (wall-clock seconds)."""
     out = []
     for line in log.read_text(errors="replace").splitlines():
         if '"session_audit.loop"' not in line:
             continue
         rec = json.loads(line)
+        if key not in rec:
+            continue
         at = datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp()
         if any(a <= at <= b for a, b in windows):
             out.append(rec)
@@ -110,6 +115,69 @@ def show_stalls(label: str, recs: list[dict[str, Any]], threshold: float) -> Non
         print(f"    {n:>4}  {spot}")
 
 
+def show_steps(label: str, recs: list[dict[str, Any]], threshold: float) -> None:
+    """Single loop callbacks (a task's step) longer than the threshold."""
+    if not recs:
+        print(f"  {label}: no single step above {threshold:g} ms")
+        return
+    worst = max(recs, key=lambda r: r["step_ms"])
+    cpu = max(recs, key=lambda r: r["step_cpu_ms"])
+    over = [r for r in recs if r["step_cpu_ms"] > threshold]
+    print(f"  {label}: {len(recs)} single steps above {threshold:g} ms, longest {worst['step_ms']:.0f} ms "
+          f"(CPU {worst['step_cpu_ms']:.0f} ms): {worst['step']}")  # fmt: skip
+    print(f"  {label}: {len(over)} steps with more than {threshold:g} ms of CPU; most CPU in one step "
+          f"{cpu['step_cpu_ms']:.0f} ms (wall {cpu['step_ms']:.0f} ms): {cpu['step']}; held by {cpu['held_by']}")  # fmt: skip
+    kinds = Counter(r["step"].split(", then")[0] for r in over or recs)
+    print(
+        f"    {'those' if over else 'all'} steps by task: "
+        + "; ".join(f"{n}× {k}" for k, n in kinds.most_common(6))
+    )
+
+
+async def _max_lag_during(work: Any, tick: float = 0.001) -> tuple[float, float]:
+    """(longest lag of a 1 ms ticker on this loop, seconds) while `work` runs."""
+    lags: list[float] = []
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        while not done.is_set():
+            t0 = time.perf_counter()
+            await asyncio.sleep(tick)
+            lags.append(time.perf_counter() - t0 - tick)
+
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0.01)
+    t0 = time.perf_counter()
+    await work()
+    took = time.perf_counter() - t0
+    done.set()
+    await task
+    return max(lags), took
+
+
+def body_reading(batch_size: int) -> None:
+    """The REST ingest body's reading, on the loop (as before) and in a worker thread (as the
+    server does now for bodies over OFF_LOOP_BYTES): how long a 1 ms ticker on the same loop
+    is held up, in this process."""
+    items = batch(batch_size, 0)
+    body = json.dumps({"sessions": [json_format.MessageToDict(s, preserving_proto_field_name=True)
+                                    for s in items]}).encode()  # fmt: skip
+
+    async def on_loop() -> None:
+        json_body.parse_strict(body, pb.IngestSessionsRequest)
+
+    async def off_loop() -> None:
+        await json_body.parse_strict_off_loop(body, pb.IngestSessionsRequest)
+
+    async def both() -> None:
+        for name, fn in (("on the loop", on_loop), ("in a thread", off_loop)) * 2:
+            lag, took = await _max_lag_during(fn)
+            print(f"  {len(body) / 1e6:.2f} MB body ({batch_size:,} sessions) read {name}: "
+                  f"{1000 * took:.0f} ms, loop held up to {1000 * lag:.1f} ms")  # fmt: skip
+
+    asyncio.run(both())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
@@ -123,6 +191,8 @@ def main() -> None:
 
     print(machine())
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("REST ingest body reading (this process, twice each):")
+    body_reading(args.batch_size)
     data = Path(args.data)
     shutil.rmtree(data, ignore_errors=True)
     data.mkdir(parents=True)
@@ -175,17 +245,30 @@ def main() -> None:
 
         offset = args.report_sessions
 
+        retries = [0]
+
         def grpc_batch(items: list[pb.Session]) -> None:
             with grpc.insecure_channel(server.target) as ch:
-                reply = pb_grpc.SessionServiceStub(ch).IngestSessions(
-                    pb.IngestSessionsRequest(sessions=items), metadata=md, timeout=120
-                )
-                assert reply.accepted == len(items), reply  # fmt: skip
+                while True:
+                    try:
+                        reply = pb_grpc.SessionServiceStub(ch).IngestSessions(
+                            pb.IngestSessionsRequest(sessions=items), metadata=md, timeout=120
+                        )
+                        break
+                    except grpc.RpcError as err:
+                        if err.code() != grpc.StatusCode.UNAVAILABLE:
+                            raise
+                        retries[0] += 1
+                assert reply.accepted == len(items), reply
 
         def rest_batch(items: list[pb.Session]) -> None:
             body = {"sessions": [json_format.MessageToDict(s, preserving_proto_field_name=True)
                                  for s in items]}  # fmt: skip
-            r = httpx.post(f"{base}/api/sessions/ingest", json=body, headers=auth, timeout=120)
+            while True:
+                r = httpx.post(f"{base}/api/sessions/ingest", json=body, headers=auth, timeout=120)
+                if r.status_code != 503:
+                    break
+                retries[0] += 1
             assert r.status_code == 200 and r.json()["accepted"] == len(items), r.text[:300]
 
         def pdf_download() -> None:
@@ -227,8 +310,13 @@ def main() -> None:
               f"{ms(busy_probes)}")  # fmt: skip
         log = data / f"server-{server.port}.log"
         print("server-side event-loop stalls (loopwatch):")
-        show_stalls("quiet", stalls(log, [quiet]), args.stall_ms)
-        show_stalls("busy", stalls(log, busy), args.stall_ms)
+        show_stalls("quiet", stalls(log, [quiet], "stall_ms"), args.stall_ms)
+        show_stalls("busy", stalls(log, busy, "stall_ms"), args.stall_ms)
+        show_steps("quiet", stalls(log, [quiet], "step_ms"), args.stall_ms)
+        show_steps("busy", stalls(log, busy, "step_ms"), args.stall_ms)
+        print(
+            f"retries of batches answered UNAVAILABLE/503 (no ingest connection in time): {retries[0]}"
+        )
     finally:
         if proxy is not None:
             envoy.stop(proxy)

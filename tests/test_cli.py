@@ -25,7 +25,7 @@ def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
 def test_token_create_prints_only_the_token_and_revoke_stops_it(stack: Stack) -> None:
     org = stack.new_org("cli")
     created = cli(stack, "token", "create", "--org", org, "--role", "auditor",
-                  "--email", "Dana@Cli.example")  # fmt: skip
+                  "--email", "Dana@Cli.example", "--create-org")  # fmt: skip
     assert created.returncode == 0, created.stderr
     token = created.stdout.strip()
     assert created.stdout == token + "\n"
@@ -55,3 +55,30 @@ def test_token_create_rejects_bad_role_and_email(stack: Stack) -> None:
     bad_email = cli(stack, "token", "create", "--org", "x", "--role", "user", "--email", "nobody")
     assert bad_email.returncode == 2 and "email" in bad_email.stderr
     assert bad_email.stdout == ""
+
+
+def test_token_create_refuses_an_unknown_org_unless_asked_to_create_it(stack: Stack) -> None:
+    """A typo in --org must not mint a token for a new, empty org: it is refused, naming the
+    close match and how many orgs exist; --create-org creates it; an existing org needs no
+    flag."""
+    org = stack.new_org("typo")
+    first = cli(stack, "token", "create", "--org", org, "--role", "admin", "--email",
+                "a@typo.example", "--create-org")  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    n_orgs = stack.sql("SELECT count(*) FROM orgs")[0][0]
+    typo = org[:-1] + ("x" if org[-1] != "x" else "y")
+    refused = cli(stack, "token", "create", "--org", typo, "--role", "admin", "--email",
+                  "a@typo.example")  # fmt: skip
+    assert refused.returncode == 2 and refused.stdout == ""
+    message = " ".join(refused.stderr.split())
+    assert f"no org named '{typo}'" in message
+    assert f"did you mean '{org}'" in message
+    assert f"{n_orgs} orgs exist" in message
+    assert "--create-org" in message
+    assert stack.sql("SELECT count(*) FROM orgs WHERE name = $1", typo)[0][0] == 0
+    assert stack.sql("SELECT count(*) FROM orgs")[0][0] == n_orgs
+
+    again = cli(stack, "token", "create", "--org", org, "--role", "auditor", "--email",
+                "b@typo.example")  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert stack.rest("GET", "/api/sessions", again.stdout.strip()).status_code == 200

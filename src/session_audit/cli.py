@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import json
 import logging
 import os
@@ -140,27 +141,49 @@ def token() -> None:
 
 
 @token.command("create")
-@click.option("--org", required=True, help="Org name (created if new).")
+@click.option("--org", required=True, help="Org name (must exist unless --create-org).")
 @click.option("--role", required=True, type=click.Choice(auth.ROLES))
 @click.option(
     "--email", required=True, help="Who the token is for; `user` tokens see this e-mail's sessions."
 )
-def token_create(org: str, role: str, email: str) -> None:
+@click.option(
+    "--create-org", is_flag=True, help="Create the org if it does not exist (else refused)."
+)
+def token_create(org: str, role: str, email: str, create_org: bool) -> None:
     """Create a token and print only the token on stdout."""
 
     async def go(dsn: str) -> str:
         await _migrate(dsn)
         conn = await db.connect(dsn)
         try:
-            return await auth.create_token(conn, org, role, email)
+            return await auth.create_token(conn, org, role, email, create_org=create_org)
         finally:
             await conn.close()
 
     with database(_config()) as dsn:
         try:
             click.echo(asyncio.run(go(dsn)))
+        except auth.UnknownOrg as exc:
+            raise click.UsageError(_unknown_org(exc)) from None
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
+
+
+def _unknown_org(exc: auth.UnknownOrg, shown: int = 10) -> str:
+    """What `token create` says about an org that does not exist: the close names, how many
+    orgs there are (the first few by name), and the flag that creates a new one."""
+    close = difflib.get_close_matches(exc.name, exc.known, n=3, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    n = len(exc.known)
+    if n == 0:
+        known = "there are no orgs yet"
+    else:
+        names = ", ".join(exc.known[:shown]) + (f", … ({n - shown} more)" if n > shown else "")
+        known = f"{n} org{'s' if n != 1 else ''} exist{'s' if n == 1 else ''}: {names}"
+    return (
+        f"{exc}{hint}; {known}. Pass --create-org to create {exc.name!r} as a new org "
+        "(`session-audit token list` shows each token's org)."
+    )
 
 
 @token.command("list")

@@ -13,6 +13,13 @@ logged (logger `session_audit.loop`, warning) with:
   * `held_by`: where the loop thread was while the stall lasted, taken by a watchdog thread
     every `tick` (innermost frames of this package first, the innermost frame of all last) —
     the code that held the loop, when loop_cpu_ms says it did.
+
+A stall may add up several callbacks run in one turn of the loop (ten batches' steps, say).
+So every callback the loop runs is also timed on its own (asyncio's Handle._run, wrapped while
+the watch runs, about a microsecond each): one that keeps the loop thread on CPU longer than
+the threshold is logged as a slow step with `step_ms`, `step_cpu_ms` (the loop thread's CPU
+during it: the hold a quiet machine would see), `step` (the task's coroutine, the RPC it
+served, where it paused next) and `held_by` (the watchdog's samples taken during it).
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ import sys
 import threading
 import time
 import traceback
-from collections import Counter
+from collections import Counter, deque
 from types import FrameType
+from typing import Any
 
 from session_audit.core import metrics
 
@@ -54,6 +62,37 @@ def where(frame: FrameType | None, depth: int = 4) -> str:
     return " < ".join(parts)
 
 
+def _paused_at(coro: Any) -> str:
+    """Where a task's coroutine waits now: the innermost coroutine of its await chain."""
+    spot = "?"
+    for _ in range(50):
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is None:
+            break
+        spot = f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
+        nxt = getattr(coro, "cr_await", None)
+        if nxt is None or not hasattr(nxt, "cr_frame"):
+            break
+        coro = nxt
+    return spot
+
+
+def describe(handle: asyncio.Handle) -> str:
+    """What a loop callback was: a task's step (its coroutine, where it paused next) or the
+    callback itself."""
+    callback = getattr(handle, "_callback", None)
+    task = getattr(callback, "__self__", None)
+    # The RPC it served, from the log context the step ran in (observability binds it).
+    context = getattr(handle, "_context", None)
+    method = next((v for k, v in (context or {}).items() if k.name == "structlog_method"), None)
+    rpc = f" of {method}" if method else ""
+    if isinstance(task, asyncio.Task):
+        coro = task.get_coro()
+        name = getattr(coro, "__qualname__", type(coro).__name__)
+        return f"task {name}{rpc}, then paused at {_paused_at(coro)}"
+    return f"{repr(callback)[:160]}{rpc}"
+
+
 class LoopWatch:
     def __init__(self, threshold: float, tick: float = 0.005) -> None:
         self.threshold = threshold
@@ -66,16 +105,49 @@ class LoopWatch:
         self._task: asyncio.Task[None] | None = None
         self._thread: threading.Thread | None = None
         self._loop_thread = 0
+        self.longest_step = 0.0
+        # (time.monotonic(), where the loop thread was) while the beat was late.
+        self._spots: deque[tuple[float, str]] = deque(maxlen=2000)
+        self._original_run: Any = None
 
     def start(self) -> None:
         self._loop_thread = threading.get_ident()
         self._beat = time.monotonic()
+        self._time_steps()
         self._task = asyncio.get_running_loop().create_task(self._run())
         self._thread = threading.Thread(target=self._watch, name="loop-watch", daemon=True)
         self._thread.start()
 
+    def _time_steps(self) -> None:
+        original = self._original_run = asyncio.events.Handle._run
+        watch = self
+
+        def timed_run(handle: asyncio.Handle) -> None:
+            t0, c0 = time.monotonic(), time.thread_time()
+            original(handle)
+            took = time.monotonic() - t0
+            # Only steps that held the loop on CPU that long: a step merely stretched by a
+            # busy machine (or the GIL held elsewhere) shows in the stalls above.
+            if took > watch.threshold and time.thread_time() - c0 > watch.threshold:
+                watch._slow_step(handle, t0, took, time.thread_time() - c0)
+
+        asyncio.events.Handle._run = timed_run  # type: ignore[method-assign,assignment]
+
+    def _slow_step(self, handle: asyncio.Handle, t0: float, took: float, cpu: float) -> None:
+        self.longest_step = max(self.longest_step, took)
+        with self._lock:
+            spots = Counter(w for at, w in self._spots if at >= t0)
+        log.warning(
+            "event loop step took %.0f ms", 1000 * took,
+            extra={"step_ms": round(1000 * took, 1), "step_cpu_ms": round(1000 * cpu, 1),
+                   "step": describe(handle),
+                   "held_by": "; ".join(f"{n}× {w}" for w, n in spots.most_common(3)) or "?"},
+        )  # fmt: skip
+
     async def stop(self) -> None:
         self._stop.set()
+        if self._original_run is not None:
+            asyncio.events.Handle._run = self._original_run  # type: ignore[method-assign]
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -120,3 +192,4 @@ class LoopWatch:
             del frame
             with self._lock:
                 self._samples[spot] += 1
+                self._spots.append((time.monotonic(), spot))

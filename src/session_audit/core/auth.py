@@ -201,7 +201,21 @@ async def ensure_org(conn: asyncpg.Connection, name: str) -> uuid.UUID:
     return org_id
 
 
-async def create_token(conn: asyncpg.Connection, org: str, role: str, email: str) -> str:
+class UnknownOrg(ValueError):
+    """`create_token(..., create_org=False)` for an org name that does not exist."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"org: no org named {name!r}")
+        self.name = name
+        self.known = known
+
+
+async def create_token(
+    conn: asyncpg.Connection, org: str, role: str, email: str, *, create_org: bool = True
+) -> str:
+    """A new token for `email` in `org`. With `create_org=False` an org that does not exist
+    is refused (UnknownOrg, listing the orgs that do) instead of created: a typo in an org
+    name must not give someone a token for a new, empty org."""
     if role not in ROLES:
         raise ValueError(f"role: expected one of {', '.join(ROLES)}, got {role!r}")
     if not org.strip():
@@ -211,7 +225,13 @@ async def create_token(conn: asyncpg.Connection, org: str, role: str, email: str
     token = new_token()
     async with conn.transaction():
         await conn.execute(SET_ACTOR, CLI_ACTOR)
-        org_id = await ensure_org(conn, org.strip())
+        if create_org:
+            org_id = await ensure_org(conn, org.strip())
+        else:
+            org_id = await conn.fetchval("SELECT id FROM orgs WHERE name = $1", org.strip())
+            if org_id is None:
+                names = await conn.fetch("SELECT name FROM orgs ORDER BY name")
+                raise UnknownOrg(org.strip(), [r["name"] for r in names])
         prefix = token[: len(TOKEN_PREFIX) + 6]
         await conn.execute(INSERT_TOKEN, org_id, hash_token(token), prefix, role, email.strip())
     return token
