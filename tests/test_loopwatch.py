@@ -51,7 +51,7 @@ def test_a_step_holding_the_loop_is_logged_with_its_cpu_and_where(
     assert "culprit" in step.step  # type: ignore[attr-defined]
     assert "_spin" in step.held_by  # type: ignore[attr-defined]
     # The ticker was held up as long: one stall of at least the spin.
-    assert stalls and max(r.stall_ms for r in stalls) >= 140  # type: ignore[attr-defined]
+    assert stalls and max(r.stall_ms for r in stalls) >= 140
     assert watch.longest_step >= 0.14
     # Stopped: asyncio's Handle._run is asyncio's again.
     assert asyncio.events.Handle._run.__module__ == "asyncio.events"
