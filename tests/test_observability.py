@@ -328,3 +328,57 @@ def _generated(stack: Stack, before: Samples) -> Samples:
     name = "session_audit_report_generation_seconds_count"
     assert value(now, name, outcome="ready") - value(before, name, outcome="ready") >= 1
     return now
+
+
+def test_a_statement_timeout_is_counted_once(stack: Stack) -> None:
+    """Issue 13: session_audit_db_statement_timeouts_total{source="rpc"} counts the calls whose
+    statement the deadline cut short. A server with QUERY_TIMEOUT_SECONDS=1; the test holds an
+    ACCESS EXCLUSIVE lock on sessions, so a ListSessions without a deadline of its own waits
+    on it until the 1 s bound cancels it: DEADLINE_EXCEEDED, and the counter goes up by exactly
+    one; the calls before and after the lock leave it alone."""
+    import asyncio
+
+    from session_audit.core import db
+    from session_audit.v1 import sessions_pb2_grpc
+
+    metrics_port = free_port()
+    server = ServerProcess(stack.dsn, stack.server.workdir, {
+        "QUERY_TIMEOUT_SECONDS": "1", "METRICS_PORT": str(metrics_port),
+        "RETENTION_PURGE": "0", "REPORT_SCHEDULER": "0",
+    }).start()  # fmt: skip
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    token = stack.token(stack.new_org("timeout"), "auditor")
+
+    def list_sessions() -> tuple[grpc.StatusCode, float]:
+        t0 = time.monotonic()
+        with grpc.insecure_channel(server.target) as ch:
+            try:
+                sessions_pb2_grpc.SessionServiceStub(ch).ListSessions(
+                    pb.ListSessionsRequest(limit=1), metadata=auth_md(token)
+                )
+                return grpc.StatusCode.OK, time.monotonic() - t0
+            except grpc.RpcError as err:
+                return err.code(), time.monotonic() - t0
+
+    async def locked_call() -> tuple[grpc.StatusCode, float]:
+        blocker = await db.connect(stack.dsn)
+        try:
+            async with blocker.transaction():
+                await blocker.execute("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
+                return await asyncio.to_thread(list_sessions)
+        finally:
+            await blocker.close()
+
+    def timeouts() -> float:
+        return value(scrape(url), "session_audit_db_statement_timeouts_total", source="rpc")
+
+    try:
+        assert list_sessions()[0] == grpc.StatusCode.OK  # the token is cached from here on
+        before = timeouts()
+        code, took = asyncio.run(locked_call())
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert 0.9 < took < 3.0
+        assert list_sessions()[0] == grpc.StatusCode.OK
+        assert timeouts() - before == 1
+    finally:
+        server.stop()
