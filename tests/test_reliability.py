@@ -260,7 +260,12 @@ def test_parallel_deletes_of_a_subscription_one_wins(
             ),
             "INTERNAL",
         ),
-        (asyncpg.InternalClientError("waiter is not done"), "INTERNAL"),
+        (
+            asyncpg.InternalClientError(
+                "cannot switch to state 1; another operation (2) is in progress"
+            ),
+            "UNAVAILABLE",
+        ),
         (ConnectionRefusedError(111, "Connection refused"), "UNAVAILABLE"),
         (FileNotFoundError(2, "No such file or directory", "/srv/template.html"), "INTERNAL"),
         (KeyError("status"), "INTERNAL"),
