@@ -29,8 +29,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from session_audit.analytics import rollups
-from session_audit.analytics.fields import BASE, CUBE, FIELDS, USER, VALUES
-from session_audit.analytics.q import Query, compile_q
+from session_audit.analytics.fields import BASE, CUBE, FIELDS, OUTCOMES, USER, VALUES
+from session_audit.analytics.q import Query, compile_q, exact_on
 from session_audit.analytics.requests import HistogramQuery, ReportQuery, StatsQuery
 from session_audit.analytics.timebins import EPOCH, HOUR, RAW, Piece, decompose, shorten
 from session_audit.core.auth import ORG_READERS, Principal
@@ -38,7 +38,12 @@ from session_audit.core.db import Conn
 from session_audit.core.errors import InvalidArgument
 from session_audit.core.sql import Sql, Template, Where, join, param, q
 
-ROLLUP_TABLES = {CUBE: "rollup_sessions", USER: "rollup_sessions_user", VALUES: "rollup_values"}
+ROLLUP_TABLES = {
+    CUBE: "rollup_sessions",
+    USER: "rollup_sessions_user",
+    VALUES: "rollup_values",
+    OUTCOMES: "rollup_outcomes",
+}
 # Dimension-less counters: every piece of a count that filters and groups nothing.
 TOTAL_TABLE = "rollup_sessions_total"
 LOOK_BACK = timedelta(hours=24)
@@ -56,6 +61,7 @@ FINEST = {
     CUBE: rollups.SESSIONS.finest,
     USER: rollups.SESSIONS_USER.finest,
     VALUES: rollups.VALUES.finest,
+    OUTCOMES: rollups.OUTCOMES.finest,
 }
 # Largest answer of the session report with group_by=id (items: session × info type).
 MAX_ID_ITEMS = 10_000
@@ -291,15 +297,16 @@ async def count(
     return out
 
 
-def plan(who: Principal, needed: set[str], rollups_ok: bool) -> str:
-    """The source that answers: a rollup carrying every needed field, else the base table."""
+def plan(who: Principal, needed: set[str], rollups_ok: bool, query: Query | None = None) -> str:
+    """The source that answers: a rollup carrying every needed field (and answering `query`
+    exactly), else the base table."""
     if not rollups_ok or who.role not in ORG_READERS:
         return BASE
     # One field only (grouped by and/or searched): its per-value totals, a few rows per day.
     if len(needed) == 1 and VALUES in FIELDS[next(iter(needed))].sql:
         return VALUES
-    for source in (CUBE, USER):
-        if all(source in FIELDS[name].sql for name in needed):
+    for source in (CUBE, USER, OUTCOMES):
+        if all(source in FIELDS[name].sql for name in needed) and exact_on(query, source):
             return source
     return BASE
 
@@ -336,7 +343,7 @@ async def histogram(
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         usable = await _rollups_usable(conn, who, opts, timeout)
         needed = _needed(hq.q, hq.field if hq.size else None)
-        source = plan(who, needed, usable)
+        source = plan(who, needed, usable, hq.q)
         intervals = hq.intervals()
         top: list[str] = []
         if hq.size:
@@ -398,7 +405,7 @@ async def stats(
     opts = opts or Options()
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         usable = await _rollups_usable(conn, who, opts, timeout)
-        source = plan(who, _needed(sq.q, sq.field, sq.sub_field), usable)
+        source = plan(who, _needed(sq.q, sq.field, sq.sub_field), usable, sq.q)
         groups = (sq.field, sq.sub_field) if sq.sub_field else (sq.field,)
         spec = CountSpec(who, source, sq.q, groups, ends=False)
         counts = await count(conn, spec, [(sq.start, sq.end, 0)], timeout)
