@@ -127,7 +127,9 @@ def _values_sql(spec: CountSpec, src: str) -> list[str]:
     return [FIELDS[g].sql[src] for g in spec.groups]
 
 
-def _filters(spec: CountSpec, src: str) -> Sql:
+def _filters(spec: CountSpec, src: str, *, per_value: bool = False) -> Sql:
+    """The condition on rows of `src`; with `per_value`, the top value is the piece's `p.val`
+    instead of any of `spec.top`."""
     cond = compile_q(spec.q, src)
     if src == VALUES:
         # rollup_values holds every field's values: keep the one field this count is about.
@@ -135,7 +137,10 @@ def _filters(spec: CountSpec, src: str) -> Sql:
         cond += q(" AND r.field = $field::text", field=name)
     if spec.top is not None:
         top = FIELDS[spec.groups[0]].sql[src]
-        cond += q(f" AND {top} = any($top::text[])", top=list(spec.top))
+        if per_value:
+            cond += Sql(f" AND {top} = p.val")
+        else:
+            cond += q(f" AND {top} = any($top::text[])", top=list(spec.top))
     return cond
 
 
@@ -194,6 +199,18 @@ LONG_OR_OPEN = Template(
     "(s.end_date IS NULL OR s.end_date - s.start_date > interval '24 hours')"
     " AND s.start_date < $since"
 )
+# The top-N's per-bin counts per user: one piece per (time range, top user), each an equality
+# on the user and a range on the bucket: always the (org, grain, user, bucket) index
+# rollup_sessions_user_by_user. (With `user = any(top)` the planner read whole months of every
+# user through the primary key and filtered them.)
+ROLLUP_PART_PER_VALUE = Template("""
+SELECT p.bin$cols, sum(r.starts * p.sign)::bigint AS starts, $ends AS ends
+  FROM unnest($lo::timestamptz[], $hi::timestamptz[], $bin::int[], $sign::int[], $val::text[])
+       AS p(lo, hi, bin, sign, val)
+ CROSS JOIN LATERAL (SELECT r.starts, r.ends$inner FROM $table r
+        WHERE r.org_id = $org AND r.grain = $grain AND r.bucket >= p.lo AND r.bucket < p.hi
+          AND $filters OFFSET 0) r
+ GROUP BY $positions""")
 SUMS = Sql("sum(r.ends * p.sign)::bigint")
 NO_ENDS = Sql("0::bigint")
 
@@ -205,14 +222,26 @@ def _rollup_parts(spec: CountSpec, pieces: Sequence[Piece], table: str) -> list[
     values = _values_sql(spec, spec.source)
     cols, positions = _group_cols([f"r.v{i}" for i in range(len(values))])
     inner = Sql("".join(f", {v} AS v{i}" for i, v in enumerate(values)))
+    per_value = spec.top is not None and spec.source == USER
     out = []
     for grain, group in sorted(_by_grain(pieces).items()):
         _, lo, hi, b = _arrays(group)
-        out.append(ROLLUP_PART(
-            cols=cols, ends=SUMS if spec.ends else NO_ENDS, lo=lo, hi=hi, bin=b,
-            sign=_signs(group), inner=inner, table=Sql(table), org=spec.who.org_id,
-            grain=Sql(str(int(grain))), filters=_filters(spec, spec.source), positions=positions,
-        ))  # fmt: skip
+        sign = _signs(group)
+        common = dict(
+            cols=cols, ends=SUMS if spec.ends else NO_ENDS, inner=inner, table=Sql(table),
+            org=spec.who.org_id, grain=Sql(str(int(grain))), positions=positions,
+            filters=_filters(spec, spec.source, per_value=per_value),
+        )  # fmt: skip
+        if per_value:
+            assert spec.top is not None
+            n = len(spec.top)
+            out.append(ROLLUP_PART_PER_VALUE(
+                lo=[x for x in lo for _ in range(n)], hi=[x for x in hi for _ in range(n)],
+                bin=[x for x in b for _ in range(n)], sign=[x for x in sign for _ in range(n)],
+                val=list(spec.top) * len(group), **common,
+            ))  # fmt: skip
+        else:
+            out.append(ROLLUP_PART(lo=lo, hi=hi, bin=b, sign=sign, **common))
     return out
 
 
