@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -99,6 +100,17 @@ def _arrays(pieces: Sequence[Piece]) -> tuple[list[int], list[datetime], list[da
 
 def _signs(pieces: Sequence[Piece]) -> list[int]:
     return [p.sign for p in pieces]
+
+
+def _snapshot(conn: Conn, *, several: bool) -> AbstractAsyncContextManager[Any]:
+    """One snapshot for an answer made of several counting statements (a top-N ranks, then
+    counts the values it ranked): a read-only repeatable-read transaction. An answer made of
+    one statement is consistent by itself; BEGIN and COMMIT would only add two round trips.
+    (Whichever source the stale check picks is exact at any commit: the rollups change in
+    the same transactions as the sessions.)"""
+    if several:
+        return conn.transaction(isolation="repeatable_read", readonly=True)
+    return nullcontext()
 
 
 async def _rollups_usable(conn: Conn, who: Principal, opts: Options, timeout: float) -> bool:
@@ -369,7 +381,7 @@ async def histogram(
     conn: Conn, who: Principal, hq: HistogramQuery, timeout: float, opts: Options | None = None
 ) -> HistogramResult:
     opts = opts or Options()
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
+    async with _snapshot(conn, several=bool(hq.size)):
         usable = await _rollups_usable(conn, who, opts, timeout)
         needed = _needed(hq.q, hq.field if hq.size else None)
         source = plan(who, needed, usable, hq.q)
@@ -432,7 +444,7 @@ async def stats(
     conn: Conn, who: Principal, sq: StatsQuery, timeout: float, opts: Options | None = None
 ) -> StatsResult:
     opts = opts or Options()
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
+    async with _snapshot(conn, several=False):
         usable = await _rollups_usable(conn, who, opts, timeout)
         source = plan(who, _needed(sq.q, sq.field, sq.sub_field), usable, sq.q)
         groups = (sq.field, sq.sub_field) if sq.sub_field else (sq.field,)
