@@ -393,6 +393,8 @@ def build_cases(ctx: Ctx, today: date) -> list[Case]:
         ("histogram week/1y size=10 field=user", None, {"field": "user", "bin_size": "week", "size": 10, "start": year_ago, "end": end}),
         ("histogram day/30d q=protocol:ssh AND verb:connect", None, {"field": "connection", "bin_size": "day", "q": "protocol:ssh AND verb:connect", **month}),
         ("histogram day/30d q=duration:>=3600", None, {"field": "protocol", "bin_size": "day", "q": "duration:>=3600", **month}),
+        ("histogram day/30d q=exit_code:1 OR duration:<60", None, {"field": "protocol", "bin_size": "day", "q": "exit_code:1 OR duration:<60", **month}),
+        ("histogram day/30d q=duration:>3600 (off the edges)", None, {"field": "protocol", "bin_size": "day", "q": "duration:>3600", **month}),
         ("histogram day/30d time_zone=Europe/Berlin", None, {"field": "protocol", "bin_size": "day", "time_zone": "Europe/Berlin", **month}),
     ):  # fmt: skip
         cases.append(histogram_case(ctx, name, target, params))
