@@ -165,7 +165,7 @@ def _chunks(specs: list[Spec], size: int) -> Iterator[pb.IngestSessionsRequest]:
         yield pb.IngestSessionsRequest(sessions=[s.to_proto() for s in specs[i : i + size]])
 
 
-def test_stream_ingest_is_one_transaction(stack: Stack, org_admin: tuple[str, str]) -> None:
+def test_stream_ingest_commits_whole_chunks(stack: Stack, org_admin: tuple[str, str]) -> None:
     _, token = org_admin
     base = datetime(2026, 1, 1, tzinfo=UTC)
     specs = [Spec(start=base + timedelta(seconds=i)) for i in range(12_000)]
@@ -178,7 +178,8 @@ def test_stream_ingest_is_one_transaction(stack: Stack, org_admin: tuple[str, st
     capped = stack.rest("GET", "/api/sessions", token, params={"limit": 1}).json()
     assert (capped["total"], capped["total_is_capped"]) == (10_000, True)
 
-    # A stream the client abandons half-way stores nothing.
+    # A stream the client abandons within its first chunk (5,000 items, one transaction)
+    # stores nothing.
     fresh = [Spec(start=base + timedelta(seconds=i)) for i in range(3000)]
 
     def abandoned() -> Iterator[pb.IngestSessionsRequest]:
