@@ -44,7 +44,7 @@ import orjson
 from session_audit.analytics import rollups
 from session_audit.core.db import Conn
 from session_audit.core.errors import RETRYABLE_DB, Retryable
-from session_audit.core.schema import JSON_COLUMNS
+from session_audit.core.schema import INGEST_COLUMNS, JSON_COLUMNS
 from session_audit.retention.ingest import on_ingest
 from session_audit.sessions import store
 from session_audit.sessions.rows import IngestItem, ItemError, item_from_proto, merge_items
@@ -63,6 +63,10 @@ Rejection = tuple[int, str, str]
 # back on an exception) and gives the connection back.
 Opener = Callable[[], contextlib.AbstractAsyncContextManager[Conn]]
 Check = Callable[[], Awaitable[None]]
+
+# Where an ingest record holds the labels (JSON text), and the label that locks on arrival.
+_LABELS = INGEST_COLUMNS.index("labels")
+_LOCK_LABEL = '"retention_locked"'
 
 AFTER_END = "start_date: after the session's end_date (stored or reported earlier)"
 
@@ -113,6 +117,9 @@ class _Outcome:
     written: int = 0
     unchanged: int = 0
     rejections: list[Rejection] = field(default_factory=list)
+    # Sessions whose stored labels may carry `retention_locked` (None: any of the chunk's):
+    # known when the chunk took the fast path, its rows stored exactly as sent.
+    labelled: list[uuid.UUID] | None = None
 
 
 # The reports of one id merged, and per report whether it changed the session.
@@ -342,9 +349,12 @@ class IngestBatch:
             await deltas.apply()
         elif any(o.written for o in outcomes):
             await rollups.mark_stale(conn, self.org_id, self.timeout)
+        labelled: list[uuid.UUID] | None = []
+        for o in outcomes:
+            labelled = None if labelled is None or o.labelled is None else labelled + o.labelled
         # Retention (locks on arrival) and the org's trail entry: last, so the org's chain
         # head is held only for the moment before commit.
-        await on_ingest(conn, self.org_id, self.actor, ids, self.timeout)
+        await on_ingest(conn, self.org_id, self.actor, ids, self.timeout, labelled)
 
     async def _write(
         self, conn: Conn, deltas: rollups.Deltas, pending: dict[uuid.UUID, _Group]
@@ -364,6 +374,9 @@ class IngestBatch:
         if await store.copy_new(conn, records, self.timeout):
             for sid in ids:
                 self._count(out, folded[sid][1], True)
+            # The key anywhere in the labels' JSON text: a superset of the labelled ones.
+            out.labelled = [sid for sid, r in zip(ids, records, strict=True)
+                            if r[_LABELS] is not None and _LOCK_LABEL in r[_LABELS]]  # fmt: skip
             if self.maintain_rollups:
                 await deltas.add_records(records)
             return out
