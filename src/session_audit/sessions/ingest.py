@@ -64,6 +64,9 @@ Rejection = tuple[int, str, str]
 Opener = Callable[[], contextlib.AbstractAsyncContextManager[Conn]]
 Check = Callable[[], Awaitable[None]]
 
+ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
+# Gives the transaction an id, so its (synchronous) commit writes a record and flushes to it.
+FLUSH_WAL = "SELECT pg_current_xact_id()"
 # Where an ingest record holds the labels (JSON text), and the label that locks on arrival.
 _LABELS = INGEST_COLUMNS.index("labels")
 _LOCK_LABEL = '"retention_locked"'
@@ -208,6 +211,8 @@ class IngestBatch:
         self._outcomes: list[_Outcome] = []
         # Items sent before the end of the last committed chunk (on_pool): stored or rejected.
         self.committed = 0
+        # A chunk committed without waiting for its WAL flush, none flushed since (on_pool).
+        self._unflushed = False
 
     @classmethod
     def on_pool(
@@ -279,11 +284,14 @@ class IngestBatch:
             group.end_date = item.end_date or group.end_date
         self._pending_items += 1
         if self._pending_items >= CHUNK:
-            await self.flush()
+            await self.flush(durable=False)
 
-    async def flush(self) -> None:
+    async def flush(self, *, durable: bool = True) -> None:
         """Hand the pending chunk to the writer and return: PostgreSQL stores chunk k while
-        Python validates chunk k+1 (chunks are still written one after another, in order)."""
+        Python validates chunk k+1 (chunks are still written one after another, in order).
+        A chunk of a stream that goes on (`durable=False`) commits without waiting for the
+        disk (`synchronous_commit = off`): nothing is acknowledged until the last commit,
+        which is synchronous and so makes every earlier chunk durable with it."""
         await self._wait_writer()
         if self._pending:
             pending, self._pending, self._pending_items = self._pending, {}, 0
@@ -292,7 +300,9 @@ class IngestBatch:
                 self._ids.extend(pending)
                 self._writer = asyncio.create_task(self._write_on_conn(pending))
             else:
-                self._writer = asyncio.create_task(self._commit_chunk(pending, self._next_index))
+                self._writer = asyncio.create_task(
+                    self._commit_chunk(pending, self._next_index, durable)
+                )
 
     async def _wait_writer(self) -> None:
         if self._writer is not None:
@@ -314,7 +324,9 @@ class IngestBatch:
                 "ingest: the batch conflicted with a concurrent one and was rolled back; re-send it"
             ) from exc
 
-    async def _commit_chunk(self, pending: dict[uuid.UUID, _Group], end: int) -> None:
+    async def _commit_chunk(
+        self, pending: dict[uuid.UUID, _Group], end: int, durable: bool
+    ) -> None:
         """One chunk, one transaction: write it, fold its rollup deltas in, run the retention
         hook and the trail entry, commit. Replayed from `pending` (still in memory) on a
         deadlock or serialization failure, a bounded number of times."""
@@ -325,6 +337,8 @@ class IngestBatch:
                 await self._check()
             try:
                 async with self._opener() as conn:
+                    if not durable:
+                        await conn.execute(ASYNC_COMMIT, timeout=self.timeout)
                     deltas = rollups.Deltas(conn, self.org_id, self.timeout)
                     out = await self._write(conn, deltas, pending)
                     await self._before_commit(conn, deltas, [out], list(pending))
@@ -339,7 +353,16 @@ class IngestBatch:
                 continue
             self._outcomes.append(out)
             self.committed = end
+            self._unflushed = not durable
             return
+
+    async def _flush_wal(self) -> None:
+        """Wait until every chunk committed so far is on disk: a synchronous commit of a
+        transaction with an id flushes the WAL up to its commit record, earlier commits too."""
+        assert self._opener is not None
+        async with self._opener() as conn:
+            await conn.execute(FLUSH_WAL, timeout=self.timeout)
+        self._unflushed = False
 
     async def _before_commit(
         self, conn: Conn, deltas: rollups.Deltas, outcomes: list[_Outcome], ids: list[uuid.UUID]
@@ -465,6 +488,8 @@ class IngestBatch:
         run the retention hook (the caller commits); `on_pool`, every chunk has committed."""
         await self.flush()
         await self._wait_writer()
+        if self._unflushed:
+            await self._flush_wal()
         if self._opener is None and self._chunks:
             assert self.conn is not None and self._deltas is not None
             if self._check is not None:
