@@ -46,7 +46,7 @@ STEPS = (
     ("WITH src AS MATERIALIZED (SELECT org_id, start_date, end_date, connection, connection_type",
      "rollups: capture"),
     ("INSERT INTO rollup_values", "rollups: apply rollup_values"),
-    ("INSERT INTO rollup_", "rollups: apply (5 tables)"),
+    ("INSERT INTO rollup_", "rollups: apply (other tables)"),
     ("COPY", "COPY sessions"),
     ("SAVEPOINT", "savepoint"),
     ("RELEASE", "savepoint"),
