@@ -92,6 +92,11 @@ def _split(full: str) -> tuple[str, str]:
 
 
 class Observer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self) -> None:
+        # method → (the handler it wrapped, the wrapper): built once per method, not per call
+        # (only methods with a handler get here, so the dict is bounded by the services).
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -100,26 +105,35 @@ class Observer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None:
             return handler
-        service, method = _split(details.method)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _unary(handler.unary_unary, "unary", service, method),
-                handler.request_deserializer, handler.response_serializer,
-            )  # fmt: skip
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _unary(handler.stream_unary, "client_stream", service, method),
-                handler.request_deserializer, handler.response_serializer,
-            )  # fmt: skip
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _streaming(handler.unary_stream, "server_stream", service, method),
-                handler.request_deserializer, handler.response_serializer,
-            )  # fmt: skip
-        return grpc.stream_stream_rpc_method_handler(
-            _streaming(handler.stream_stream, "bidi_stream", service, method),
+        hit = self._wrapped.get(details.method)
+        if hit is not None and hit[0] is handler:
+            return hit[1]
+        wrapped = _observed(handler, details.method)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
+
+
+def _observed(handler: Any, full: str) -> Any:
+    service, method = _split(full)
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _unary(handler.unary_unary, "unary", service, method),
             handler.request_deserializer, handler.response_serializer,
         )  # fmt: skip
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            _unary(handler.stream_unary, "client_stream", service, method),
+            handler.request_deserializer, handler.response_serializer,
+        )  # fmt: skip
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _streaming(handler.unary_stream, "server_stream", service, method),
+            handler.request_deserializer, handler.response_serializer,
+        )  # fmt: skip
+    return grpc.stream_stream_rpc_method_handler(
+        _streaming(handler.stream_stream, "bidi_stream", service, method),
+        handler.request_deserializer, handler.response_serializer,
+    )  # fmt: skip
 
 
 def _unary(behavior: Any, kind: str, service: str, method: str) -> Any:
