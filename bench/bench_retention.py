@@ -2,9 +2,13 @@
 
     make bench-retention                                   # 1M expired of 3M sessions
     .venv/bin/python bench/bench_retention.py --old 200000 --fresh 400000
+    .venv/bin/python bench/bench_retention.py --others 8000000 --fresh 1000000  # 1M of 10M
 
-One run, one machine: a fresh embedded PostgreSQL in .bench-data-retention/ (or DATABASE_URL's
-server) and the real server process (background purge off). It prints
+One run, one machine: a fresh embedded PostgreSQL in .bench-data-retention/ (`--data-dir`, or
+DATABASE_URL's server) and the real server process (background purge off). `--others N` first
+fills the table with N sessions of four other orgs, generated in SQL as `bench_analytics` does
+(fast; those orgs are not purged), so the purge works in a table of `--others + --old +
+--fresh` rows. It prints
   * ingest sessions/s with and without the trail and lock hook (the same IngestBatch, the hook
     replaced by a no-op for "without"), alternating segment by segment so both see the same
     noise and table sizes;
@@ -37,6 +41,7 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_analytics import load as load_others
 from bench.bench_sessions import machine, pct
 from session_audit.core import auth, db, migrate, trail
 from session_audit.embedded import EmbeddedPostgres
@@ -155,8 +160,11 @@ async def main() -> None:
     ap.add_argument("--chain-sessions", type=int, default=200_000, help="per side")
     ap.add_argument("--entries", type=int, default=1_000_000, help="synthetic chain length")
     ap.add_argument("--load-seconds", type=float, default=20.0)
+    ap.add_argument("--others", type=int, default=0,
+                    help="sessions of 4 other orgs, generated in SQL first")  # fmt: skip
+    ap.add_argument("--data-dir", type=Path, default=ROOT / ".bench-data-retention")
     args = ap.parse_args()
-    data_dir = ROOT / ".bench-data-retention"
+    data_dir = args.data_dir
     print(f"machine  {machine()}")
     print(f"date     {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     url = os.environ.get("DATABASE_URL", "")
@@ -170,6 +178,8 @@ async def main() -> None:
     pool = await db.create_pool(url, 1, 4, json_codec=False)
     srv = None
     try:
+        if args.others:
+            await load_others(conn, args.others, 4, 365)
         await chain_cost(pool, conn, args.chain_sessions, 10)
 
         org = f"purge-{uuid.uuid4().hex[:6]}"
@@ -187,7 +197,8 @@ async def main() -> None:
             t += await ingest_all(pool, org_id, part, 10_000)
         total = args.old + args.fresh
         print(f"data     {total:,} sessions in one org ({args.old:,} older than 60 days), "
-              f"loaded in {t:.0f} s ({total / t:,.0f}/s)")  # fmt: skip
+              f"loaded in {t:.0f} s ({total / t:,.0f}/s); "
+              f"{await conn.fetchval('SELECT count(*) FROM sessions'):,} in the table")  # fmt: skip
         await conn.execute("VACUUM ANALYZE sessions")
         await conn.execute(
             "INSERT INTO retention_policies (org_id, days, modified_by, next_purge_at)"

@@ -1,7 +1,7 @@
 """A local Citus cluster (a coordinator and N workers on loopback) for `make test-citus`, the
 router-plan test and the Citus bench.
 
-    python -m tests.citus_cluster run [--workers N] [--dir DIR] -- COMMAND...
+    python -m tests.citus_cluster run [--workers N] [--dir DIR [--keep]] -- COMMAND...
 
 starts the cluster, runs COMMAND with DATABASE_URL (the coordinator's `session_audit`
 database, citus created and the workers added) and CITUS_WORKER_URLS, and stops the cluster
@@ -16,6 +16,7 @@ pgserver wheel does for the embedded database.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pwd
 import shutil
@@ -121,9 +122,16 @@ class Cluster:
 
     def start(self) -> str:
         """Start every node, create the database with citus, add the workers; the
-        coordinator's URL."""
+        coordinator's URL. A folder that already holds a cluster (kept with `--keep`) is
+        started again as it is, on the ports it was created with."""
         if _as_root():
             _ensure_user()
+        state = self.base / "cluster.json"
+        if state.exists():
+            self.nodes = [Node(n, self.base / n, p) for n, p in json.loads(state.read_text())]
+            for node in self.nodes:
+                self.pg_ctl(node, "start")
+            return self.coordinator.url()
         self.base.mkdir(parents=True, exist_ok=True)
         if _as_root():
             shutil.chown(self.base, SYSTEM_USER, SYSTEM_USER)
@@ -145,6 +153,7 @@ class Cluster:
         self._psql(c, DATABASE, f"SELECT citus_set_coordinator_host('127.0.0.1', {c.port})")
         for w in self.nodes[1:]:
             self._psql(c, DATABASE, f"SELECT citus_add_node('127.0.0.1', {w.port})")
+        state.write_text(json.dumps([[n.name, n.port] for n in self.nodes]))
         return c.url()
 
     def _init(self, node: Node) -> None:
