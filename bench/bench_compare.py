@@ -14,7 +14,10 @@ generated when missing). Per round and tree:
     (the machine is shared: CPU per request varies less with other load than rates do);
   * latency: ListSessions cases as bench_sessions.py measures them (direct SQL through asyncpg,
     gRPC, REST through Envoy, interleaved request by request, WORKERS=1), p50 against the
-    target 2 × SQL + 1 ms.
+    target 2 × SQL + 1 ms;
+  * latency-ab (`--modes latency-ab`): the same, with every tree's server up at once and the
+    requests interleaved across trees too (columns "SQL 0", "gRPC 0", "REST 0" for the first
+    tree, "… 1" for the second), so other load on the machine hits both alike.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ def child(tree: Path, data_dir: Path, mode: str, args: argparse.Namespace) -> di
     out = subprocess.run(
         [sys.executable, __file__, "--child", mode, "--tree", str(tree),
          "--data-dir", str(data_dir), "--duration", str(args.duration),
-         "--connections", str(args.connections), "--requests", str(args.requests)],
+         "--connections", str(args.connections), "--requests", str(args.requests),
+         "--trees", args.trees],
         env=env, cwd=tree, capture_output=True, text=True, check=True, timeout=900,
     ).stdout  # fmt: skip
     found: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
@@ -58,13 +62,15 @@ def child(tree: Path, data_dir: Path, mode: str, args: argparse.Namespace) -> di
 
 def run_child(mode: str, args: argparse.Namespace) -> None:
     sys.path.insert(0, str(args.tree))
+    args.tree_paths = [Path(t).resolve() for t in args.trees.split(",")]
     # Imported here: from the tree under test (PYTHONPATH), not from this file's tree.
     from session_audit.embedded import EmbeddedPostgres
 
     embedded = EmbeddedPostgres(args.data_dir)
     url = embedded.start()
     try:
-        result = asyncio.run(throughput(url, args) if mode == "throughput" else latency(url, args))
+        jobs = {"throughput": throughput, "latency": latency, "latency-ab": latency_ab}
+        result = asyncio.run(jobs[mode](url, args))
     finally:
         embedded.stop()
     print(json.dumps(result))
@@ -238,6 +244,115 @@ async def latency(url: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+async def latency_ab(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Every tree's server at once on the one database, requests interleaved across the trees
+    (and direct SQL through each tree's store module): machine load hits all alike."""
+    import importlib.util
+
+    import aiohttp
+    import grpc
+
+    from bench.bench_sessions import interleaved
+    from session_audit import envoy
+    from session_audit.core import auth, db
+    from session_audit.sessions import requests as listing
+    from session_audit.v1 import sessions_pb2 as pb
+    from session_audit.v1 import sessions_pb2_grpc as pb_grpc
+    from tests.support import ServerProcess
+
+    trees: list[Path] = args.tree_paths
+    token, org_id, _t_end = await _token(url)
+    conn = await db.connect(url)
+    try:
+        deep = await conn.fetchrow(
+            "SELECT start_date, id FROM sessions WHERE org_id = $1"
+            " ORDER BY start_date DESC, id DESC OFFSET 100000 LIMIT 1",
+            org_id,
+        )
+        common = await conn.fetchrow(
+            "SELECT connection, connection_type FROM sessions WHERE org_id = $1"
+            " GROUP BY 1, 2 ORDER BY count(*) DESC LIMIT 1",
+            org_id,
+        )
+    finally:
+        await conn.close()
+    assert deep is not None and common is not None, "the data set needs 100,000+ sessions"
+    cases = [(name, dict(params)) for name, params in CASES]
+    cases[1][1].update(connection=common["connection"], type=common["connection_type"])
+    cases[4][1]["page_token"] = listing.encode_cursor(
+        listing.Filters(), deep["start_date"], deep["id"]
+    )
+    work = args.data_dir / "compare"
+    work.mkdir(exist_ok=True)
+    stores: list[Any] = []
+    servers: list[tuple[ServerProcess, Any, int]] = []
+    out: dict[str, Any] = {"trees": [str(t) for t in trees]}
+    try:
+        for k, tree in enumerate(trees):
+            spec = importlib.util.spec_from_file_location(
+                f"store_{k}", tree / "src/session_audit/sessions/store.py"
+            )
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[f"store_{k}"] = module  # dataclasses look their module up
+            spec.loader.exec_module(module)
+            stores.append(module)
+            srv = ServerProcess(
+                url, work, env_extra={"WORKERS": "1", "PYTHONPATH": f"{tree / 'src'}"}
+            )
+            srv.start(envoy.free_port())
+            http_port = envoy.free_port()
+            servers.append((srv, envoy.start(http_port, srv.port, work), http_port))
+        who = auth.Principal(0, org_id, "admin", "bench@bench.example")
+        pool = await db.create_pool(url, 2, 4)
+        md = (("authorization", f"Bearer {token}"),)
+        https = [
+            aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}",
+                                  headers={"authorization": f"Bearer {token}"})
+            for _, _, port in servers
+        ]  # fmt: skip
+        channels = [grpc.aio.insecure_channel(srv.target) for srv, _, _ in servers]
+        stubs = [pb_grpc.SessionServiceStub(ch) for ch in channels]
+        for name, params in cases:
+            req = pb.ListSessionsRequest(
+                connection=params.get("connection", ""), type=params.get("type", ""),
+                count=params.get("count", ""), page_token=params.get("page_token", ""),
+            )  # fmt: skip
+            if "offset" in params:
+                req.offset = int(params["offset"])
+            q = listing.parse_list_request(req)
+            fns: dict[str, Callable[[], Awaitable[object]]] = {}
+            for k in range(len(trees)):
+
+                async def direct(q: listing.ListQuery = q, st: Any = stores[k]) -> object:
+                    async with pool.acquire() as c:
+                        return await st.list_sessions(c, who, q, 30)
+
+                async def via_grpc(req: pb.ListSessionsRequest = req, k: int = k) -> object:
+                    return await stubs[k].ListSessions(req, metadata=md)
+
+                async def via_rest(params: dict[str, str] = params, k: int = k) -> object:
+                    async with https[k].get("/api/sessions", params=params) as r:
+                        assert r.status == 200, await r.text()
+                        return await r.read()
+
+                fns |= {f"SQL {k}": direct, f"gRPC {k}": via_grpc, f"REST {k}": via_rest}
+            await interleaved(fns, 20)
+            lat = await interleaved(fns, args.requests)
+            out[name] = {key: round(statistics.median(v), 2) for key, v in lat.items()}
+        for h in https:
+            await h.close()
+        for ch in channels:
+            await ch.close()
+        await pool.close()
+    finally:
+        for srv, proxy, _ in servers:
+            envoy.stop(proxy)
+            srv.stop()
+    out["load average"] = round(os.getloadavg()[0], 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trees", default=f"/work/main,{ROOT}", help="comma-separated source trees")
@@ -264,6 +379,11 @@ def main() -> None:
     trees = [Path(t).resolve() for t in args.trees.split(",")]
     print(f"machine  {machine()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     for mode in args.modes.split(","):
+        if mode == "latency-ab":  # all trees at once, in this tree's harness
+            for rnd in range(args.rounds):
+                res = child(ROOT, args.data_dir, mode, args)
+                print(f"{mode} round {rnd + 1}: {json.dumps(res)}", flush=True)
+            continue
         for rnd in range(args.rounds):
             for tree in trees:
                 res = child(tree, args.data_dir, mode, args)
