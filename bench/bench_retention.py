@@ -3,6 +3,7 @@
     make bench-retention                                   # 1M expired of 3M sessions
     .venv/bin/python bench/bench_retention.py --old 200000 --fresh 400000
     .venv/bin/python bench/bench_retention.py --others 8000000 --fresh 1000000  # 1M of 10M
+    .venv/bin/python bench/bench_retention.py --reuse --data-dir DIR    # beside another data set
 
 One run, one machine: a fresh embedded PostgreSQL in .bench-data-retention/ (`--data-dir`, or
 DATABASE_URL's server) and the real server process (background purge off). `--others N` first
@@ -163,6 +164,9 @@ async def main() -> None:
     ap.add_argument("--others", type=int, default=0,
                     help="sessions of 4 other orgs, generated in SQL first")  # fmt: skip
     ap.add_argument("--data-dir", type=Path, default=ROOT / ".bench-data-retention")
+    ap.add_argument("--reuse", action="store_true",
+                    help="add to the database in --data-dir instead of starting afresh "
+                         "(e.g. bench_analytics' 10M set; its orgs are not purged)")  # fmt: skip
     args = ap.parse_args()
     data_dir = args.data_dir
     print(f"machine  {machine()}")
@@ -170,7 +174,8 @@ async def main() -> None:
     url = os.environ.get("DATABASE_URL", "")
     embedded = None
     if not url:
-        shutil.rmtree(data_dir, ignore_errors=True)
+        if not args.reuse:
+            shutil.rmtree(data_dir, ignore_errors=True)
         embedded = EmbeddedPostgres(data_dir)
         url = embedded.start()
     conn = await db.connect(url)
