@@ -169,6 +169,14 @@ async def load(
 
 
 async def sizes(conn: asyncpg.Connection) -> str:
+    if await conn.fetchval("SELECT count(*) FROM pg_extension WHERE extname = 'citus'"):
+        # The coordinator's own statistics see no shard: sizes summed over the workers.
+        rows = await conn.fetch(
+            "SELECT logicalrelid::text AS relname, citus_total_relation_size(logicalrelid)"
+            "  AS bytes FROM pg_dist_partition WHERE logicalrelid::text LIKE 'rollup_%'"
+            "    OR logicalrelid::text = 'sessions' ORDER BY 1"
+        )
+        return ", ".join(f"{r['relname']} {r['bytes'] / 2**20:,.0f} MiB" for r in rows)
     rows = await conn.fetch(
         "SELECT relname, n_live_tup, pg_total_relation_size(relid) AS bytes"
         "  FROM pg_stat_user_tables WHERE relname LIKE 'rollup_%' OR relname = 'sessions'"
@@ -202,6 +210,7 @@ async def main() -> None:
     ap.add_argument("--answers", type=Path, default=None, help="write each case's answer here")
     args = ap.parse_args()
     data_dir: Path = args.data_dir
+    os.makedirs(data_dir, exist_ok=True)  # logs and Envoy's files, also with DATABASE_URL
 
     print(f"machine  {machine()}")
     url = os.environ.get("DATABASE_URL", "")
