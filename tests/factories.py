@@ -31,6 +31,8 @@ class Spec:
     jira: str | None = None
     script: str | None = None
     redactions: tuple[tuple[str, int, int], ...] = ()
+    # Sent once the session has ended (open sessions carry no exit code).
+    exit_code: int = 0
 
     def to_proto(self) -> pb.Session:
         s = pb.Session(
@@ -47,7 +49,7 @@ class Spec:
         s.start_date.FromDatetime(self.start)
         if self.end is not None:
             s.end_date.FromDatetime(self.end)
-            s.exit_code = 0
+            s.exit_code = self.exit_code
         if self.review_status is not None:
             s.review.status = pb.ReviewStatus.Value.Value(self.review_status)
             for email in self.approvers:

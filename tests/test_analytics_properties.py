@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -67,6 +67,10 @@ def offsets(max_minutes: int) -> st.SearchStrategy[timedelta]:
 durations = st.one_of(
     st.none(),  # still open
     st.just(timedelta(0)),
+    # On and around the duration buckets' edges (rollup_outcomes), to the second.
+    st.sampled_from([59, 60, 61, 299, 300, 1799, 1800, 3599, 3600, 3601, 86400]).map(
+        lambda n: timedelta(seconds=n)
+    ),
     st.integers(1, 600).map(lambda m: timedelta(minutes=m)),
     st.integers(1, 24 * 6).map(lambda h: timedelta(hours=h)),  # spans many bins
 )
@@ -94,6 +98,7 @@ def sessions(draw: st.DrawFn, anchor: datetime) -> Spec:
         verb=draw(st.sampled_from(["exec", "connect"])),
         review_status=draw(st.sampled_from(REVIEWS)),
         redactions=tuple(reds),
+        exit_code=draw(st.sampled_from([0, 0, 1, 2, 137])),
     )
 
 
@@ -121,9 +126,23 @@ def q_terms(draw: st.DrawFn, anchor: datetime, depth: int = 0) -> tuple[str, Pre
     # An offset's "+" is Lucene syntax: such times go in quotes; Z needs none.
     bound = draw(st.sampled_from([lo.strftime("%Y-%m-%dT%H:%M:%SZ"), f'"{lo.isoformat()}"']))
     leaves.append((f"start:[{bound} TO *]", lambda s: s.start >= lo))
-    leaves.append(
-        ("duration:>=3600", lambda s: s.end is not None and (s.end - s.start).total_seconds() >= 3600)
-    )  # fmt: skip
+
+    def lasted(test: Callable[[float], bool]) -> Pred:
+        """Ended sessions whose duration in seconds passes `test` (open ones have none)."""
+        return lambda s: s.end is not None and test((s.end - s.start).total_seconds())
+
+    # Durations at bucket edges (rollup_outcomes answers) and not (the sessions table does).
+    lo_s, hi_s = draw(st.sampled_from([(60, 3600), (300, 1800), (3599, 3601), (0, 60)]))
+    leaves += [
+        ("duration:>=3600", lasted(lambda d: d >= 3600)),
+        (f"duration:<{hi_s}", lasted(lambda d: d < hi_s)),
+        (f"duration:[{lo_s} TO {hi_s}}}", lasted(lambda d: lo_s <= d < hi_s)),
+        (f"duration:>{lo_s}", lasted(lambda d: d > lo_s)),
+        ("duration:*", lasted(lambda d: True)),
+    ]
+    x = draw(st.sampled_from([0, 1, 137]))
+    leaves.append((f"exit_code:{x}", lambda s: s.end is not None and s.exit_code == x))
+    leaves.append(("exit_code:>=1", lambda s: s.end is not None and s.exit_code >= 1))
     text, pred = draw(st.sampled_from(leaves))
     if depth >= 2 or draw(st.booleans()):
         return text, pred
@@ -151,8 +170,10 @@ def worlds(draw: st.DrawFn) -> World:
     specs = draw(st.lists(sessions(anchor), min_size=1, max_size=25))
     # Some sessions were first reported open, on another connection and by another protocol,
     # then closed with their final values: their contributions must move.
+    # Some drafts of sessions that end had already ended, with another duration and exit code.
     drafts = [
-        replace(s, end=None, redactions=(), review_status=None, connection="pg-prod",
+        replace(s, end=None if s.end is None or draw(st.booleans()) else s.start + timedelta(hours=1),
+                exit_code=7, redactions=(), review_status=None, connection="pg-prod",
                 type="database", subtype="postgres")
         for s in specs
         if draw(st.booleans())

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from session_audit.analytics import requests, rollups, store
-from session_audit.analytics.fields import BASE, CUBE, USER, VALUES
+from session_audit.analytics.fields import BASE, CUBE, OUTCOMES, USER, VALUES
 from session_audit.analytics.q import parse_q
 from session_audit.analytics.timebins import bin_starts
 from session_audit.core import auth, db
@@ -199,7 +199,14 @@ def test_ingest_without_maintenance_marks_the_org_stale_until_a_rebuild(stack: S
         ("auditor", "user", 10, "", USER),
         ("auditor", "user", 10, "user:ana*", USER),
         ("auditor", "user", 10, "protocol:ssh", BASE),  # no rollup holds user x protocol
-        ("auditor", "protocol", None, "exit_code:[1 TO *]", BASE),
+        ("auditor", "protocol", None, "exit_code:[1 TO *]", OUTCOMES),
+        ("auditor", "protocol", None, "duration:>=3600 AND NOT exit_code:0", OUTCOMES),
+        ("auditor", "protocol", None, "duration:[60 TO 3600} OR duration:*", OUTCOMES),
+        ("auditor", "protocol", None, "duration:>3600", BASE),  # `>` an edge: not exact
+        ("auditor", "protocol", None, "duration:>=3599", BASE),  # between edges
+        ("auditor", "protocol", None, "duration:<=60", BASE),
+        ("auditor", "protocol", None, "duration:>=3600 AND protocol:ssh", BASE),
+        ("auditor", "protocol", 5, "exit_code:1", BASE),  # no rollup holds protocol x exit code
         ("auditor", "protocol", None, "start:[2026-04-06 TO *]", BASE),
         ("user", "protocol", None, "", BASE),
     ],
@@ -210,8 +217,8 @@ def test_the_planner_uses_a_rollup_when_one_carries_every_field(
     query = hq(field, size, q)
     needed = set(query.q.fields if query.q else ()) | ({field} if size else set())
     who = auth.Principal(0, uuid.uuid4(), role, "ana@x.example")
-    assert store.plan(who, needed, rollups_ok=True) == source
-    assert store.plan(who, needed, rollups_ok=False) == BASE
+    assert store.plan(who, needed, rollups_ok=True, query=query.q) == source
+    assert store.plan(who, needed, rollups_ok=False, query=query.q) == BASE
 
 
 @pytest.mark.parametrize(

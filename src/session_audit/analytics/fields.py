@@ -17,6 +17,16 @@ Kind = Literal["text", "ci_text", "enum", "time", "number", "uuid"]
 BASE, CUBE, USER = "base", "cube", "user"
 # rollup_values: one field at a time (its name in `r.field`), no `q`; see store.plan.
 VALUES = "values"
+# rollup_outcomes: how sessions ended: duration bucket and exit code (migration 0052).
+OUTCOMES = "outcomes"
+# Duration buckets of rollup_outcomes, in seconds: bucket i (1-based, width_bucket's numbering)
+# holds durations in [EDGES[i-1], EDGES[i]); 0 holds negative ones, -1 open sessions. A
+# duration comparison is answered there only when it is exact on these buckets (`>=`/`<` an
+# edge); any other threshold is counted on the sessions table (q.exact_on).
+DURATION_EDGES: tuple[float, ...] = (
+    0, 1, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 28800, 43200, 86400,
+    172800, 604800,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,8 @@ class Field:
     groupable: bool = False
     # What the field is, for error messages and docs/analytics.md.
     doc: str = ""
+    # Sources whose SQL for this field is a bucket number over these edges (not the value).
+    edges: tuple[float, ...] = ()
 
 
 def _f(
@@ -69,8 +81,10 @@ FIELDS: dict[str, Field] = {
         _f("start", "time", "s.start_date", doc="start time"),
         _f("end", "time", "s.end_date", doc="end time (open sessions have none)"),
         _f("duration", "number", "extract(epoch FROM s.end_date - s.start_date)",
+           {OUTCOMES: "r.duration_bucket"}, edges=DURATION_EDGES,
            doc="seconds from start to end (open sessions have none)"),
-        _f("exit_code", "number", "s.exit_code", doc="exit code"),
+        _f("exit_code", "number", "s.exit_code", {OUTCOMES: "nullif(r.exit_code, '')::integer"},
+           doc="exit code"),
         _f("event_size", "number", "s.event_size", doc="bytes of recorded events"),
     )
 }  # fmt: skip

@@ -30,7 +30,7 @@ from luqum import tree
 from luqum.exceptions import ParseError
 from luqum.parser import parser
 
-from session_audit.analytics.fields import CONTENT_FIELDS, FIELDS, Field
+from session_audit.analytics.fields import BASE, CONTENT_FIELDS, FIELDS, Field
 from session_audit.analytics.timebins import parse_instant
 from session_audit.core.errors import InvalidArgument
 from session_audit.core.sql import TRUE, Sql, join, q
@@ -406,13 +406,51 @@ def wildcard_match(pattern: list[object], text: str) -> bool:
 
 def sources_for(query: Query | None) -> set[str]:
     """Sources that carry every field `query` uses."""
-    from session_audit.analytics.fields import BASE, CUBE, USER
+    from session_audit.analytics.fields import CUBE, USER
 
     out = {BASE, CUBE, USER}
     if query is not None:
         for name in query.fields:
             out &= set(FIELDS[name].sql)
     return out
+
+
+def _bucket_bounds(m: Match) -> tuple[int | None, int | None] | None:
+    """A comparison of a bucketed field as bucket numbers [low, high) (None: open), or None
+    when the buckets cannot answer it exactly (a threshold between edges, `>`/`<=` an edge,
+    an equality)."""
+    edges = m.field.edges
+    if m.op == "exists":
+        return (None, None)
+    if m.op != "range" or m.bounds is None:
+        return None
+    lo, hi, inc_lo, inc_hi = m.bounds
+    low = high = None
+    if lo is not None:
+        if not inc_lo or lo not in edges:
+            return None
+        low = edges.index(lo) + 1
+    if hi is not None:
+        if inc_hi or hi not in edges:
+            return None
+        high = edges.index(hi) + 1
+    return (low, high)
+
+
+def exact_on(query: Query | None, source: str) -> bool:
+    """Whether `source` answers `query` exactly: it carries every field, and each comparison
+    of a bucketed field falls on bucket edges."""
+    if query is None:
+        return True
+
+    def walk(n: Node) -> bool:
+        if isinstance(n, BoolOp):
+            return all(walk(i) for i in n.items)
+        if source not in n.field.sql:
+            return False
+        return not (n.field.edges and source != BASE) or _bucket_bounds(n) is not None
+
+    return walk(query.root)
 
 
 def compile_q(query: Query | None, source: str) -> Sql:
@@ -430,6 +468,15 @@ def _sql(n: Node, source: str) -> Sql:
         return "(" + join(joiner, ("(" + _sql(i, source) + ")" for i in n.items)) + ")"
     col = n.field.sql[source]
     kind = n.field.kind
+    if n.field.edges and source != BASE:
+        bounds = _bucket_bounds(n)
+        assert bounds is not None, "compile only where exact_on"
+        # Bucket -1 holds the sessions without a value (open): never a match.
+        low, high = bounds
+        cond = q(f"{col} >= $v::int", v=max(low or 0, 0))
+        if high is not None:
+            cond += q(f" AND {col} < $v::int", v=high)
+        return cond
     if n.op == "exists":
         cond = Sql(f"{col} IS NOT NULL" if kind in ("time", "number", "uuid") else f"{col} <> ''")
     elif n.op == "eq":

@@ -1,6 +1,6 @@
 """Rollups: per org, time bucket and dimensions, kept current by ingest.
 
-Six tables (migrations 0010, 0050), with UTC buckets at the grains that pay for themselves:
+Seven tables (migrations 0010, 0050, 0052), with UTC buckets at the grains that pay for themselves:
 
     rollup_sessions         day, month   starts/ends per connection, type, protocol, verb,
                                          status, review status
@@ -12,6 +12,7 @@ Six tables (migrations 0010, 0050), with UTC buckets at the grains that pay for 
     rollup_redactions_user  day, month   report sums per user, info type
     rollup_values           day, month   starts/ends per (field, value) of each cube field
                                          alone: what a top-N or one-field statistic ranks
+    rollup_outcomes         day, month   starts/ends per duration bucket and exit code
 
 Rows with dimensions barely compress within an hour (about one row per session or two), so
 only the dimension-less totals keep hours: they answer histograms that filter and group
@@ -44,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from session_audit.analytics.fields import BASE, CUBE, FIELDS
+from session_audit.analytics.fields import BASE, CUBE, DURATION_EDGES, FIELDS
 from session_audit.analytics.timebins import DAY, HOUR, MONTH
 from session_audit.core.db import Conn
 from session_audit.core.schema import INGEST_COLUMNS
@@ -181,12 +182,28 @@ VALUES = Family(
     + ") f(field, value)",
     where="t.at IS NOT NULL",
 )
-FAMILIES = (SESSIONS, SESSIONS_TOTAL, SESSIONS_USER, REDACTIONS, REDACTIONS_USER, VALUES)
+# How sessions ended (migration 0052): starts/ends per duration bucket (fields.DURATION_EDGES;
+# -1 while open) and exit code ('' when none): a `q` on `duration` at bucket edges and/or on
+# `exit_code` (store.plan, q.exact_on). A session that ends moves from bucket -1 to its own,
+# like any changed field (ingest subtracts the stored contribution, adds the merged one).
+_DURATION = "extract(epoch FROM s.end_date - s.start_date)::float8"
+_EDGES = "'{" + ",".join(f"{e:g}" for e in DURATION_EDGES) + "}'::float8[]"
+OUTCOMES = Family(
+    table="rollup_outcomes",
+    dims=(
+        ("duration_bucket", f"coalesce(width_bucket({_DURATION}, {_EDGES}), -1)"),
+        ("exit_code", "coalesce(s.exit_code::text, '')"),
+    ),
+    measures=(("starts", "t.st"), ("ends", "t.en")),
+    lateral=_START_END,
+    where="t.at IS NOT NULL",
+)
+FAMILIES = (SESSIONS, SESSIONS_TOTAL, SESSIONS_USER, REDACTIONS, REDACTIONS_USER, VALUES, OUTCOMES)
 # What ingest captures per chunk. VALUES is derived from the cube's deltas when they are
 # applied (each field's totals are sums over the cube's rows): unpivoting every session into
 # six (field, value) rows per chunk cost ingest a tenth of its rate, the aggregated deltas
 # almost nothing.
-CAPTURED = (SESSIONS, SESSIONS_TOTAL, SESSIONS_USER, REDACTIONS, REDACTIONS_USER)
+CAPTURED = (SESSIONS, SESSIONS_TOTAL, SESSIONS_USER, REDACTIONS, REDACTIONS_USER, OUTCOMES)
 
 
 def _delta_table(f: Family) -> str:
@@ -204,7 +221,7 @@ SOURCE_COLUMNS = (
     ("org_id", "uuid"), ("start_date", "timestamptz"), ("end_date", "timestamptz"),
     ("connection", "text"), ("connection_type", "text"), ("connection_subtype", "text"),
     ("verb", "text"), ("status", "text"), ("review_status", "text"), ("user_email", "text"),
-    ("redactions", "jsonb"),
+    ("redactions", "jsonb"), ("exit_code", "integer"),
 )  # fmt: skip
 _NAMES = ", ".join(c for c, _ in SOURCE_COLUMNS)
 # Where each source column sits in an ingest record (core.schema.INGEST_COLUMNS order).

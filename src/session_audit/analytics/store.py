@@ -24,13 +24,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from session_audit.analytics import rollups
-from session_audit.analytics.fields import BASE, CUBE, FIELDS, USER, VALUES
-from session_audit.analytics.q import Query, compile_q
+from session_audit.analytics.fields import BASE, CUBE, FIELDS, OUTCOMES, USER, VALUES
+from session_audit.analytics.q import Query, compile_q, exact_on
 from session_audit.analytics.requests import HistogramQuery, ReportQuery, StatsQuery
 from session_audit.analytics.timebins import EPOCH, HOUR, RAW, Piece, decompose, shorten
 from session_audit.core.auth import ORG_READERS, Principal
@@ -38,7 +39,12 @@ from session_audit.core.db import Conn
 from session_audit.core.errors import InvalidArgument
 from session_audit.core.sql import Sql, Template, Where, join, param, q
 
-ROLLUP_TABLES = {CUBE: "rollup_sessions", USER: "rollup_sessions_user", VALUES: "rollup_values"}
+ROLLUP_TABLES = {
+    CUBE: "rollup_sessions",
+    USER: "rollup_sessions_user",
+    VALUES: "rollup_values",
+    OUTCOMES: "rollup_outcomes",
+}
 # Dimension-less counters: every piece of a count that filters and groups nothing.
 TOTAL_TABLE = "rollup_sessions_total"
 LOOK_BACK = timedelta(hours=24)
@@ -56,6 +62,7 @@ FINEST = {
     CUBE: rollups.SESSIONS.finest,
     USER: rollups.SESSIONS_USER.finest,
     VALUES: rollups.VALUES.finest,
+    OUTCOMES: rollups.OUTCOMES.finest,
 }
 # Largest answer of the session report with group_by=id (items: session × info type).
 MAX_ID_ITEMS = 10_000
@@ -95,6 +102,17 @@ def _signs(pieces: Sequence[Piece]) -> list[int]:
     return [p.sign for p in pieces]
 
 
+def _snapshot(conn: Conn, *, several: bool) -> AbstractAsyncContextManager[Any]:
+    """One snapshot for an answer made of several counting statements (a top-N ranks, then
+    counts the values it ranked): a read-only repeatable-read transaction. An answer made of
+    one statement is consistent by itself; BEGIN and COMMIT would only add two round trips.
+    (Whichever source the stale check picks is exact at any commit: the rollups change in
+    the same transactions as the sessions.)"""
+    if several:
+        return conn.transaction(isolation="repeatable_read", readonly=True)
+    return nullcontext()
+
+
 async def _rollups_usable(conn: Conn, who: Principal, opts: Options, timeout: float) -> bool:
     if opts.force_base or who.role not in ORG_READERS:
         return False
@@ -121,7 +139,9 @@ def _values_sql(spec: CountSpec, src: str) -> list[str]:
     return [FIELDS[g].sql[src] for g in spec.groups]
 
 
-def _filters(spec: CountSpec, src: str) -> Sql:
+def _filters(spec: CountSpec, src: str, *, per_value: bool = False) -> Sql:
+    """The condition on rows of `src`; with `per_value`, the top value is the piece's `p.val`
+    instead of any of `spec.top`."""
     cond = compile_q(spec.q, src)
     if src == VALUES:
         # rollup_values holds every field's values: keep the one field this count is about.
@@ -129,7 +149,10 @@ def _filters(spec: CountSpec, src: str) -> Sql:
         cond += q(" AND r.field = $field::text", field=name)
     if spec.top is not None:
         top = FIELDS[spec.groups[0]].sql[src]
-        cond += q(f" AND {top} = any($top::text[])", top=list(spec.top))
+        if per_value:
+            cond += Sql(f" AND {top} = p.val")
+        else:
+            cond += q(f" AND {top} = any($top::text[])", top=list(spec.top))
     return cond
 
 
@@ -188,6 +211,18 @@ LONG_OR_OPEN = Template(
     "(s.end_date IS NULL OR s.end_date - s.start_date > interval '24 hours')"
     " AND s.start_date < $since"
 )
+# The top-N's per-bin counts per user: one piece per (time range, top user), each an equality
+# on the user and a range on the bucket: always the (org, grain, user, bucket) index
+# rollup_sessions_user_by_user. (With `user = any(top)` the planner read whole months of every
+# user through the primary key and filtered them.)
+ROLLUP_PART_PER_VALUE = Template("""
+SELECT p.bin$cols, sum(r.starts * p.sign)::bigint AS starts, $ends AS ends
+  FROM unnest($lo::timestamptz[], $hi::timestamptz[], $bin::int[], $sign::int[], $val::text[])
+       AS p(lo, hi, bin, sign, val)
+ CROSS JOIN LATERAL (SELECT r.starts, r.ends$inner FROM $table r
+        WHERE r.org_id = $org AND r.grain = $grain AND r.bucket >= p.lo AND r.bucket < p.hi
+          AND $filters OFFSET 0) r
+ GROUP BY $positions""")
 SUMS = Sql("sum(r.ends * p.sign)::bigint")
 NO_ENDS = Sql("0::bigint")
 
@@ -199,14 +234,26 @@ def _rollup_parts(spec: CountSpec, pieces: Sequence[Piece], table: str) -> list[
     values = _values_sql(spec, spec.source)
     cols, positions = _group_cols([f"r.v{i}" for i in range(len(values))])
     inner = Sql("".join(f", {v} AS v{i}" for i, v in enumerate(values)))
+    per_value = spec.top is not None and spec.source == USER
     out = []
     for grain, group in sorted(_by_grain(pieces).items()):
         _, lo, hi, b = _arrays(group)
-        out.append(ROLLUP_PART(
-            cols=cols, ends=SUMS if spec.ends else NO_ENDS, lo=lo, hi=hi, bin=b,
-            sign=_signs(group), inner=inner, table=Sql(table), org=spec.who.org_id,
-            grain=Sql(str(int(grain))), filters=_filters(spec, spec.source), positions=positions,
-        ))  # fmt: skip
+        sign = _signs(group)
+        common = dict(
+            cols=cols, ends=SUMS if spec.ends else NO_ENDS, inner=inner, table=Sql(table),
+            org=spec.who.org_id, grain=Sql(str(int(grain))), positions=positions,
+            filters=_filters(spec, spec.source, per_value=per_value),
+        )  # fmt: skip
+        if per_value:
+            assert spec.top is not None
+            n = len(spec.top)
+            out.append(ROLLUP_PART_PER_VALUE(
+                lo=[x for x in lo for _ in range(n)], hi=[x for x in hi for _ in range(n)],
+                bin=[x for x in b for _ in range(n)], sign=[x for x in sign for _ in range(n)],
+                val=list(spec.top) * len(group), **common,
+            ))  # fmt: skip
+        else:
+            out.append(ROLLUP_PART(lo=lo, hi=hi, bin=b, sign=sign, **common))
     return out
 
 
@@ -291,15 +338,16 @@ async def count(
     return out
 
 
-def plan(who: Principal, needed: set[str], rollups_ok: bool) -> str:
-    """The source that answers: a rollup carrying every needed field, else the base table."""
+def plan(who: Principal, needed: set[str], rollups_ok: bool, query: Query | None = None) -> str:
+    """The source that answers: a rollup carrying every needed field (and answering `query`
+    exactly), else the base table."""
     if not rollups_ok or who.role not in ORG_READERS:
         return BASE
     # One field only (grouped by and/or searched): its per-value totals, a few rows per day.
     if len(needed) == 1 and VALUES in FIELDS[next(iter(needed))].sql:
         return VALUES
-    for source in (CUBE, USER):
-        if all(source in FIELDS[name].sql for name in needed):
+    for source in (CUBE, USER, OUTCOMES):
+        if all(source in FIELDS[name].sql for name in needed) and exact_on(query, source):
             return source
     return BASE
 
@@ -333,10 +381,10 @@ async def histogram(
     conn: Conn, who: Principal, hq: HistogramQuery, timeout: float, opts: Options | None = None
 ) -> HistogramResult:
     opts = opts or Options()
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
+    async with _snapshot(conn, several=bool(hq.size)):
         usable = await _rollups_usable(conn, who, opts, timeout)
         needed = _needed(hq.q, hq.field if hq.size else None)
-        source = plan(who, needed, usable)
+        source = plan(who, needed, usable, hq.q)
         intervals = hq.intervals()
         top: list[str] = []
         if hq.size:
@@ -396,9 +444,9 @@ async def stats(
     conn: Conn, who: Principal, sq: StatsQuery, timeout: float, opts: Options | None = None
 ) -> StatsResult:
     opts = opts or Options()
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
+    async with _snapshot(conn, several=False):
         usable = await _rollups_usable(conn, who, opts, timeout)
-        source = plan(who, _needed(sq.q, sq.field, sq.sub_field), usable)
+        source = plan(who, _needed(sq.q, sq.field, sq.sub_field), usable, sq.q)
         groups = (sq.field, sq.sub_field) if sq.sub_field else (sq.field,)
         spec = CountSpec(who, source, sq.q, groups, ends=False)
         counts = await count(conn, spec, [(sq.start, sq.end, 0)], timeout)

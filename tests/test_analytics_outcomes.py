@@ -1,0 +1,130 @@
+"""rollup_outcomes (migration 0052): a `q` on `duration` at bucket edges and/or on `exit_code` is
+answered from per-day counts of how sessions ended, exactly as the sessions table answers it —
+by hand on a small fixture, in UTC and in a zone whose days are not UTC days, before and after
+ingest changes a stored session's duration and exit code. (Random worlds against the plain-Python
+reference: tests/test_analytics_properties.py.)"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from session_audit.analytics import requests, rollups, store
+from session_audit.analytics.fields import BASE, DURATION_EDGES, OUTCOMES
+from session_audit.analytics.q import exact_on, parse_q
+from session_audit.analytics.timebins import bin_starts
+from session_audit.core import auth, db
+from session_audit.core.validation import parse_zone
+from session_audit.sessions.ingest import IngestBatch
+from tests.factories import Spec
+from tests.support import Stack, run
+from tests.test_analytics_rollups import consistent
+
+D1 = datetime(2026, 4, 6, tzinfo=UTC)
+MIGRATION = (
+    Path(__file__).parent.parent / "src/session_audit/core/migrations/0052_rollup_outcomes.sql"
+)
+
+
+def test_the_migration_backfills_with_the_rollup_definition() -> None:
+    """The backfill of existing data is the same SELECT rebuild and ingest use."""
+    text = MIGRATION.read_text()
+    insert = re.search(r"^INSERT INTO rollup_outcomes \((.*?)\)\n(SELECT .*?);$", text, re.M | re.S)
+    assert insert is not None
+    assert tuple(c.strip() for c in insert.group(1).split(",")) == rollups.OUTCOMES.columns
+    assert insert.group(2) == rollups.OUTCOMES.contributions("TRUE")
+
+
+@pytest.mark.parametrize(
+    ("q", "exact"),
+    [
+        ("duration:>=3600", True),
+        ("duration:<60", True),
+        ("duration:[0 TO 604800}", True),
+        ("duration:* AND NOT exit_code:0", True),
+        ("exit_code:[1 TO 3] OR exit_code:137", True),
+        ("duration:>3600", False),  # 3600 itself is in the bucket [3600, 7200)
+        ("duration:<=60", False),
+        ("duration:3600", False),
+        ("duration:>=3601", False),
+        ("duration:[60 TO 3600]", False),
+        ("duration:>=0.5", False),
+        ("duration:>=3600 AND verb:exec", False),  # not carried by rollup_outcomes
+    ],
+)
+def test_which_duration_comparisons_the_buckets_answer_exactly(q: str, exact: bool) -> None:
+    _, zone = parse_zone("")
+    assert exact_on(parse_q(q, zone), OUTCOMES) is exact
+    assert exact_on(parse_q(q, zone), BASE)
+    assert 3600 in DURATION_EDGES and 60 in DURATION_EDGES
+
+
+def _hq(q: str, zone_name: str, days: int = 2) -> requests.HistogramQuery:
+    _, zone = parse_zone(zone_name)
+    start = datetime(2026, 4, 6, tzinfo=zone)
+    end = start + timedelta(days=days)
+    bins = tuple(bin_starts(start, end, "day", zone, 1000))
+    return requests.HistogramQuery(
+        "protocol", "day", start, end, zone_name, zone, None, parse_q(q, zone), bins
+    )
+
+
+async def _ingest(conn: Any, org: uuid.UUID, specs: list[Spec]) -> None:
+    async with conn.transaction():
+        async with IngestBatch(conn, org, 60) as b:
+            for s in specs:
+                await b.add(s.to_proto())
+            result = await b.finish()
+    assert result.rejected == 0, result.rejections
+
+
+def _at(h: float, day: int = 0) -> datetime:
+    return D1 + timedelta(days=day, hours=h)
+
+
+def test_duration_and_exit_code_counts_by_hand_and_after_an_update(stack: Stack) -> None:
+    a = Spec(start=_at(10), end=_at(11))  # exactly 3600 s
+    b = Spec(start=_at(10), end=_at(11) - timedelta(seconds=1), exit_code=1)  # 3599 s
+    c = Spec(start=_at(11), end=_at(13), exit_code=137)  # 7200 s
+    d = Spec(start=_at(12))  # open
+    e = Spec(start=_at(-0.5), end=_at(1))  # 5400 s, started the day before
+
+    async def answers(conn: Any, org: uuid.UUID, q: str, zone: str) -> list[tuple[int, int]]:
+        who = auth.Principal(0, org, "auditor", "aud@x.example")
+        rolled = await store.histogram(conn, who, _hq(q, zone), 30)
+        based = await store.histogram(conn, who, _hq(q, zone), 30, store.Options(force_base=True))
+        assert rolled.source == OUTCOMES and based.source == BASE
+        assert rolled.buckets == based.buckets
+        return rolled.buckets
+
+    async def go() -> None:
+        conn = await db.connect(stack.dsn, json_codec=False)
+        try:
+            org = await auth.ensure_org(conn, f"outcomes-{uuid.uuid4().hex[:10]}")
+            await _ingest(conn, org, [a, b, c, d, e])
+            # (start_count, active_count) per UTC day, 6 and 7 April.
+            assert await answers(conn, org, "duration:>=3600", "Etc/UTC") == [(2, 3), (0, 0)]
+            assert await answers(conn, org, "duration:<3600", "Etc/UTC") == [(1, 1), (0, 0)]
+            assert await answers(conn, org, "exit_code:>=1", "Etc/UTC") == [(2, 2), (0, 0)]
+            assert await answers(conn, org, "NOT duration:*", "Etc/UTC") == [(1, 1), (0, 1)]
+            # A reports it lasted a minute after all; D ends on 7 April 02:00 after 38 h, exit 2.
+            a2 = Spec(id=a.id, start=a.start, end=_at(10) + timedelta(minutes=1))
+            d2 = Spec(id=d.id, start=d.start, end=_at(2, day=1), exit_code=2)
+            await _ingest(conn, org, [a2, d2])
+            assert await answers(conn, org, "duration:>=3600", "Etc/UTC") == [(2, 3), (0, 1)]
+            assert await answers(conn, org, "duration:<3600", "Etc/UTC") == [(2, 2), (0, 0)]
+            assert await answers(conn, org, "exit_code:>=1", "Etc/UTC") == [(3, 3), (0, 1)]
+            assert await answers(conn, org, "NOT duration:*", "Etc/UTC") == [(0, 0), (0, 0)]
+            # Berlin days (UTC+2) start at 22:00 UTC the day before: E starts on 6 April there;
+            # the parts of the days that are not UTC days come from the sessions table.
+            assert await answers(conn, org, "duration:>=3600", "Europe/Berlin") == [(3, 3), (0, 1)]
+            await consistent(conn, org)
+        finally:
+            await conn.close()
+
+    run(go())
