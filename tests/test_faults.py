@@ -262,9 +262,10 @@ def test_idle_streams_of_one_org_do_not_hold_up_another(stack: Stack) -> None:
 
 
 def test_a_token_revoked_mid_stream_stores_nothing_more(stack: Stack) -> None:
-    """Finding 5: the stream's token is checked again before each chunk is written and
-    before the commit: revoked at the first third of a 20,000-session stream, nothing of the
-    stream is stored."""
+    """Finding 5: the stream's token is checked again before each chunk (5,000 items, its
+    own transaction) is written: revoked at item 7,000 of a 20,000-session stream, nothing
+    sent after the revocation is stored — at most the first chunk, if the server wrote it
+    before the revocation (the client may run ahead of the server)."""
     org = stack.new_org("revoke")
     token = stack.token(org, "ingest")
     specs = [Spec(start=T0 + timedelta(seconds=i)) for i in range(20_000)]
@@ -280,9 +281,9 @@ def test_a_token_revoked_mid_stream_stores_nothing_more(stack: Stack) -> None:
     with pytest.raises(grpc.RpcError) as err:
         stack.stub().StreamIngestSessions(gen(), metadata=auth_md(token), timeout=60)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    n = stack.sql("SELECT count(*) FROM sessions WHERE id = any($1::uuid[])",
-                  [s.id for s in specs])[0][0]  # fmt: skip
-    assert n == 0
+    stored = {r[0] for r in stack.sql("SELECT id::text FROM sessions WHERE id = any($1::uuid[])",
+                                      [s.id for s in specs])}  # fmt: skip
+    assert stored in (set(), {s.id for s in specs[:5000]})
 
 
 def test_an_exhausted_pool_answers_unavailable_and_health_stays_serving(faulty: Faulty) -> None:

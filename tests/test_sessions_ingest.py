@@ -165,7 +165,7 @@ def _chunks(specs: list[Spec], size: int) -> Iterator[pb.IngestSessionsRequest]:
         yield pb.IngestSessionsRequest(sessions=[s.to_proto() for s in specs[i : i + size]])
 
 
-def test_stream_ingest_is_one_transaction(stack: Stack, org_admin: tuple[str, str]) -> None:
+def test_stream_ingest_commits_whole_chunks(stack: Stack, org_admin: tuple[str, str]) -> None:
     _, token = org_admin
     base = datetime(2026, 1, 1, tzinfo=UTC)
     specs = [Spec(start=base + timedelta(seconds=i)) for i in range(12_000)]
@@ -178,7 +178,8 @@ def test_stream_ingest_is_one_transaction(stack: Stack, org_admin: tuple[str, st
     capped = stack.rest("GET", "/api/sessions", token, params={"limit": 1}).json()
     assert (capped["total"], capped["total_is_capped"]) == (10_000, True)
 
-    # A stream the client abandons half-way stores nothing.
+    # A stream the client abandons within its first chunk (5,000 items, one transaction)
+    # stores nothing.
     fresh = [Spec(start=base + timedelta(seconds=i)) for i in range(3000)]
 
     def abandoned() -> Iterator[pb.IngestSessionsRequest]:
@@ -191,6 +192,29 @@ def test_stream_ingest_is_one_transaction(stack: Stack, org_admin: tuple[str, st
     assert (
         stack.sql("SELECT count(*) AS n FROM sessions WHERE id = any($1::uuid[])", ids)[0]["n"] == 0
     )
+
+
+def test_a_stream_ending_on_a_full_chunk_is_stored_before_the_reply(
+    stack: Stack, org_admin: tuple[str, str]
+) -> None:
+    """Exactly 10,000 items: both chunks commit as they fill, without waiting for the disk
+    (more may follow), so the reply waits for a WAL flush of its own; every session is there
+    when it arrives, with its rollups (the report counts them)."""
+    _, token = org_admin
+    base = datetime(2026, 3, 1, tzinfo=UTC)
+    specs = [Spec(start=base + timedelta(seconds=i), end=base + timedelta(seconds=i + 60))
+             for i in range(10_000)]  # fmt: skip
+    reply = stack.stub().StreamIngestSessions(_chunks(specs, 1000), metadata=auth_md(token))
+    assert (reply.accepted, reply.written, reply.rejected) == (10_000, 10_000, 0)
+    stored = stack.sql("SELECT count(*) FROM sessions WHERE id = any($1::uuid[])",
+                       [s.id for s in specs])[0][0]  # fmt: skip
+    assert stored == 10_000
+    starts = stack.sql(
+        "SELECT sum(starts) FROM rollup_sessions_total r JOIN orgs o ON o.id = r.org_id"
+        " WHERE o.name = $1 AND r.grain = 1",
+        org_admin[0],
+    )[0][0]
+    assert starts == 10_000
 
 
 def test_unrepresentable_values_reject_the_item_not_the_batch(

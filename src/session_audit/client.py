@@ -240,8 +240,8 @@ class Client(_Base):
         token: str | None = None,
         timeout: float | None = None,
     ) -> IngestResult:
-        """Stream any number of sessions (one transaction); rejected items are reported by
-        their position in `sessions`, the others are stored."""
+        """Stream any number of sessions (the server commits every 5,000 items); rejected items
+        are reported by their position in `sessions`, the others are stored."""
         reply = self._sessions.StreamIngestSessions(
             _chunks(sessions, chunk), metadata=self._md(token), timeout=self._deadline(timeout)
         )

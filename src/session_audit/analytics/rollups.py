@@ -260,13 +260,19 @@ CAPTURE_VALUES = _capture_sql(
 )
 
 
+def _bucket_sql(f: Family) -> str:
+    """A delta's bucket at grain `g.grain`: deltas are at the finest grain already, so only the
+    coarser grains are truncated (date_trunc with a zone is the costly part of applying)."""
+    return (
+        f"CASE WHEN g.grain = {f.finest} THEN d.bucket ELSE date_trunc(g.unit, d.bucket, 'UTC') END"
+    )
+
+
 def _apply_sql(f: Family) -> str:
     """Deltas at the finest grain → rows at every grain, upserted in primary-key order."""
     key = ", ".join(f.key)
     dims = [c for c, _ in f.dims]
-    select = ", ".join(
-        ["d.org_id", "g.grain", "date_trunc(g.unit, d.bucket, 'UTC')", *(f"d.{c}" for c in dims)]
-    )
+    select = ", ".join(["d.org_id", "g.grain", _bucket_sql(f), *(f"d.{c}" for c in dims)])
     sums = ", ".join(f"sum(d.{c})" for c, _ in f.measures)
     nonzero = " OR ".join(f"sum(d.{c}) <> 0" for c, _ in f.measures)
     positions = ", ".join(str(i) for i in range(1, len(f.key) + 1))
@@ -280,20 +286,21 @@ def _apply_sql(f: Family) -> str:
 
 
 def _apply_values_sql() -> str:
-    """rollup_values from the cube's deltas (finest grain) → every grain, in key order."""
-    unpivot = ", ".join(
-        f"('{name}', d.{FIELDS[name].sql[CUBE].removeprefix('r.')})" for name in VALUE_FIELDS
-    )
+    """rollup_values from the cube's deltas (finest grain) → every grain, in key order. Each
+    delta row is bucketed once per grain (a fenced subquery), then unpivoted into its fields."""
+    cols = [FIELDS[name].sql[CUBE].removeprefix("r.") for name in VALUE_FIELDS]
+    unpivot = ", ".join(f"('{name}', x.{c})" for name, c in zip(VALUE_FIELDS, cols, strict=True))
     f = VALUES
     positions = ", ".join(str(i) for i in range(1, len(f.key) + 1))
     updates = ", ".join(f"{c} = r.{c} + EXCLUDED.{c}" for c, _ in f.measures)
+    inner = ", ".join(sorted({f"d.{c}" for c in cols}))
     return (
         f"INSERT INTO {f.table} AS r ({', '.join(f.columns)})"
-        f" SELECT d.org_id, g.grain, date_trunc(g.unit, d.bucket, 'UTC'), v.field, v.value,"
-        f" sum(d.starts), sum(d.ends)"
-        f" FROM {_delta_table(SESSIONS)} d CROSS JOIN LATERAL (VALUES {unpivot}) v(field, value)"
-        f" CROSS JOIN {grains_sql(f.grains)}"
-        f" GROUP BY {positions} HAVING sum(d.starts) <> 0 OR sum(d.ends) <> 0"
+        f" SELECT x.org_id, x.grain, x.bucket, v.field, v.value, sum(x.starts), sum(x.ends)"
+        f" FROM (SELECT d.org_id, g.grain, {_bucket_sql(SESSIONS)} AS bucket, {inner},"
+        f" d.starts, d.ends FROM {_delta_table(SESSIONS)} d CROSS JOIN {grains_sql(f.grains)}"
+        f" OFFSET 0) x CROSS JOIN LATERAL (VALUES {unpivot}) v(field, value)"
+        f" GROUP BY {positions} HAVING sum(x.starts) <> 0 OR sum(x.ends) <> 0"
         f" ORDER BY {positions} ON CONFLICT ({', '.join(f.key)}) DO UPDATE SET {updates}"
     )
 

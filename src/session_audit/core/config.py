@@ -59,7 +59,7 @@ class Config:
     # timeout); longer than stream_idle, which ends an idle stream first.
     idle_in_transaction: float = 60.0
     # An ingest stream that sends nothing for stream_idle seconds, or runs longer than
-    # stream_max, is ended (DEADLINE_EXCEEDED; nothing of it is stored).
+    # stream_max, is ended (DEADLINE_EXCEEDED; what it had not committed is not stored).
     stream_idle: float = 30.0
     stream_max: float = 900.0
     # Concurrent StreamIngestSessions per org and server process (RESOURCE_EXHAUSTED beyond).

@@ -10,11 +10,17 @@ from session_audit.retention import store
 
 
 async def on_ingest(
-    conn: Conn, org_id: uuid.UUID, actor: str, ids: list[uuid.UUID], timeout: float
+    conn: Conn,
+    org_id: uuid.UUID,
+    actor: str,
+    ids: list[uuid.UUID],
+    timeout: float,
+    labelled: list[uuid.UUID] | None = None,
 ) -> None:
     """Lock what the gateway labelled or an active hold matches, then append the batch's
-    trail entry (one per batch: the org's chain head is taken once, here, until commit)."""
+    trail entry (one per batch: the org's chain head is taken once, here, until commit).
+    `labelled`: see store.lock_arrived (None: any of `ids` may be labelled)."""
     if not ids:
         return
-    await store.lock_arrived(conn, org_id, actor, ids, timeout)
+    await store.lock_arrived(conn, org_id, actor, ids, timeout, labelled)
     await trail.record_sessions(conn, org_id, actor, "ingest", ids, timeout)

@@ -342,13 +342,24 @@ UPDATE sessions s SET retention_locked = true
 
 
 async def lock_arrived(
-    conn: Conn, org_id: uuid.UUID, actor: str, ids: list[uuid.UUID], timeout: float
+    conn: Conn,
+    org_id: uuid.UUID,
+    actor: str,
+    ids: list[uuid.UUID],
+    timeout: float,
+    labelled: list[uuid.UUID] | None = None,
 ) -> None:
     """Lock the sessions of an ingest batch that the gateway labelled or an active hold
-    matches (in the batch's transaction)."""
+    matches (in the batch's transaction). `labelled`, when the caller knows it, is a superset
+    of the batch's sessions whose stored labels may say `retention_locked` (ingest knows it
+    for sessions it has just inserted as sent): only those and the held ones are looked at."""
     held: list[uuid.UUID] = []
     for hold in await conn.fetch(ACTIVE_FILTERS, org_id, timeout=timeout):
         sql, args = hold_match_sql(org_id, hold["id"], actor, hold["query_filter"], ids)
         rows = await conn.fetch(sql, *args, timeout=timeout)
         held += [r["session_id"] for r in rows]
+    if labelled is not None:
+        ids = [*labelled, *held]
+        if not ids:
+            return
     await conn.execute(LOCK_ARRIVED, org_id, ids, held, timeout=timeout)

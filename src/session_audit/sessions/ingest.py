@@ -1,8 +1,13 @@
-"""Ingest: validate reported sessions, then upsert them in one transaction.
+"""Ingest: validate reported sessions, then upsert them in chunks of at most CHUNK items.
 
-A batch (a unary request, or a whole client stream) is one transaction. Invalid items are
-rejected with their index and reason and the valid ones are stored; a server fault rolls the
-whole batch back. Items are written in chunks so a long stream never sits whole in memory.
+A unary batch (at most MAX_BATCH items) is one transaction. A stream is written in chunks of
+CHUNK items in arrival order, and every chunk is its own transaction, committed as soon as it
+is written: a stream never holds one chunk's locks while it waits for the next, so no
+transaction ever takes row locks in more than one sorted pass (see "Locks"). Invalid items
+are rejected with their index and reason and the valid ones are stored; a server fault rolls
+back the chunk it hit, while the chunks committed before it stay (re-sending the whole stream
+is idempotent: a report already stored changes nothing). A caller that gives its own
+connection (seeding, benchmarks) gets every chunk in its one transaction.
 
 Items of one id in a batch apply in order, as separate reports of that session would: each is
 checked against the session as the earlier ones (and the stored row) left it, a bad one is
@@ -11,16 +16,16 @@ item is either rejected or accepted, and every accepted item either wrote (chang
 session) or left it unchanged — `accepted + rejected` is the number of items sent and
 `written + unchanged` is `accepted`.
 
-Locks: every write path takes row locks in one global order, the session id: the fast-path
-COPY inserts its chunk sorted by id, the careful path locks stored rows `FOR UPDATE` in id order
-and then inserts the new ones sorted by id, and the rollups are folded in in primary-key order
-at the end (rollups.py). Two batches of one chunk each therefore cannot deadlock. A stream of
-several chunks holds the first chunk's locks while it reads the next, so two such streams with
-overlapping ids in opposite chunk order still can: PostgreSQL then aborts one of them.
-A batch whose transaction holds only what is still in memory (every unary batch, and a stream
-of at most CHUNK items) is replayed from the start on a deadlock or serialization failure, up
-to MAX_ATTEMPTS times; after that, or for a longer stream, the caller gets ABORTED (retryable:
-re-sending a batch is idempotent).
+Locks: every transaction takes its session row locks in one sorted pass over one chunk, in one
+global order, the session id: the fast-path COPY inserts its chunk sorted by id, the careful
+path locks stored rows `FOR UPDATE` in id order and then inserts the new ones sorted by id.
+Only then come the rollup rows (one statement per table in a fixed table order, rows in
+primary-key order, rollups.py), the retention locks of its own (already locked) sessions and,
+last, the org's trail head. Two transactions that overlap in sessions therefore serialize on
+the first session they share and cannot form a cycle, whatever the order of their items and
+however long the streams. If PostgreSQL still aborts a transaction (deadlock detected,
+serialization failure), its chunk — still in memory — is replayed from the start, up to
+MAX_ATTEMPTS times; after that the caller gets ABORTED (retryable: re-sending is idempotent).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import orjson
 from session_audit.analytics import rollups
 from session_audit.core.db import Conn
 from session_audit.core.errors import RETRYABLE_DB, Retryable
-from session_audit.core.schema import JSON_COLUMNS
+from session_audit.core.schema import INGEST_COLUMNS, JSON_COLUMNS
 from session_audit.retention.ingest import on_ingest
 from session_audit.sessions import store
 from session_audit.sessions.rows import IngestItem, ItemError, item_from_proto, merge_items
@@ -58,6 +63,13 @@ Rejection = tuple[int, str, str]
 # back on an exception) and gives the connection back.
 Opener = Callable[[], contextlib.AbstractAsyncContextManager[Conn]]
 Check = Callable[[], Awaitable[None]]
+
+ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
+# Gives the transaction an id, so its (synchronous) commit writes a record and flushes to it.
+FLUSH_WAL = "SELECT pg_current_xact_id()"
+# Where an ingest record holds the labels (JSON text), and the label that locks on arrival.
+_LABELS = INGEST_COLUMNS.index("labels")
+_LOCK_LABEL = '"retention_locked"'
 
 AFTER_END = "start_date: after the session's end_date (stored or reported earlier)"
 
@@ -108,6 +120,9 @@ class _Outcome:
     written: int = 0
     unchanged: int = 0
     rejections: list[Rejection] = field(default_factory=list)
+    # Sessions whose stored labels may carry `retention_locked` (None: any of the chunk's):
+    # known when the chunk took the fast path, its rows stored exactly as sent.
+    labelled: list[uuid.UUID] | None = None
 
 
 # The reports of one id merged, and per report whether it changed the session.
@@ -147,17 +162,20 @@ def _fold(reports: list[_Report]) -> _Folded:
 
 
 class IngestBatch:
-    """Feed sessions with `add`; chunks are flushed to the open transaction as they fill.
+    """Feed sessions with `add`; chunks are written as they fill.
 
     With `maintain_rollups` (the default) every chunk's contribution to the rollups is
-    captured as it is written and folded in by `finish` (see rollups.py). Without it the org
-    is marked stale, so reads use the base tables until `session-audit rollups rebuild`.
+    captured as it is written and folded in before its commit (see rollups.py). Without it
+    the org is marked stale, so reads use the base tables until `session-audit rollups
+    rebuild`.
 
-    Given a connection, the caller owns its transaction and commits after `finish`. Made with
-    `on_pool`, the batch opens its transaction itself when it first writes (so a stream holds
-    no connection while it buffers its first chunk), commits in `finish`, and replays itself
-    on deadlocks while it can (see the module docstring). `check` runs before every chunk is
-    written and before the commit (the stream re-checks its token there)."""
+    Made with `on_pool` (the servicer's way), every chunk is its own transaction, opened when
+    the chunk is written and committed right after it (a stream buffers its next chunk holding
+    no connection), and replayed from memory on a deadlock or serialization failure up to
+    MAX_ATTEMPTS times. Given a connection, the caller owns its transaction: every chunk is
+    written in it, the rollups and the retention hook run in `finish`, and the caller commits
+    after `finish`. `check` runs before every chunk is written (the stream re-checks its
+    token there)."""
 
     def __init__(
         self,
@@ -174,15 +192,14 @@ class IngestBatch:
             raise ValueError("IngestBatch: give a connection or an opener, not both")
         self.conn = conn
         self.actor = actor
-        # Every id the batch wrote (or found unchanged), for the retention hook.
+        # Every id written (or found unchanged) on the caller's connection, for the retention
+        # hook in `finish` (on_pool: each chunk's transaction runs the hook for its own ids).
         self._ids: list[uuid.UUID] = []
-        self.actor = actor
         self.org_id = org_id
         self._timeout = timeout
         self.maintain_rollups = maintain_rollups
         self._opener = opener
         self._check = check
-        self._tx: contextlib.AsyncExitStack | None = None
         self._deltas = rollups.Deltas(conn, org_id, self.timeout) if conn is not None else None
         self.now = datetime.now(UTC)
         self.result = IngestResult()
@@ -191,10 +208,11 @@ class IngestBatch:
         self._pending_items = 0
         self._writer: asyncio.Task[None] | None = None
         self._chunks = 0
-        # The first chunk while it is all the transaction holds (replayable); else None.
-        self._first: dict[uuid.UUID, _Group] | None = None
         self._outcomes: list[_Outcome] = []
-        self._attempts = 1
+        # Items sent before the end of the last committed chunk (on_pool): stored or rejected.
+        self.committed = 0
+        # A chunk committed without waiting for its WAL flush, none flushed since (on_pool).
+        self._unflushed = False
 
     @classmethod
     def on_pool(
@@ -227,17 +245,13 @@ class IngestBatch:
         return self
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
-        # On failure the transaction rolls back; a chunk still being written must not outlive
-        # it on the connection.
-        if exc is not None and self._writer is not None:
+        # A chunk still being written must not outlive the batch: cancelled, its transaction
+        # rolls back (on_pool), or the caller's does.
+        if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(BaseException):
                 await self._writer
             self._writer = None
-        if isinstance(exc, BaseException):
-            await self._close(exc)
-        else:  # left without finish(): keep nothing
-            await self._close(RuntimeError("IngestBatch left before finish()"))
 
     # -- validation ----------------------------------------------------------------------------
 
@@ -270,86 +284,100 @@ class IngestBatch:
             group.end_date = item.end_date or group.end_date
         self._pending_items += 1
         if self._pending_items >= CHUNK:
-            await self.flush()
+            await self.flush(durable=False)
 
-    async def flush(self) -> None:
+    async def flush(self, *, durable: bool = True) -> None:
         """Hand the pending chunk to the writer and return: PostgreSQL stores chunk k while
-        Python validates chunk k+1 (chunks are still written one after another, in order)."""
+        Python validates chunk k+1 (chunks are still written one after another, in order).
+        A chunk of a stream that goes on (`durable=False`) commits without waiting for the
+        disk (`synchronous_commit = off`): nothing is acknowledged until the last commit,
+        which is synchronous and so makes every earlier chunk durable with it."""
         await self._wait_writer()
         if self._pending:
             pending, self._pending, self._pending_items = self._pending, {}, 0
-            self._ids.extend(pending)
             self._chunks += 1
-            self._first = pending if self._chunks == 1 and self._opener is not None else None
-            self._writer = asyncio.create_task(self._write_chunk(pending))
+            if self._opener is None:
+                self._ids.extend(pending)
+                self._writer = asyncio.create_task(self._write_on_conn(pending))
+            else:
+                self._writer = asyncio.create_task(
+                    self._commit_chunk(pending, self._next_index, durable)
+                )
 
     async def _wait_writer(self) -> None:
         if self._writer is not None:
             writer, self._writer = self._writer, None
-            try:
-                await writer
-            except RETRYABLE_DB as exc:
-                await self._replay_or_abort(exc)
+            await writer
 
-    async def _replay_or_abort(self, exc: BaseException) -> None:
-        if self._first is None:
+    # -- the transactions ----------------------------------------------------------------------
+
+    async def _write_on_conn(self, pending: dict[uuid.UUID, _Group]) -> None:
+        """Write a chunk in the caller's transaction (nothing to replay: it is the caller's)."""
+        assert self.conn is not None and self._deltas is not None
+        if self._check is not None:
+            await self._check()
+        self._deltas.timeout = self.timeout
+        try:
+            self._outcomes.append(await self._write(self.conn, self._deltas, pending))
+        except RETRYABLE_DB as exc:
             raise Retryable(
                 "ingest: the batch conflicted with a concurrent one and was rolled back; re-send it"
             ) from exc
-        await self._replay(exc)
 
-    # -- the transaction -----------------------------------------------------------------------
-
-    async def _connection(self) -> tuple[Conn, rollups.Deltas]:
-        conn, deltas = self.conn, self._deltas
-        if conn is None or deltas is None:
-            if self._opener is None:
-                raise RuntimeError("IngestBatch: no connection and no opener")
-            tx = contextlib.AsyncExitStack()
-            conn = await tx.enter_async_context(self._opener())
-            deltas = rollups.Deltas(conn, self.org_id, self.timeout)
-            self._tx, self.conn, self._deltas = tx, conn, deltas
-        deltas.timeout = self.timeout
-        return conn, deltas
-
-    async def _close(self, exc: BaseException | None) -> None:
-        """Leave the transaction this batch opened: commit if `exc` is None, else roll back."""
-        tx, self._tx = self._tx, None
-        if tx is None:
-            return
-        self.conn = None
-        self._deltas = None
-        if exc is None:
-            await tx.aclose()
-        else:
-            await tx.__aexit__(type(exc), exc, exc.__traceback__)
-
-    async def _replay(self, exc: BaseException) -> None:
-        """Roll back and write the first (only) chunk again, a bounded number of times."""
-        first = self._first
-        if first is None:
-            raise exc
-        while self._attempts < MAX_ATTEMPTS:
-            self._attempts += 1
-            await self._close(exc)
-            await asyncio.sleep(random.uniform(0.02, 0.1) * self._attempts)
-            self._outcomes.clear()
+    async def _commit_chunk(
+        self, pending: dict[uuid.UUID, _Group], end: int, durable: bool
+    ) -> None:
+        """One chunk, one transaction: write it, fold its rollup deltas in, run the retention
+        hook and the trail entry, commit. Replayed from `pending` (still in memory) on a
+        deadlock or serialization failure, a bounded number of times."""
+        assert self._opener is not None
+        attempt = 1
+        while True:
+            if self._check is not None:
+                await self._check()
             try:
-                await self._write_chunk(first)
-                return
-            except RETRYABLE_DB as again:
-                exc = again
-        await self._close(exc)
-        raise Retryable(
-            f"ingest: the batch conflicted with concurrent ones {MAX_ATTEMPTS} times and was "
-            "rolled back; re-send it"
-        ) from exc
+                async with self._opener() as conn:
+                    if not durable:
+                        await conn.execute(ASYNC_COMMIT, timeout=self.timeout)
+                    deltas = rollups.Deltas(conn, self.org_id, self.timeout)
+                    out = await self._write(conn, deltas, pending)
+                    await self._before_commit(conn, deltas, [out], list(pending))
+            except RETRYABLE_DB as exc:
+                if attempt >= MAX_ATTEMPTS:
+                    raise Retryable(
+                        f"ingest: the batch conflicted with concurrent ones {MAX_ATTEMPTS} "
+                        "times and was rolled back; re-send it"
+                    ) from exc
+                attempt += 1
+                await asyncio.sleep(random.uniform(0.02, 0.1) * attempt)
+                continue
+            self._outcomes.append(out)
+            self.committed = end
+            self._unflushed = not durable
+            return
 
-    async def _write_chunk(self, pending: dict[uuid.UUID, _Group]) -> None:
-        if self._check is not None:
-            await self._check()
-        conn, deltas = await self._connection()
-        self._outcomes.append(await self._write(conn, deltas, pending))
+    async def _flush_wal(self) -> None:
+        """Wait until every chunk committed so far is on disk: a synchronous commit of a
+        transaction with an id flushes the WAL up to its commit record, earlier commits too."""
+        assert self._opener is not None
+        async with self._opener() as conn:
+            await conn.execute(FLUSH_WAL, timeout=self.timeout)
+        self._unflushed = False
+
+    async def _before_commit(
+        self, conn: Conn, deltas: rollups.Deltas, outcomes: list[_Outcome], ids: list[uuid.UUID]
+    ) -> None:
+        deltas.timeout = self.timeout
+        if self.maintain_rollups:
+            await deltas.apply()
+        elif any(o.written for o in outcomes):
+            await rollups.mark_stale(conn, self.org_id, self.timeout)
+        labelled: list[uuid.UUID] | None = []
+        for o in outcomes:
+            labelled = None if labelled is None or o.labelled is None else labelled + o.labelled
+        # Retention (locks on arrival) and the org's trail entry: last, so the org's chain
+        # head is held only for the moment before commit.
+        await on_ingest(conn, self.org_id, self.actor, ids, self.timeout, labelled)
 
     async def _write(
         self, conn: Conn, deltas: rollups.Deltas, pending: dict[uuid.UUID, _Group]
@@ -369,6 +397,9 @@ class IngestBatch:
         if await store.copy_new(conn, records, self.timeout):
             for sid in ids:
                 self._count(out, folded[sid][1], True)
+            # The key anywhere in the labels' JSON text: a superset of the labelled ones.
+            out.labelled = [sid for sid, r in zip(ids, records, strict=True)
+                            if r[_LABELS] is not None and _LOCK_LABEL in r[_LABELS]]  # fmt: skip
             if self.maintain_rollups:
                 await deltas.add_records(records)
             return out
@@ -453,16 +484,23 @@ class IngestBatch:
         return fresh, known, kept_reports
 
     async def finish(self) -> IngestResult:
-        """Write what is pending and bring the rollups up to date. A batch made on a
-        connection leaves the commit to the caller; one made `on_pool` commits here."""
+        """Write what is pending. On the caller's connection, bring the rollups up to date and
+        run the retention hook (the caller commits); `on_pool`, every chunk has committed."""
         await self.flush()
         await self._wait_writer()
-        while True:
+        if self._unflushed:
+            await self._flush_wal()
+        if self._opener is None and self._chunks:
+            assert self.conn is not None and self._deltas is not None
+            if self._check is not None:
+                await self._check()
             try:
-                await self._apply_and_commit()
-                break
+                await self._before_commit(self.conn, self._deltas, self._outcomes, self._ids)
             except RETRYABLE_DB as exc:
-                await self._replay_or_abort(exc)
+                raise Retryable(
+                    "ingest: the batch conflicted with a concurrent one and was rolled back; "
+                    "re-send it"
+                ) from exc
         result = self.result
         for out in self._outcomes:
             result.written += out.written
@@ -472,18 +510,3 @@ class IngestBatch:
         result.rejections.sort()
         result.accepted = self._next_index - result.rejected
         return result
-
-    async def _apply_and_commit(self) -> None:
-        if self.conn is None and self._chunks == 0:
-            return  # nothing valid was sent: no transaction was opened
-        if self._check is not None:
-            await self._check()
-        conn, deltas = await self._connection()
-        if self.maintain_rollups:
-            await deltas.apply()
-        elif any(o.written for o in self._outcomes):
-            await rollups.mark_stale(conn, self.org_id, self.timeout)
-        # Retention (locks on arrival) and the org's trail entry for the batch: last, so the
-        # org's chain head is held only for the moment before commit.
-        await on_ingest(conn, self.org_id, self.actor, self._ids, self.timeout)
-        await self._close(None)

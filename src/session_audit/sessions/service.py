@@ -17,7 +17,13 @@ from session_audit.core import metrics
 from session_audit.core.app import App
 from session_audit.core.auth import READERS, WRITERS, Principal, authenticate
 from session_audit.core.db import Conn
-from session_audit.core.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
+from session_audit.core.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+)
 from session_audit.core.json_body import parse_strict
 from session_audit.core.rpc import caller, roles
 from session_audit.sessions import requests as listing
@@ -140,11 +146,13 @@ class SessionService(pb_grpc.SessionServiceServicer):
         request_iterator: AsyncIterator[pb.IngestSessionsRequest],
         context: grpc.aio.ServicerContext,
     ) -> pb.IngestSessionsResponse:
-        """One transaction for the whole stream, opened when its first chunk is written (a
-        stream buffers up to CHUNK items holding no connection). Bounded: STREAM_IDLE_SECONDS
-        between messages, STREAM_MAX_SECONDS in all, INGEST_STREAMS_PER_ORG at once per org;
-        the token is checked again before every chunk is written and before the commit, so
-        a token revoked meanwhile stores nothing more."""
+        """One transaction per chunk of CHUNK items, opened when the chunk is written and
+        committed right after (a stream buffers its next chunk holding no connection, and two
+        streams cannot deadlock: sessions/ingest.py). Bounded: STREAM_IDLE_SECONDS between
+        messages, STREAM_MAX_SECONDS in all, INGEST_STREAMS_PER_ORG at once per org; the
+        token is checked again before every chunk is written, so a token revoked meanwhile
+        stores nothing more. An error ends the stream with the chunks committed before it
+        stored; its message says how many items those were."""
         who = caller()
         limit = self.app.config.streams_per_org
         if self._streams[who.org_id] >= limit:
@@ -160,12 +168,20 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 app.pool, context, WRITERS, "ingest sessions", app.timeout(context), app.tokens
             )
 
+        batch = self._batch(who, context, still_allowed)
         try:
-            async with self._batch(who, context, still_allowed) as batch:
+            async with batch:
                 async for chunk in self._bounded(request_iterator):
                     for session in chunk.sessions:
                         await batch.add(session)
                 result = await batch.finish()
+        except ServiceError as exc:
+            if not batch.committed:
+                raise
+            raise type(exc)(
+                f"{exc.message} (the first {batch.committed} items of the stream were stored "
+                "before this, in committed chunks; re-sending the stream is idempotent)"
+            ) from exc
         finally:
             self._streams[who.org_id] -= 1
             if not self._streams[who.org_id]:
@@ -190,11 +206,11 @@ class SessionService(pb_grpc.SessionServiceServicer):
             except TimeoutError:
                 if left <= idle:
                     raise DeadlineExceeded(
-                        f"stream: open longer than {longest:g} s (STREAM_MAX_SECONDS); nothing "
-                        "of it was stored; send it in shorter streams"
+                        f"stream: open longer than {longest:g} s (STREAM_MAX_SECONDS); the "
+                        "items not yet committed were not stored; send it in shorter streams"
                     ) from None
                 raise DeadlineExceeded(
-                    f"stream: nothing received for {idle:g} s (STREAM_IDLE_SECONDS); nothing "
-                    "of it was stored"
+                    f"stream: nothing received for {idle:g} s (STREAM_IDLE_SECONDS); the "
+                    "items not yet committed were not stored"
                 ) from None
             yield chunk

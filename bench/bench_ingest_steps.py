@@ -1,0 +1,219 @@
+"""Where ingest's time goes (issue 14 goal 6). Not a test: prints figures, asserts nothing.
+
+    .venv/bin/python bench/bench_ingest_steps.py --sessions 100000 --rounds 3 [--days 15 --sorted]
+
+A fresh embedded PostgreSQL in .bench-data-ingest/ (or DATABASE_URL's server), migrated. Each
+round, alternating: a raw asyncpg binary COPY of prebuilt records into a copy of the sessions
+table (same indexes: the baseline), then the same sessions (new ids, a fresh org) through the
+servicer's write path (`IngestBatch.on_pool`, as a stream uses it: chunks, the writer task,
+per-chunk transactions, rollups, retention hook, trail) on a connection that times every
+statement. It prints rows/s of both, and the time per kind of statement and the Python time
+(validation, folding, encoding) per session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from session_audit.core import auth, db, migrate
+from session_audit.core.schema import INGEST_COLUMNS
+from session_audit.embedded import EmbeddedPostgres
+from session_audit.seed import demo_sessions
+from session_audit.sessions.ingest import IngestBatch
+from session_audit.sessions.rows import item_from_proto
+
+STEPS = (
+    ("CREATE TEMP", "delta tables"),
+    ("WITH src AS MATERIALIZED (SELECT org_id, start_date, end_date, connection, connection_type",
+     "rollups: capture"),
+    ("INSERT INTO rollup_values", "rollups: apply rollup_values"),
+    ("INSERT INTO rollup_", "rollups: apply (other tables)"),
+    ("COPY", "COPY sessions"),
+    ("SAVEPOINT", "savepoint"),
+    ("RELEASE", "savepoint"),
+    ("BEGIN", "begin/commit"),
+    ("COMMIT", "begin/commit"),
+    ("SELECT h.id", "retention: active holds"),
+    ("UPDATE sessions s SET retention_locked", "retention: lock arrived"),
+    ("INSERT INTO trail_heads", "trail: lock head"),
+    ("SELECT s.id AS session_id", "trail: digest rows"),
+    ("INSERT INTO trail_items", "trail: items"),
+    ("WITH e AS", "trail: entry"),
+)  # fmt: skip
+
+
+def step_of(sql: str) -> str:
+    s = " ".join(sql.split())
+    for prefix, name in STEPS:
+        if s.startswith(prefix):
+            return name
+    return s[:60]
+
+
+class Timed:
+    """A connection that adds the time of every statement to `times` (by kind of statement)."""
+
+    def __init__(self, conn: Any, times: dict[str, float], counts: dict[str, int]) -> None:
+        self._conn = conn
+        self._times = times
+        self._counts = counts
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._conn, name)
+        if name not in ("execute", "fetch", "fetchrow", "fetchval", "copy_records_to_table"):
+            return attr
+
+        async def timed(*args: Any, **kw: Any) -> Any:
+            key = "COPY" if name == "copy_records_to_table" else step_of(args[0])
+            t = time.perf_counter()
+            try:
+                return await attr(*args, **kw)
+            finally:
+                self._times[key] += time.perf_counter() - t
+                self._counts[key] += 1
+
+        return timed
+
+    def transaction(self, **kw: Any) -> Any:
+        times, tx = self._times, self._conn.transaction(**kw)
+
+        class Tx:
+            async def __aenter__(self) -> Any:
+                t = time.perf_counter()
+                await tx.__aenter__()
+                times["savepoint/begin"] += time.perf_counter() - t
+                return self
+
+            async def __aexit__(self, *exc: Any) -> Any:
+                t = time.perf_counter()
+                try:
+                    return await tx.__aexit__(*exc)
+                finally:
+                    times["commit/release"] += time.perf_counter() - t
+
+        return Tx()
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sessions", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--days", type=int, default=365)
+    ap.add_argument(
+        "--sorted",
+        action="store_true",
+        help="send in start order (as live gateways do) instead of random order",
+    )
+    ap.add_argument("--data-dir", type=Path, default=ROOT / ".bench-data-ingest")
+    args = ap.parse_args()
+    n = args.sessions
+    url = os.environ.get("DATABASE_URL", "")
+    embedded = None
+    if not url:
+        shutil.rmtree(args.data_dir, ignore_errors=True)
+        embedded = EmbeddedPostgres(args.data_dir)
+        url = embedded.start()
+    conn = await db.connect(url)
+    await migrate.migrate(conn)
+    await conn.execute("DROP TABLE IF EXISTS copy_baseline")
+    await conn.execute("CREATE TABLE copy_baseline (LIKE sessions INCLUDING ALL)")
+    raw = await asyncpg.connect(url)
+    pool = await db.create_pool(url, 1, 2, json_codec=False, name="ingest")
+    rng = random.Random(42)
+    now = datetime.now(UTC)
+    sessions = list(demo_sessions(rng, "bench", n, now, args.days))
+    if args.sorted:
+        sessions.sort(key=lambda s: s.start_date.ToDatetime())
+    order = "start order" if args.sorted else "random order"
+    print(f"data     {n:,} sessions per round over {args.days} days ({order}), one org per round; "
+          f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+    copy_rates: list[float] = []
+    rates: list[float] = []
+    times: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    walls: list[float] = []
+    try:
+        for r in range(args.rounds):
+            org_id = await auth.ensure_org(conn, f"bench-steps-{uuid.uuid4().hex[:8]}")
+            for s in sessions:
+                s.id = str(uuid.uuid4())
+            records = [item_from_proto(s, org_id, now).record() for s in sessions]
+            t = time.perf_counter()
+            await raw.copy_records_to_table(
+                "copy_baseline", records=records, columns=INGEST_COLUMNS
+            )
+            copy_rates.append(n / (time.perf_counter() - t))
+            del records
+
+            @contextlib.asynccontextmanager
+            async def opener() -> AsyncIterator[Any]:
+                async with pool.acquire() as c:
+                    timed = Timed(c, times, counts)
+                    async with timed.transaction():
+                        yield timed
+
+            t = time.perf_counter()
+            batch = IngestBatch.on_pool(opener, org_id, 600, actor="bench")
+            async with batch:
+                for s in sessions:
+                    await batch.add(s)
+                result = await batch.finish()
+            wall = time.perf_counter() - t
+            walls.append(wall)
+            assert result.written == n, result
+            rates.append(n / wall)
+            print(f"  round {r + 1}: raw COPY {copy_rates[-1]:>8,.0f}/s   ingest {rates[-1]:>8,.0f}/s"
+                  f"  ({rates[-1] / copy_rates[-1]:.0%})   load {os.getloadavg()[0]:.2f}")  # fmt: skip
+            sys.stdout.flush()
+        c, i = statistics.median(copy_rates), statistics.median(rates)
+        print(f"median   raw COPY {c:,.0f}/s, ingest {i:,.0f}/s = {i / c:.0%} of raw COPY")
+        total_sql = sum(times.values())
+        wall = sum(walls)
+        per = 1e6 / (n * args.rounds)
+        print(f"time per session (µs), all rounds: wall {wall * per:.1f}, SQL {total_sql * per:.1f} "
+              f"(the writer overlaps Python's validation of the next chunk)")  # fmt: skip
+        t = time.perf_counter()
+        items = [item_from_proto(s, org_id, now) for s in sessions]
+        validate = time.perf_counter() - t
+        t = time.perf_counter()
+        for it in items:
+            it.record()
+        record = time.perf_counter() - t
+        print(
+            f"  Python alone: validation {validate * 1e6 / n:.1f} µs/session, "
+            f"record building {record * 1e6 / n:.1f} µs/session"
+        )
+        for key, v in sorted(times.items(), key=lambda kv: -kv[1]):
+            print(
+                f"  {key:<40} {v * per:7.2f} µs/session  {counts.get(key, 0) / args.rounds:6.1f} calls/round"
+            )
+    finally:
+        await raw.execute("DROP TABLE IF EXISTS copy_baseline")
+        await raw.close()
+        await pool.close()
+        await conn.close()
+        if embedded is not None:
+            embedded.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
