@@ -212,6 +212,26 @@ def test_count_modes(stack: Stack, world: World) -> None:
     assert body["total"] == n
 
 
+def test_total_comes_with_an_empty_page(stack: Stack, world: World) -> None:
+    """The page and its total are read in one statement: a page past the end (no row) still
+    says how many sessions match, and a filter matching nothing says 0."""
+    n = len(world.specs)
+    for mode in ("exact", "capped"):
+        params: dict[str, Any] = {"offset": n, "count": mode}
+        body = stack.rest("GET", "/api/sessions", world.admin, params=params).json()
+        assert body["data"] == [] and body["has_next_page"] is False
+        assert body["total"] == n and body["total_is_capped"] is False
+        params = {"connection": "no-such-connection", "count": mode}
+        body = stack.rest("GET", "/api/sessions", world.admin, params=params).json()
+        assert body["data"] == [] and body["total"] == 0 and body["has_next_page"] is False
+    # The last page: its rows, in order, and the total beside them.
+    params = {"offset": n - 2, "limit": 5, "count": "exact"}
+    body = stack.rest("GET", "/api/sessions", world.admin, params=params).json()
+    everything = stack.rest("GET", "/api/sessions", world.admin, params={"limit": n}).json()
+    assert [s["id"] for s in body["data"]] == [s["id"] for s in everything["data"]][-2:]
+    assert body["total"] == n and body["has_next_page"] is False
+
+
 def test_list_has_script_size_but_not_script_get_has_script(stack: Stack, world: World) -> None:
     with_script = next(s for s in world.specs if s.script)
     listed = stack.rest("GET", "/api/sessions", world.admin, params={"correlation_id": "task-1"})

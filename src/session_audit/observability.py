@@ -42,11 +42,15 @@ log = logging.getLogger("session_audit.access")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def _meta(context: grpc.aio.ServicerContext, key: str) -> str | None:
+def _meta(context: grpc.aio.ServicerContext) -> tuple[str | None, str | None]:
+    """The x-request-id and traceparent metadata, in one pass over the call's metadata."""
+    rid = tp = None
     for k, v in context.invocation_metadata() or ():
-        if k == key:
-            return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
-    return None
+        if k == "x-request-id":
+            rid = v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+        elif k == "traceparent":
+            tp = v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+    return rid, tp
 
 
 def _code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
@@ -60,28 +64,51 @@ def _code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.
     return grpc.StatusCode.UNKNOWN
 
 
-class _Call:
-    """One RPC being observed."""
+class _Series:
+    """One method's labelled metric children, looked up once instead of on every call
+    (`labels()` validates, locks and hashes each time). Bounded: methods × status codes."""
 
     def __init__(self, kind: str, service: str, method: str) -> None:
         self.labels = (kind, service, method)
         self.full = f"/{service}/{method}"
+        self.started = metrics.GRPC_STARTED.labels(*self.labels)
+        self._ended: dict[str, tuple[Any, Any]] = {}
+
+    def ended(self, code: str) -> tuple[Any, Any]:
+        """(grpc_server_handled_total, grpc_server_handling_seconds) children for `code`."""
+        found = self._ended.get(code)
+        if found is None:
+            found = self._ended[code] = (
+                metrics.GRPC_HANDLED.labels(*self.labels, code),
+                metrics.GRPC_SECONDS.labels(*self.labels, code),
+            )
+        return found
+
+
+class _Call:
+    """One RPC being observed."""
+
+    __slots__ = ("call", "series", "start", "traceparent")
+
+    def __init__(self, series: _Series) -> None:
+        self.series = series
 
     def begin(self, context: grpc.aio.ServicerContext) -> None:
         self.start = time.perf_counter()
-        metrics.GRPC_STARTED.labels(*self.labels).inc()
-        self.call = logs.Call(logs.request_id(_meta(context, "x-request-id")))
-        self.traceparent = logs.traceparent(_meta(context, "traceparent"))
+        self.series.started.inc()
+        sent_id, sent_parent = _meta(context)
+        self.call = logs.Call(logs.request_id(sent_id))
+        self.traceparent = logs.traceparent(sent_parent)
         extra = {"traceparent": self.traceparent} if self.traceparent else {}
-        logs.bind_call(self.call, method=self.full, **extra)
+        logs.bind_call(self.call, method=self.series.full, **extra)
         context.set_trailing_metadata((("x-request-id", self.call.request_id),))
 
     def end(self, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
         seconds = time.perf_counter() - self.start
-        code = _code(context, exc)
-        name = code.name
-        metrics.GRPC_HANDLED.labels(*self.labels, name).inc()
-        metrics.GRPC_SECONDS.labels(*self.labels, name).observe(seconds)
+        name = _code(context, exc).name
+        handled, histogram = self.series.ended(name)
+        handled.inc()
+        histogram.observe(seconds)
         log.info("rpc", extra={"status": name, "duration_ms": round(seconds * 1000, 3)})
         logs.unbind_call()
 
@@ -92,6 +119,11 @@ def _split(full: str) -> tuple[str, str]:
 
 
 class Observer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self) -> None:
+        # method → (the handler it wrapped, the wrapper): built once per method, not per call
+        # (only methods with a handler get here, so the dict is bounded by the services).
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -100,31 +132,42 @@ class Observer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None:
             return handler
-        service, method = _split(details.method)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _unary(handler.unary_unary, "unary", service, method),
-                handler.request_deserializer, handler.response_serializer,
-            )  # fmt: skip
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _unary(handler.stream_unary, "client_stream", service, method),
-                handler.request_deserializer, handler.response_serializer,
-            )  # fmt: skip
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _streaming(handler.unary_stream, "server_stream", service, method),
-                handler.request_deserializer, handler.response_serializer,
-            )  # fmt: skip
-        return grpc.stream_stream_rpc_method_handler(
-            _streaming(handler.stream_stream, "bidi_stream", service, method),
+        hit = self._wrapped.get(details.method)
+        if hit is not None and hit[0] is handler:
+            return hit[1]
+        wrapped = _observed(handler, details.method)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
+
+
+def _observed(handler: Any, full: str) -> Any:
+    service, method = _split(full)
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _unary(handler.unary_unary, "unary", service, method),
             handler.request_deserializer, handler.response_serializer,
         )  # fmt: skip
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            _unary(handler.stream_unary, "client_stream", service, method),
+            handler.request_deserializer, handler.response_serializer,
+        )  # fmt: skip
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _streaming(handler.unary_stream, "server_stream", service, method),
+            handler.request_deserializer, handler.response_serializer,
+        )  # fmt: skip
+    return grpc.stream_stream_rpc_method_handler(
+        _streaming(handler.stream_stream, "bidi_stream", service, method),
+        handler.request_deserializer, handler.response_serializer,
+    )  # fmt: skip
 
 
 def _unary(behavior: Any, kind: str, service: str, method: str) -> Any:
+    series = _Series(kind, service, method)
+
     async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = _Call(kind, service, method)
+        call = _Call(series)
         call.begin(context)
         failure: BaseException | None = None
         try:
@@ -142,9 +185,10 @@ def _streaming(behavior: Any, kind: str, service: str, method: str) -> Any:
     if not inspect.isasyncgenfunction(behavior):
         # A handler that writes with context.write() and returns.
         return _unary(behavior, kind, service, method)
+    series = _Series(kind, service, method)
 
     async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        call = _Call(kind, service, method)
+        call = _Call(series)
         call.begin(context)
         failure: BaseException | None = None
         try:

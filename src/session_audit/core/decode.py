@@ -97,6 +97,10 @@ def _stream_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self) -> None:
+        # method → (the handler it wrapped, the wrapper): built once per method, not per call.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -105,13 +109,22 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None or not hasattr(handler, "_replace"):
             return handler
-        changes: dict[str, Any] = {"request_deserializer": _safe(handler.request_deserializer)}
-        if handler.unary_unary is not None:
-            changes["unary_unary"] = _unary(handler.unary_unary)
-        elif handler.unary_stream is not None:
-            changes["unary_stream"] = _unary_stream(handler.unary_stream)
-        elif handler.stream_unary is not None:
-            changes["stream_unary"] = _stream_unary(handler.stream_unary)
-        elif handler.stream_stream is not None:
-            changes["stream_stream"] = _stream_stream(handler.stream_stream)
-        return handler._replace(**changes)
+        hit = self._wrapped.get(details.method)
+        if hit is not None and hit[0] is handler:
+            return hit[1]
+        wrapped = _decoding(handler)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
+
+
+def _decoding(handler: Any) -> Any:
+    changes: dict[str, Any] = {"request_deserializer": _safe(handler.request_deserializer)}
+    if handler.unary_unary is not None:
+        changes["unary_unary"] = _unary(handler.unary_unary)
+    elif handler.unary_stream is not None:
+        changes["unary_stream"] = _unary_stream(handler.unary_stream)
+    elif handler.stream_unary is not None:
+        changes["stream_unary"] = _stream_unary(handler.stream_unary)
+    elif handler.stream_stream is not None:
+        changes["stream_stream"] = _stream_stream(handler.stream_stream)
+    return handler._replace(**changes)

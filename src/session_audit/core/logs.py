@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import uuid
 from collections.abc import Mapping
@@ -81,13 +82,13 @@ class Call:
 
 CALL: ContextVar[Call | None] = ContextVar("session_audit_call", default=None)
 
-_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+_ID = re.compile(r"[a-zA-Z0-9\-_.:]{1,128}")
 _HEX = frozenset("0123456789abcdef")
 
 
 def request_id(sent: str | None) -> str:
     """The caller's (Envoy's) x-request-id when it is a sane token, else a new one."""
-    if sent and len(sent) <= 128 and all(c in _ID_CHARS for c in sent):
+    if sent and _ID.fullmatch(sent):
         return sent
     return str(uuid.uuid4())
 

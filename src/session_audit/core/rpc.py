@@ -101,6 +101,8 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is un
         self.app = app
         # "/package.Service/Method" → (Method, its access)
         self._methods: dict[str, tuple[str, Access]] = {}
+        # method → (the handler it wrapped, the wrapper): built once per method, not per call.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     def register(self, service: ServiceDescriptor, servicer: object) -> None:
         for m in service.methods:
@@ -133,7 +135,14 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is un
         entry = self._methods.get(handler_call_details.method)
         if handler is None or entry is None:
             return handler
-        name, access = entry
+        hit = self._wrapped.get(handler_call_details.method)
+        if hit is not None and hit[0] is handler:
+            return hit[1]
+        wrapped = self._guarded(handler, *entry)
+        self._wrapped[handler_call_details.method] = (handler, wrapped)
+        return wrapped
+
+    def _guarded(self, handler: Any, name: str, access: Access) -> Any:
         h: Any = handler
         if h.unary_unary is not None:
             return h._replace(unary_unary=self._single(h.unary_unary, name, access, bound=True))

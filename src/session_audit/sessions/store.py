@@ -113,10 +113,20 @@ SELECT {LIST_COLUMNS}
  ORDER BY s.start_date DESC, s.id DESC
  LIMIT $limit OFFSET $offset
 """)  # noqa: S608
-COUNT_EXACT = Template("SELECT count(*) FROM sessions s WHERE $where")
+COUNT_EXACT = Template("SELECT count(*) AS n FROM sessions s WHERE $where")
 COUNT_CAPPED = Template(
-    f"SELECT count(*) FROM (SELECT 1 FROM sessions s WHERE $where LIMIT {COUNT_CAP + 1}) c"  # noqa: S608
+    f"SELECT count(*) AS n FROM (SELECT 1 FROM sessions s WHERE $where LIMIT {COUNT_CAP + 1}) c"  # noqa: S608
 )
+# The page and its total in ONE statement: one statement is one snapshot, so the total and the
+# page agree without a transaction (BEGIN, page, count, COMMIT were four round trips; this is
+# one). The count side is one row; the page is joined to it, so an empty page still brings
+# its total (one row whose page columns are all NULL).
+PAGE_AND_COUNT = Template("""
+SELECT c.n AS total__, p.*
+  FROM ($count) c
+  LEFT JOIN ($page) p ON true
+ ORDER BY p.start_date DESC, p.id DESC
+""")
 
 
 def filters_where(where: Where, f: Filters) -> Where:
@@ -155,24 +165,19 @@ async def list_sessions(conn: Conn, who: Principal, q: ListQuery, timeout: float
     matching = where.sql()
     if q.cursor is not None:
         where.add("(s.start_date, s.id) < ($start, $id)", start=q.cursor.start_date, id=q.cursor.id)
-    page_sql, page_args = PAGE(where=where.sql(), limit=q.limit + 1, offset=q.offset).render()
     if q.count == "none":
-        # One statement is its own snapshot: no transaction round trips.
+        page_sql, page_args = PAGE(where=where.sql(), limit=q.limit + 1, offset=q.offset).render()
         rows = await conn.fetch(page_sql, *page_args, timeout=timeout)
         return Page(rows[: q.limit], len(rows) > q.limit, None, False)
-    # One snapshot for the page and its total.
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        rows = await conn.fetch(page_sql, *page_args, timeout=timeout)
-        total: int | None = None
-        capped = False
-        if q.count == "exact":
-            count_sql, count_args = COUNT_EXACT(where=matching).render()
-            total = await conn.fetchval(count_sql, *count_args, timeout=timeout)
-        elif q.count == "capped":
-            count_sql, count_args = COUNT_CAPPED(where=matching).render()
-            n = await conn.fetchval(count_sql, *count_args, timeout=timeout)
-            capped = n > COUNT_CAP
-            total = min(n, COUNT_CAP)
+    count = (COUNT_EXACT if q.count == "exact" else COUNT_CAPPED)(where=matching)
+    page = PAGE(where=where.sql(), limit=q.limit + 1, offset=q.offset)
+    sql, args = PAGE_AND_COUNT(count=count, page=page).render()
+    rows = await conn.fetch(sql, *args, timeout=timeout)
+    n: int = rows[0]["total__"]
+    if rows[0]["id"] is None:  # no row on this page: only the total came back
+        rows = []
+    capped = q.count == "capped" and n > COUNT_CAP
+    total = min(n, COUNT_CAP) if q.count == "capped" else n
     return Page(rows[: q.limit], len(rows) > q.limit, total, capped)
 
 
