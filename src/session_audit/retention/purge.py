@@ -53,10 +53,25 @@ UPDATE retention_policies SET last_purge_at = $2
  WHERE org_id = $1 AND days IS NOT NULL
 RETURNING days
 """
+# Expired: ended before the cutoff, or still open and started before it (an ended session
+# started before it ended, so every expired row has start_date < cutoff). Batches go in
+# (start_date, id) order from where the last one stopped: a batch never walks again over the
+# index entries of rows deleted by the batches before it (dead until vacuum), nor over locked
+# expired rows, so a purge costs one pass over the org's rows older than the cutoff.
 EXPIRED = """
-SELECT id FROM sessions
- WHERE org_id = $1 AND NOT retention_locked
-   AND (end_date < $2 OR (end_date IS NULL AND start_date < $2))
+SELECT id, start_date FROM sessions
+ WHERE org_id = $1 AND NOT retention_locked AND start_date < $2
+   AND (end_date < $2 OR end_date IS NULL)
+ ORDER BY start_date, id
+ LIMIT $3
+   FOR UPDATE SKIP LOCKED
+"""
+EXPIRED_AFTER = """
+SELECT id, start_date FROM sessions
+ WHERE org_id = $1 AND NOT retention_locked AND start_date < $2
+   AND (end_date < $2 OR end_date IS NULL)
+   AND start_date >= $4 AND (start_date > $4 OR id > $5)
+ ORDER BY start_date, id
  LIMIT $3
    FOR UPDATE SKIP LOCKED
 """
@@ -97,14 +112,18 @@ async def purge_org(
         if days is None:
             return None
         result = PurgeResult(org_id, days, now - timedelta(days=days))
+        last: tuple[datetime, uuid.UUID] | None = None
         while True:
             async with conn.transaction():
-                ids = [
-                    r["id"]
-                    for r in await conn.fetch(
-                        EXPIRED, org_id, result.before, batch, timeout=timeout
+                if last is None:
+                    rows = await conn.fetch(EXPIRED, org_id, result.before, batch, timeout=timeout)
+                else:
+                    rows = await conn.fetch(
+                        EXPIRED_AFTER, org_id, result.before, batch, *last, timeout=timeout
                     )
-                ]
+                ids = [r["id"] for r in rows]
+                if rows:
+                    last = (rows[-1]["start_date"], rows[-1]["id"])
                 if ids:
                     await _delete_sessions(conn, org_id, ids, timeout)
                     await trail.record_sessions(
