@@ -58,8 +58,9 @@ def measure(n: int, days: int) -> dict[str, float]:
 
         async def flush(self, *, durable: bool = True) -> None:
             pending, self._pending, self._pending_items = self._pending, {}, 0
+            order = getattr(ingest, "_in_id_order", sorted)  # the writer's, in either tree
             self.records = [
-                ingest._fold(pending[sid].reports)[0].record() for sid in sorted(pending)
+                ingest._fold(pending[sid].reports)[0].record() for sid in order(pending)
             ]
 
     @contextlib.asynccontextmanager

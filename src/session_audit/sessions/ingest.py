@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import random
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -72,6 +73,13 @@ _LABELS = INGEST_COLUMNS.index("labels")
 _LOCK_LABEL = '"retention_locked"'
 
 AFTER_END = "start_date: after the session's end_date (stored or reported earlier)"
+# Session ids in lock order: UUID's own `<` is a Python call per comparison (~12 ms to sort a
+# chunk of 5,000); its `int` gives the same order with C comparisons.
+_ID_ORDER = operator.attrgetter("int")
+
+
+def _in_id_order(ids: Iterable[uuid.UUID]) -> list[uuid.UUID]:
+    return sorted(ids, key=_ID_ORDER)
 
 
 @dataclass
@@ -97,14 +105,14 @@ class IngestResult:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class _Report:
     index: int
     sent_id: str
     item: IngestItem
 
 
-@dataclass
+@dataclass(slots=True)
 class _Group:
     """The reports of one id in a chunk, in arrival order (none rejected so far)."""
 
@@ -153,6 +161,8 @@ def _changes_over(stored: dict[str, Any], reports: list[_Report]) -> list[bool]:
 def _fold(reports: list[_Report]) -> _Folded:
     """The reports merged in order, and whether each later one changed what the earlier left."""
     item = reports[0].item
+    if len(reports) == 1:
+        return item, [True]
     changed = [True]
     for r in reports[1:]:
         merged = merge_items(item, r.item)
@@ -383,7 +393,7 @@ class IngestBatch:
         self, conn: Conn, deltas: rollups.Deltas, pending: dict[uuid.UUID, _Group]
     ) -> _Outcome:
         # One lock order for everything: the session id.
-        ids = sorted(pending)
+        ids = _in_id_order(pending)
         out = _Outcome()
         # Most chunks are sessions never seen before: try the binary COPY first. It fails
         # fast (savepoint rolled back) when any id is already stored; then the chunk takes
@@ -412,7 +422,7 @@ class IngestBatch:
             existing = await store.lock_existing(conn, self.org_id, ids, self.timeout)
             out = _Outcome()
             fresh, known, kept = self._partition(pending, ids, existing, out)
-            records = [fresh[sid][0].record() for sid in sorted(fresh)]
+            records = [fresh[sid][0].record() for sid in _in_id_order(fresh)]
             if not fresh or await store.copy_new(conn, records, self.timeout):
                 break
         for _item, changed in fresh.values():
@@ -420,7 +430,7 @@ class IngestBatch:
         if self.maintain_rollups:
             await deltas.add_records(records)
         if known:
-            known_ids = sorted(known)
+            known_ids = _in_id_order(known)
             # Several reports of a stored session: which of them changed it is told by
             # applying them one by one to the stored row (rare: read it only then).
             several = [sid for sid in known_ids if len(known[sid][1]) > 1]

@@ -7,9 +7,8 @@ import math
 import operator
 import re
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import orjson
@@ -233,8 +232,10 @@ def _field_kind(f: Any) -> str:
 _RECORD = operator.itemgetter(*INGEST_COLUMNS)
 
 
-@dataclass(frozen=True)
-class IngestItem:
+class IngestItem(NamedTuple):
+    """One validated report (a NamedTuple: made per session, three times cheaper than a
+    frozen dataclass)."""
+
     id: uuid.UUID
     start_date: datetime
     end_date: datetime | None
@@ -511,7 +512,8 @@ def _fast_dict(msg: Any) -> dict[str, Any]:
 def _fast_item(s: pb.Session, org_id: uuid.UUID, now: datetime) -> IngestItem:
     """The same IngestItem as `_item_from_proto` for a valid session, in fewer steps; `_Slow`
     for anything the reference would reject (or that this path does not take)."""
-    has = s.HasField
+    dyn: Any = s  # fields picked by name below
+    has = dyn.HasField
     try:
         sid = uuid.UUID(s.id.strip())
     except ValueError:
@@ -526,27 +528,30 @@ def _fast_item(s: pb.Session, org_id: uuid.UUID, now: datetime) -> IngestItem:
     end = _fast_time(s.end_date) if has("end_date") else None
     if end is not None and end < start:
         raise _Slow
-    number = s.status
-    status = STATUS_NAMES.get(number)
+    status_number = s.status
+    status = STATUS_NAMES.get(status_number)
     explicit = status is not None
     if explicit:
         if (status == "done") != (end is not None):
             raise _Slow
-    elif number:
+    elif status_number:
         raise _Slow
     else:
         status = "done" if end is not None else "open"
-    number = s.verb
-    verb = VERB_NAMES.get(number)
-    if verb is None and number:
+    verb_number = s.verb
+    verb = VERB_NAMES.get(verb_number)
+    if verb is None and verb_number:
         raise _Slow
-    number = s.identity_type
-    identity = IDENTITY_NAMES.get(number)
-    if identity is None and number:
+    identity_number = s.identity_type
+    identity = IDENTITY_NAMES.get(identity_number)
+    if identity is None and identity_number:
         raise _Slow
     user_id, user, user_name = s.user_id, s.user, s.user_name
     connection, connection_type, subtype, role = (
-        s.connection, s.type, s.connection_subtype, s.role_name
+        s.connection,
+        s.type,
+        s.connection_subtype,
+        s.role_name,
     )
     for text in (user_id, user, user_name, connection, connection_type, subtype, role):
         if len(text) > MAX_NAME or "\x00" in text:
