@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import shutil
@@ -40,6 +41,25 @@ from session_audit.embedded import EmbeddedPostgres
 from session_audit.seed import demo_sessions
 from session_audit.sessions.ingest import IngestBatch
 from session_audit.sessions.rows import item_from_proto
+
+try:  # the loop watch (loopwatch.py) is there on main since issue 11
+    from session_audit.loopwatch import LoopWatch
+except ImportError:  # pragma: no cover
+    LoopWatch = None  # type: ignore[assignment,misc]
+
+
+class SlowSteps(logging.Handler):
+    """Collects the loop watch's slow steps: (CPU ms, what held the loop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        cpu = getattr(record, "step_cpu_ms", None)
+        if cpu is not None:
+            self.steps.append((float(cpu), str(getattr(record, "held_by", "?"))))
+
 
 STEPS = (
     ("CREATE TEMP", "delta tables"),
@@ -124,7 +144,16 @@ async def main() -> None:
         help="send in start order (as live gateways do) instead of random order",
     )
     ap.add_argument("--data-dir", type=Path, default=ROOT / ".bench-data-ingest")
+    ap.add_argument(
+        "--step-ms",
+        type=float,
+        default=5.0,
+        help="report event-loop steps of the ingest that held the loop's CPU longer than this",
+    )
     args = ap.parse_args()
+    slow = SlowSteps()
+    logging.getLogger("session_audit.loop").addHandler(slow)
+    logging.getLogger("session_audit.loop").propagate = False
     n = args.sessions
     url = os.environ.get("DATABASE_URL", "")
     embedded = None
@@ -171,6 +200,9 @@ async def main() -> None:
                     async with timed.transaction():
                         yield timed
 
+            watch = LoopWatch(args.step_ms / 1000) if LoopWatch is not None else None
+            if watch is not None:
+                watch.start()
             t = time.perf_counter()
             batch = IngestBatch.on_pool(opener, org_id, 600, actor="bench")
             async with batch:
@@ -178,6 +210,8 @@ async def main() -> None:
                     await batch.add(s)
                 result = await batch.finish()
             wall = time.perf_counter() - t
+            if watch is not None:
+                await watch.stop()
             walls.append(wall)
             assert result.written == n, result
             rates.append(n / wall)
@@ -186,6 +220,11 @@ async def main() -> None:
             sys.stdout.flush()
         c, i = statistics.median(copy_rates), statistics.median(rates)
         print(f"median   raw COPY {c:,.0f}/s, ingest {i:,.0f}/s = {i / c:.0%} of raw COPY")
+        steps = sorted(slow.steps, reverse=True)
+        print(f"event-loop steps over {args.step_ms:g} ms of CPU during ingest, all rounds: "
+              f"{len(steps)}" + (f", longest {steps[0][0]:.1f} ms" if steps else ""))  # fmt: skip
+        for cpu, held_by in steps[:5]:
+            print(f"  {cpu:6.1f} ms  {held_by[:150]}")
         total_sql = sum(times.values())
         wall = sum(walls)
         per = 1e6 / (n * args.rounds)
