@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import random
@@ -46,6 +47,21 @@ try:  # the loop watch (loopwatch.py) is there on main since issue 11
     from session_audit.loopwatch import LoopWatch
 except ImportError:  # pragma: no cover
     LoopWatch = None  # type: ignore[assignment,misc]
+
+
+class Collections:
+    """The garbage collector's passes (a pass holds the GIL, so the loop too): per generation,
+    how many and the longest, in ms."""
+
+    def __init__(self) -> None:
+        self.times: dict[int, list[float]] = defaultdict(list)
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.times[info["generation"]].append(1000 * (time.perf_counter() - self._t0))
 
 
 class SlowSteps(logging.Handler):
@@ -152,6 +168,7 @@ async def main() -> None:
     )
     args = ap.parse_args()
     slow = SlowSteps()
+    collections = Collections()
     logging.getLogger("session_audit.loop").addHandler(slow)
     logging.getLogger("session_audit.loop").propagate = False
     n = args.sessions
@@ -203,6 +220,7 @@ async def main() -> None:
             watch = LoopWatch(args.step_ms / 1000) if LoopWatch is not None else None
             if watch is not None:
                 watch.start()
+            gc.callbacks.append(collections)
             t = time.perf_counter()
             batch = IngestBatch.on_pool(opener, org_id, 600, actor="bench")
             async with batch:
@@ -210,6 +228,7 @@ async def main() -> None:
                     await batch.add(s)
                 result = await batch.finish()
             wall = time.perf_counter() - t
+            gc.callbacks.remove(collections)
             if watch is not None:
                 await watch.stop()
             walls.append(wall)
@@ -225,6 +244,9 @@ async def main() -> None:
               f"{len(steps)}" + (f", longest {steps[0][0]:.1f} ms" if steps else ""))  # fmt: skip
         for cpu, held_by in steps[:5]:
             print(f"  {cpu:6.1f} ms  {held_by[:150]}")
+        print("garbage collections during ingest, all rounds: " + ", ".join(
+            f"gen{g} {len(v)}× longest {max(v):.1f} ms" for g, v in sorted(collections.times.items())
+        ))  # fmt: skip
         total_sql = sum(times.values())
         wall = sum(walls)
         per = 1e6 / (n * args.rounds)
