@@ -424,6 +424,12 @@ def _fast_name(text: str) -> str:
     return text
 
 
+def _map_dict(m: Any) -> dict[str, str]:
+    """dict(m) of a map field, same order: dict() goes through the Mapping mixin's keys(),
+    2.5 times slower."""
+    return {key: m[key] for key in m}
+
+
 def _fast_struct(struct: struct_pb2.Struct, level: int) -> dict[str, Any]:
     """_plain of a Struct at nesting `level` (the outermost is 1), giving up on a non-finite
     number or deeper than MAX_JSON_DEPTH (so no json_depth pass afterwards). The common kinds
@@ -600,8 +606,8 @@ def _fast_item(s: pb.Session, org_id: uuid.UUID, now: datetime) -> IngestItem:
     guardrails = (
         _fast_text([_fast_dict(g) for g in s.guardrails_info]) if s.guardrails_info else None
     )
-    tags = _fast_text(dict(s.connection_tags)) if s.connection_tags else None
-    labels = _fast_text(dict(s.labels)) if s.labels else None
+    tags = _fast_text(_map_dict(s.connection_tags)) if s.connection_tags else None
+    labels = _fast_text(_map_dict(s.labels)) if s.labels else None
     free = [_fast_text(_fast_struct(getattr(s, c), 1)) if has(c) else None for c in _FREE_STRUCTS]
     stream = _fast_text(_fast_list(s.event_stream, 1)) if has("event_stream") else None
     # In INGEST_COLUMNS order (asserted below).
