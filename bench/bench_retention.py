@@ -4,6 +4,7 @@
     .venv/bin/python bench/bench_retention.py --old 200000 --fresh 400000
     .venv/bin/python bench/bench_retention.py --others 8000000 --fresh 1000000  # 1M of 10M
     .venv/bin/python bench/bench_retention.py --reuse --data-dir DIR    # beside another data set
+    .venv/bin/python bench/bench_retention.py --only-chain --chain-sessions 100000  # trail cost
 
 One run, one machine: a fresh embedded PostgreSQL in .bench-data-retention/ (`--data-dir`, or
 DATABASE_URL's server) and the real server process (background purge off). `--others N` first
@@ -167,6 +168,8 @@ async def main() -> None:
     ap.add_argument("--reuse", action="store_true",
                     help="add to the database in --data-dir instead of starting afresh "
                          "(e.g. bench_analytics' 10M set; its orgs are not purged)")  # fmt: skip
+    ap.add_argument("--only-chain", action="store_true",
+                    help="measure only the trail's ingest cost (with/without), then stop")
     args = ap.parse_args()
     data_dir = args.data_dir
     print(f"machine  {machine()}")
@@ -186,6 +189,8 @@ async def main() -> None:
         if args.others:
             await load_others(conn, args.others, 4, 365)
         await chain_cost(pool, conn, args.chain_sessions, 10)
+        if args.only_chain:
+            return
 
         org = f"purge-{uuid.uuid4().hex[:6]}"
         token = await auth.create_token(conn, org, "admin", "bench@bench.example")
