@@ -168,8 +168,11 @@ async def main() -> None:
     ap.add_argument("--reuse", action="store_true",
                     help="add to the database in --data-dir instead of starting afresh "
                          "(e.g. bench_analytics' 10M set; its orgs are not purged)")  # fmt: skip
-    ap.add_argument("--only-chain", action="store_true",
-                    help="measure only the trail's ingest cost (with/without), then stop")
+    ap.add_argument(
+        "--only-chain",
+        action="store_true",
+        help="measure only the trail's ingest cost (with/without), then stop",
+    )
     args = ap.parse_args()
     data_dir = args.data_dir
     print(f"machine  {machine()}")

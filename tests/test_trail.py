@@ -236,10 +236,14 @@ def test_item_and_entry_digests_follow_the_documented_definition(stack: Stack) -
     admin = stack.token(org, "admin")
     oid = org_id(stack, org)
     odd = Spec(
-        start=NOW - timedelta(hours=5), end=NOW - timedelta(hours=4), exit_code=-2147483648,
-        email='q"uo\\te\u00e9\U0001f600@example.com', review_status="APPROVED",
+        start=NOW - timedelta(hours=5),
+        end=NOW - timedelta(hours=4),
+        exit_code=-2147483648,
+        email='q"uo\\te\u00e9\U0001f600@example.com',
+        review_status="APPROVED",
         approvers=('a"b@example.com', "c\\d@example.com", "\u00fcber@example.com"),
-        script='select 1;\n\t"x"\\ \u2028 \x01 end', jira="AB-1",
+        script='select 1;\n\t"x"\\ \u2028 \x01 end',
+        jira="AB-1",
         redactions=(("EMAIL", 3, 70), ("PHONE", 0, 0)),
     ).to_proto()
     odd.metadata.update({"n": 1.5, "big": 1e300, "tiny": -2.5e-8, "zero": 0.0, "t": True,
