@@ -26,6 +26,8 @@ class RetentionConfig:
     tick: float
     # Sessions (or reports) deleted per transaction.
     batch: int
+    # Sessions a legal hold looks at per transaction while it locks what is stored.
+    hold_window: int = 20_000
     clock: Clock = system_clock
 
     @classmethod
@@ -37,4 +39,5 @@ class RetentionConfig:
             interval=interval,
             tick=min(interval, 60.0),
             batch=_int(env, "RETENTION_PURGE_BATCH", 1000, 1, 100_000),
+            hold_window=_int(env, "RETENTION_HOLD_WINDOW", 20_000, 1, 1_000_000),
         )
