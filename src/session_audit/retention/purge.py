@@ -31,7 +31,7 @@ from session_audit.analytics import rollups
 from session_audit.core import trail
 from session_audit.core.db import Conn
 from session_audit.retention import store
-from session_audit.retention.config import Clock
+from session_audit.retention.config import HOLD_WINDOW, Clock
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ async def purge_org(
     batch: int,
     timeout: float,
     claim: bool = True,
-    hold_window: int = 20_000,
+    hold_window: int = HOLD_WINDOW,
 ) -> PurgeResult | None:
     """One purge run of an org (None: not due, or another process claimed it, or the org
     keeps everything). `claim=False` runs at once (the CLI). A legal hold still locking what
@@ -188,7 +188,7 @@ async def run_due(
     interval: float,
     batch: int,
     timeout: float,
-    hold_window: int = 20_000,
+    hold_window: int = HOLD_WINDOW,
 ) -> list[PurgeResult]:
     """Finish the legal holds still locking what is stored (those whose request ran out of
     time), then purge every org that is due (each by exactly one of the processes running
@@ -223,7 +223,7 @@ class Purger:
         tick: float,
         batch: int,
         timeout: float,
-        hold_window: int = 20_000,
+        hold_window: int = HOLD_WINDOW,
     ) -> None:
         self.hold_window = hold_window
         self.pool = pool

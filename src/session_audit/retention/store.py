@@ -272,7 +272,7 @@ RETURNING session_id
 """)
 
 
-HOLD_WINDOW = Template("""
+MATCHED_IN_WINDOW = Template("""
 SELECT s.id FROM sessions s
  WHERE s.org_id = $org AND $scope AND $filter
  ORDER BY s.id
@@ -382,7 +382,7 @@ async def _apply_window(
         # The matching sessions first, locked in id order (as ingest locks them), then their
         # lock rows: an ingest writing one of them waits here, or we wait for it, never both.
         where = reports.session_filter(Where(), hold["query_filter"])
-        sql, args = HOLD_WINDOW(org=org_id, scope=_window(after, upto),
+        sql, args = MATCHED_IN_WINDOW(org=org_id, scope=_window(after, upto),
                                 filter=where.sql()).render()  # fmt: skip
         matched = [r["id"] for r in await conn.fetch(sql, *args, timeout=timeout)]
         await conn.execute(HOLD_LOCK_ROWS, org_id, hold_id, actor, matched, timeout=timeout)
