@@ -171,3 +171,49 @@ async def _new_hold(conn: db.Conn, oid: uuid.UUID, query_filter: str) -> int:
     """A hold made as the API makes it, before any window is applied."""
     who = auth.Principal(0, oid, "admin", "admin@x.example")
     return await store.create_hold(conn, who, "test", query_filter, [], 60)
+
+
+def test_the_first_window_waits_for_transactions_that_began_before_the_hold(
+    stack: Stack,
+) -> None:
+    """A session written by an ingest still open when the hold is made (it read the active holds
+    before the hold existed, so it does not lock) is not visible to the windows until it
+    commits: the hold waits for such transactions before its first window, instead of passing
+    the session by. (An ingest that already holds the org's trail head makes the hold itself
+    wait; this is the one between the two.)"""
+    org = stack.new_org("hset")
+    admin = stack.token(org, "admin")
+    oid = org_id(stack, org)
+    stack.ingest(admin, protos([Spec(start=NOW - timedelta(hours=2), email="ana@x.example")]))
+
+    async def go() -> tuple[store.Applied, store.Applied, str]:
+        writer = await db.connect(stack.dsn)
+        applier = await db.connect(stack.dsn)
+        try:
+            tx = writer.transaction()
+            await tx.start()
+            # An ingest between reading the active holds (before the hold below existed) and
+            # taking the org's trail head, last: its transaction id taken as on_ingest takes
+            # it, its session written (the columns a list needs), nothing locked, no commit.
+            await writer.execute(store.TAKE_XID)
+            sid = str(uuid.uuid4())
+            await writer.execute(
+                "INSERT INTO sessions (id, org_id, start_date, user_email, connection,"
+                " connection_type, connection_subtype, verb, status)"
+                " VALUES ($1, $2, now() - interval '1 hour', 'ana@x.example', 'pg', 'database',"
+                " 'postgres', 'exec', 'ready')", uuid.UUID(sid), oid)  # fmt: skip
+            hold = await _new_hold(applier, oid, ANA)
+            waited = await store.apply_hold(
+                applier, oid, hold, window=4, timeout=60, until=time.monotonic() + 0.5
+            )
+            await tx.commit()
+            done = await store.apply_hold(applier, oid, hold, window=4, timeout=60)
+            return waited, done, sid
+        finally:
+            await writer.close()
+            await applier.close()
+
+    waited, done, sid = run(go())
+    assert waited == store.Applied(False, 0)
+    assert done == store.Applied(True, 2)
+    assert sid in locked_ids(stack, org)

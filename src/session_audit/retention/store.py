@@ -4,6 +4,7 @@ transaction (no triggers: docs/retention.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -197,6 +198,16 @@ SELECT id FROM sessions WHERE org_id = $1 ORDER BY id OFFSET $2 LIMIT 1
 WINDOW_END_AFTER = """
 SELECT id FROM sessions WHERE org_id = $1 AND id > $3 ORDER BY id OFFSET $2 LIMIT 1
 """
+HOLD_STARTED = """
+SELECT applied_through IS NOT NULL FROM retention_holds
+ WHERE org_id = $1 AND id = $2 AND applying AND released_at IS NULL
+"""
+# A transaction id is the mark, taken in a transaction of its own: every transaction that held
+# an id before it has a lower one, and all of those have ended once the oldest still running is
+# not below the mark. (A snapshot's xmax would not do: ids above the last completed one are not
+# in its list, although they may be running.)
+TAKE_XID = "SELECT pg_current_xact_id()"
+SETTLED = "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::xid8"
 HOLD_APPLIED = """
 UPDATE retention_holds SET applied_through = $3, applying = $4, touched_at = now()
  WHERE org_id = $1 AND id = $2
@@ -358,11 +369,37 @@ async def apply_hold(
     """Lock the org's sessions the hold matches, one window of `window` sessions (in id order)
     per transaction, until every window is done or the monotonic clock passes `until`. Safe
     to run from several processes at once: each window takes the hold's row first."""
-    done = False
+    done = not await _settled(conn, org_id, hold_id, timeout, until)
+    if done:  # not settled yet: nothing applied, still applying
+        locked0: int = await conn.fetchval(HOLD_COUNT, org_id, hold_id, timeout=timeout)
+        return Applied(False, locked0)
     while not done and (until is None or time.monotonic() < until):
         done = await _apply_window(conn, org_id, hold_id, window, timeout)
     locked: int = await conn.fetchval(HOLD_COUNT, org_id, hold_id, timeout=timeout)
     return Applied(done, locked)
+
+
+async def _settled(
+    conn: Conn, org_id: uuid.UUID, hold_id: int, timeout: float, until: float | None
+) -> bool:
+    """Before the first window: wait until every transaction in progress now has ended. An
+    ingest that read the active holds before this one was made (and so will not lock what it
+    writes) is one of them, and the windows would not see its rows while it is uncommitted;
+    every later ingest sees the hold. (CREATE INDEX CONCURRENTLY waits the same way.) False
+    when time ran out first."""
+    started = await conn.fetchval(HOLD_STARTED, org_id, hold_id, timeout=timeout)
+    if started is not False:  # released, finished, or past its first window
+        return True
+    async with conn.transaction():
+        mark = await conn.fetchval(TAKE_XID, timeout=timeout)
+    give_up = (
+        time.monotonic() + timeout if until is None else min(until, time.monotonic() + timeout)
+    )
+    while not await conn.fetchval(SETTLED, mark, timeout=timeout):
+        if time.monotonic() >= give_up:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 async def _apply_window(
