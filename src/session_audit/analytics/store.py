@@ -1,10 +1,10 @@
 """SQL for the report, the histogram and the statistics. No protobuf here.
 
-Every answer is a sum over *pieces* of time (timebins.decompose): whole UTC months, days (and
-hours, for the dimension-less totals) are read from a rollup, the rest (what is left at the
-ends of a range, or everything when no rollup can answer) from the sessions table. One
-statement per question: the rollup parts (one per grain) and the base-table parts are UNION
-ALL-ed, each piece joined to its index range.
+Every answer is a sum over *pieces* of time (timebins.decompose): whole UTC months, weeks (the
+per-user rollup), days (and hours, for the dimension-less totals) are read from a rollup, the
+rest (what is left at the ends of a range, or everything when no rollup can answer) from the
+sessions table. One statement per question: the rollup parts (one per grain) and the
+base-table parts are UNION ALL-ed, each piece joined to its index range.
 
 Which source answers (`plan`):
   * the base table for `user` tokens (their own sessions: a small slice, index-scanned), for
@@ -33,7 +33,16 @@ from session_audit.analytics import rollups
 from session_audit.analytics.fields import BASE, CUBE, FIELDS, OUTCOMES, USER, VALUES
 from session_audit.analytics.q import Query, compile_q, exact_on
 from session_audit.analytics.requests import HistogramQuery, ReportQuery, StatsQuery
-from session_audit.analytics.timebins import EPOCH, HOUR, RAW, Piece, decompose, shorten
+from session_audit.analytics.timebins import (
+    EPOCH,
+    HOUR,
+    RAW,
+    WEEK,
+    Piece,
+    cheapest,
+    decompose,
+    shorten,
+)
 from session_audit.core.auth import ORG_READERS, Principal
 from session_audit.core.db import Conn
 from session_audit.core.errors import InvalidArgument
@@ -64,6 +73,9 @@ FINEST = {
     VALUES: rollups.VALUES.finest,
     OUTCOMES: rollups.OUTCOMES.finest,
 }
+# Sources whose rollup also keeps UTC weeks (read where a whole week lies in a piece and that
+# reads fewer rows than days and months: timebins.cheapest).
+WEEKLY = frozenset(s for s, f in ((USER, rollups.SESSIONS_USER),) if WEEK in f.grains)
 # Largest answer of the session report with group_by=id (items: session × info type).
 MAX_ID_ITEMS = 10_000
 
@@ -313,12 +325,12 @@ async def count(
     `open_at`, also those open at that moment, as the starts of bin BASELINE."""
     use_rollups = spec.source != BASE
     finest = _finest(spec)
+    weeks = finest != HOUR and spec.source in WEEKLY
     pieces: list[Piece] = []
     for lo, hi, b in intervals:
-        pieces += decompose(lo, hi, b, finest)
+        pieces += cheapest(lo, hi, b, finest, weeks)
     if open_at is not None and use_rollups:
-        pieces += decompose(EPOCH, open_at, BASELINE, finest)
-    pieces = shorten(pieces)
+        pieces += cheapest(EPOCH, open_at, BASELINE, finest, weeks)
     parts = []
     rolled = [x for x in pieces if x.grain != RAW]
     if rolled:
