@@ -266,6 +266,10 @@ def test_weeks_where_they_save_rows() -> None:
     assert tb.cheapest(utc(2026, 11, 16), utc(2026, 11, 23), 3, tb.DAY, weeks=True) == [
         tb.Piece(tb.WEEK, utc(2026, 11, 16), utc(2026, 11, 23), 3)
     ]
+    # A week across a month's end is still one week row (the month edge does not cut it).
+    assert tb.cheapest(utc(2026, 9, 28), utc(2026, 10, 5), 3, tb.DAY, weeks=True) == [
+        tb.Piece(tb.WEEK, utc(2026, 9, 28), utc(2026, 10, 5), 3)
+    ]
     # The same week without weeks in the rollup: seven days.
     assert tb.cheapest(utc(2026, 11, 16), utc(2026, 11, 23), 3, tb.DAY, weeks=False) == [
         tb.Piece(tb.DAY, utc(2026, 11, 16), utc(2026, 11, 23), 3)

@@ -299,9 +299,8 @@ def _split(lo: datetime, hi: datetime, b: int, levels: tuple[int, ...]) -> list[
     grain, finer = levels[0], levels[1:]
     inner_lo = _ceil(lo, grain)
     inner_hi = _floor(hi, grain)
-    if inner_lo > inner_hi:  # no boundary of this grain inside
+    if inner_lo >= inner_hi:  # no whole unit of this grain inside: the finer ones tile it
         return _split(lo, hi, b, finer)
-    # One boundary inside (inner_lo == inner_hi) still cuts the interval in two.
     left = _split(lo, inner_lo, b, finer) if lo < inner_lo else []
     right = _split(inner_hi, hi, b, finer) if inner_hi < hi else []
     middle = [Piece(grain, inner_lo, inner_hi, b)] if inner_lo < inner_hi else []
