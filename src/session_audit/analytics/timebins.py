@@ -307,6 +307,7 @@ def _split(lo: datetime, hi: datetime, b: int, levels: tuple[int, ...]) -> list[
     return [*left, *middle, *right]
 
 
+SHORT = timedelta(days=14)
 UNIT = {HOUR: timedelta(hours=1), DAY: timedelta(days=1), WEEK: timedelta(days=7)}
 
 
@@ -328,10 +329,14 @@ def cheapest(
     """The shortened pieces of [lo, hi) that read the fewest rows: with weeks when the rollup
     keeps them and they help (a calendar week is one row instead of seven days), else without
     (a 30-day window is cheaper as a month minus a few days than as weeks and days)."""
-    plain = shorten(decompose(lo, hi, bin_index, finest))
     if not weeks or finest is None or finest == HOUR:
-        return plain
+        return shorten(decompose(lo, hi, bin_index, finest))
     weekly = shorten(decompose(lo, hi, bin_index, finest, weeks=True))
+    if hi - lo <= SHORT or not any(p.grain == WEEK for p in weekly):
+        # Without a week piece the two are the same; and up to two weeks, days alone cannot
+        # use a month (that needs more than half of one), so weeks never read more.
+        return weekly
+    plain = shorten(decompose(lo, hi, bin_index, finest))
     return weekly if rows_per_value(weekly) < rows_per_value(plain) else plain
 
 
