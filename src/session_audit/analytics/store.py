@@ -152,7 +152,7 @@ def _values_sql(spec: CountSpec, src: str) -> list[str]:
 
 
 def _filters(spec: CountSpec, src: str, *, per_value: bool = False) -> Sql:
-    """The condition on rows of `src`; with `per_value`, the top value is the piece's `p.val`
+    """The condition on rows of `src`; with `per_value`, the top value is the one `u.val` read
     instead of any of `spec.top`."""
     cond = compile_q(spec.q, src)
     if src == VALUES:
@@ -162,7 +162,7 @@ def _filters(spec: CountSpec, src: str, *, per_value: bool = False) -> Sql:
     if spec.top is not None:
         top = FIELDS[spec.groups[0]].sql[src]
         if per_value:
-            cond += Sql(f" AND {top} = p.val")
+            cond += Sql(f" AND {top} = u.val")
         else:
             cond += q(f" AND {top} = any($top::text[])", top=list(spec.top))
     return cond
@@ -223,14 +223,16 @@ LONG_OR_OPEN = Template(
     "(s.end_date IS NULL OR s.end_date - s.start_date > interval '24 hours')"
     " AND s.start_date < $since"
 )
-# The top-N's per-bin counts per user: one piece per (time range, top user), each an equality
+# The top-N's per-bin counts per user: one read per (piece, top user) pair, each an equality
 # on the user and a range on the bucket: always the (org, grain, user, bucket) index
 # rollup_sessions_user_by_user. (With `user = any(top)` the planner read whole months of every
-# user through the primary key and filtered them.)
+# user through the primary key and filtered them.) Pieces and top users are sent as two arrays
+# and crossed by PostgreSQL: sending every pair cost more to encode and bind than to run.
 ROLLUP_PART_PER_VALUE = Template("""
 SELECT p.bin$cols, sum(r.starts * p.sign)::bigint AS starts, $ends AS ends
-  FROM unnest($lo::timestamptz[], $hi::timestamptz[], $bin::int[], $sign::int[], $val::text[])
-       AS p(lo, hi, bin, sign, val)
+  FROM unnest($lo::timestamptz[], $hi::timestamptz[], $bin::int[], $sign::int[])
+       AS p(lo, hi, bin, sign)
+ CROSS JOIN unnest($val::text[]) AS u(val)
  CROSS JOIN LATERAL (SELECT r.starts, r.ends$inner FROM $table r
         WHERE r.org_id = $org AND r.grain = $grain AND r.bucket >= p.lo AND r.bucket < p.hi
           AND $filters OFFSET 0) r
@@ -258,11 +260,8 @@ def _rollup_parts(spec: CountSpec, pieces: Sequence[Piece], table: str) -> list[
         )  # fmt: skip
         if per_value:
             assert spec.top is not None
-            n = len(spec.top)
             out.append(ROLLUP_PART_PER_VALUE(
-                lo=[x for x in lo for _ in range(n)], hi=[x for x in hi for _ in range(n)],
-                bin=[x for x in b for _ in range(n)], sign=[x for x in sign for _ in range(n)],
-                val=list(spec.top) * len(group), **common,
+                lo=lo, hi=hi, bin=b, sign=sign, val=list(spec.top), **common
             ))  # fmt: skip
         else:
             out.append(ROLLUP_PART(lo=lo, hi=hi, bin=b, sign=sign, **common))
