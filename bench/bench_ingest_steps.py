@@ -58,6 +58,7 @@ STEPS = (
     ("INSERT INTO trail_heads", "trail: lock head"),
     ("SELECT s.id AS session_id", "trail: digest rows"),
     ("INSERT INTO trail_items", "trail: items"),
+    ("WITH d AS MATERIALIZED ( SELECT s.id", "trail: digest rows + items"),
     ("WITH e AS", "trail: entry"),
 )  # fmt: skip
 

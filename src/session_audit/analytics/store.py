@@ -204,11 +204,14 @@ SELECT p.bin$cols, sum(r.starts * p.sign)::bigint AS starts, $ends AS ends
         WHERE r.org_id = $org AND r.grain = $grain AND r.bucket >= p.lo AND r.bucket < p.hi
           AND $filters OFFSET 0) r
  GROUP BY $positions""")
+# The same shape for the sessions table: a join let the planner read every session of the org
+# through the primary key and filter them when the filter looked selective to it (`q=role:x*`:
+# 650 ms for a 30-day window at 1M), instead of one range of sessions_org_start per piece.
 BASE_PART = Template("""
 SELECT p.bin$cols, $measures
   FROM unnest($lo::timestamptz[], $hi::timestamptz[], $bin::int[]) AS p(lo, hi, bin)
-  JOIN sessions s ON s.$column >= p.lo AND s.$column < p.hi
- WHERE $scope AND $filters
+ CROSS JOIN LATERAL (SELECT 1 AS one$inner FROM sessions s
+        WHERE $scope AND s.$column >= p.lo AND s.$column < p.hi AND $filters OFFSET 0) x
  GROUP BY $positions""")
 BASE_OPEN_AT = Template(f"""
 SELECT {BASELINE}$cols, count(*), 0
@@ -276,13 +279,15 @@ def _base_parts(spec: CountSpec, pieces: Sequence[Piece]) -> list[Sql]:
     if not pieces:
         return []
     _, lo, hi, b = _arrays(pieces)
-    cols, positions = _group_cols(_values_sql(spec, BASE))
+    values = _values_sql(spec, BASE)
+    cols, positions = _group_cols([f"x.v{i}" for i in range(len(values))])
+    inner = Sql("".join(f", {v} AS v{i}" for i, v in enumerate(values)))
     out = []
     for column, measures in _MEASURES.items():
         if column == "end_date" and not spec.ends:
             continue
         out.append(BASE_PART(
-            cols=cols, measures=measures, lo=lo, hi=hi, bin=b, column=Sql(column),
+            cols=cols, inner=inner, measures=measures, lo=lo, hi=hi, bin=b, column=Sql(column),
             scope=spec.who.scope(Where(), "s").sql(), filters=_filters(spec, BASE),
             positions=positions,
         ))  # fmt: skip
