@@ -238,9 +238,17 @@ def test_a_month_minus_its_missing_days() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(instants, instants, st.booleans())
-def test_pieces_with_weeks_tile_the_interval(a: datetime, b: datetime, short: bool) -> None:
-    lo, hi = min(a, b), max(a, b)
+@given(
+    instants,
+    st.one_of(
+        st.timedeltas(timedelta(0), timedelta(days=3)),
+        st.timedeltas(timedelta(0), timedelta(days=40)),
+        st.timedeltas(timedelta(0), timedelta(days=800)),
+    ),
+    st.booleans(),
+)
+def test_pieces_with_weeks_tile_the_interval(lo: datetime, length: timedelta, short: bool) -> None:
+    hi = lo + length
     pieces = tb.decompose(lo, hi, 7, tb.DAY, weeks=True)
     if short:
         pieces = tb.cheapest(lo, hi, 7, tb.DAY, weeks=True)
@@ -266,6 +274,12 @@ def test_weeks_where_they_save_rows() -> None:
     assert tb.cheapest(utc(2026, 11, 16), utc(2026, 11, 23), 3, tb.DAY, weeks=True) == [
         tb.Piece(tb.WEEK, utc(2026, 11, 16), utc(2026, 11, 23), 3)
     ]
+    # One day edge inside and no whole day: two raw remainders, each under a day.
+    assert [(p.grain, p.lo, p.hi) for p in tb.cheapest(
+        utc(2026, 1, 31, 5), utc(2026, 2, 1, 7), 0, tb.DAY, weeks=True)] == [
+        (tb.RAW, utc(2026, 1, 31, 5), utc(2026, 2, 1)),
+        (tb.RAW, utc(2026, 2, 1), utc(2026, 2, 1, 7)),
+    ]  # fmt: skip
     # A week across a month's end is still one week row (the month edge does not cut it).
     assert tb.cheapest(utc(2026, 9, 28), utc(2026, 10, 5), 3, tb.DAY, weeks=True) == [
         tb.Piece(tb.WEEK, utc(2026, 9, 28), utc(2026, 10, 5), 3)

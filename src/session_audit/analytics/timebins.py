@@ -299,7 +299,10 @@ def _split(lo: datetime, hi: datetime, b: int, levels: tuple[int, ...]) -> list[
     grain, finer = levels[0], levels[1:]
     inner_lo = _ceil(lo, grain)
     inner_hi = _floor(hi, grain)
-    if inner_lo >= inner_hi:  # no whole unit of this grain inside: the finer ones tile it
+    if inner_lo > inner_hi or (inner_lo == inner_hi and finer):
+        # No whole unit of this grain inside: the finer grains tile it (a week across a
+        # month's end stays one week). At the finest grain, one edge inside still cuts the
+        # interval in two, so each raw remainder is shorter than that grain.
         return _split(lo, hi, b, finer)
     left = _split(lo, inner_lo, b, finer) if lo < inner_lo else []
     right = _split(inner_hi, hi, b, finer) if inner_hi < hi else []
