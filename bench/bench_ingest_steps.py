@@ -46,6 +46,7 @@ STEPS = (
     ("WITH src AS MATERIALIZED (SELECT org_id, start_date, end_date, connection, connection_type",
      "rollups: capture"),
     ("INSERT INTO rollup_values", "rollups: apply rollup_values"),
+    ("INSERT INTO rollup_sessions_user ", "rollups: apply rollup_sessions_user"),
     ("INSERT INTO rollup_", "rollups: apply (other tables)"),
     ("COPY", "COPY sessions"),
     ("SAVEPOINT", "savepoint"),
