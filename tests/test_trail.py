@@ -11,11 +11,13 @@ import random
 import subprocess
 import sys
 import uuid
+from asyncio import sleep as asyncio_sleep
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from session_audit.core.db import connect as db_connect
 from tests.factories import Spec
-from tests.support import Stack
+from tests.support import Stack, run
 from tests.test_retention import ok, org_id, protos
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -278,3 +280,52 @@ def test_item_and_entry_digests_follow_the_documented_definition(stack: Stack) -
             h.update(sid.bytes + d)
         assert bytes(e["digest"]) == h.digest()
     assert verify(stack, admin)["ok"] is True
+
+
+def test_verify_runs_for_the_callers_deadline_not_the_query_cap(stack: Stack) -> None:
+    """Verify digests every live session (minutes for a large org): with QUERY_TIMEOUT_SECONDS=1
+    it still answers a caller that gave it 20 s, here while a lock keeps it waiting ~2.5 s."""
+    import threading
+    import time
+
+    import grpc
+
+    from session_audit.v1 import retention_pb2 as rpb
+    from session_audit.v1 import retention_pb2_grpc as rpb_grpc
+    from tests.support import ServerProcess, auth_md
+
+    org = stack.new_org("vdead")
+    admin = stack.token(org, "admin")
+    stack.ingest(admin, protos([Spec(start=NOW - timedelta(hours=1))]))
+    server = ServerProcess(stack.dsn, stack.server.workdir, env_extra={
+        "QUERY_TIMEOUT_SECONDS": "1", "RETENTION_PURGE": "0", "REPORT_SCHEDULER": "0"}).start()  # fmt: skip
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        async def go() -> None:
+            conn = await db_connect(stack.dsn)
+            try:
+                async with conn.transaction():
+                    await conn.execute("LOCK TABLE trail_entries IN ACCESS EXCLUSIVE MODE")
+                    locked.set()
+                    await asyncio_sleep(2.5)
+            finally:
+                await conn.close()
+
+        run(go())
+        release.set()
+
+    try:
+        t = threading.Thread(target=hold_lock)
+        t.start()
+        assert locked.wait(30)
+        with grpc.insecure_channel(server.target) as ch:
+            stub = rpb_grpc.RetentionServiceStub(ch)
+            t0 = time.monotonic()
+            reply = stub.VerifyTrail(rpb.VerifyTrailRequest(), metadata=auth_md(admin), timeout=20)
+            waited = time.monotonic() - t0
+        t.join()
+    finally:
+        server.stop()
+    assert reply.ok is True and release.is_set()
+    assert waited > 1.5  # it did wait for the lock, past the 1 s cap of other calls
