@@ -88,10 +88,12 @@ soak: $(STAMP) $(DESC)
 # (binaries from CITUS_PG_BIN, else built by ../shared/citus/build-citus), stopped afterwards.
 # Includes the router-plan check (tests/test_citus_router.py). See docs/scaling.md.
 CITUS_TESTS ?= tests/test_citus_router.py tests/test_sessions_list.py tests/test_sessions_ingest.py \
-               tests/test_analytics_api.py tests/test_analytics_rollups.py tests/test_reports_api.py \
+               tests/test_analytics_api.py tests/test_analytics_rollups.py tests/test_analytics_weeks.py \
+               tests/test_reports_api.py \
                tests/test_reports_downloads.py tests/test_reports_filters.py \
                tests/test_reports_scheduler.py tests/test_reports_crash.py tests/test_contract.py \
-               tests/test_instances.py tests/test_retention.py tests/test_trail.py
+               tests/test_instances.py tests/test_retention.py tests/test_trail.py \
+               tests/test_holds_batched.py
 test-citus: $(STAMP) $(DESC)
 	$(BIN)/python -m tests.citus_cluster run -- $(BIN)/pytest -p no:cacheprovider \
 	  --basetemp=.pytest-tmp-citus $(CITUS_TESTS)

@@ -82,6 +82,7 @@ STEPS = (
     ("WITH src AS MATERIALIZED (SELECT org_id, start_date, end_date, connection, connection_type",
      "rollups: capture"),
     ("INSERT INTO rollup_values", "rollups: apply rollup_values"),
+    ("INSERT INTO rollup_sessions_user ", "rollups: apply rollup_sessions_user"),
     ("INSERT INTO rollup_", "rollups: apply (other tables)"),
     ("COPY", "COPY sessions"),
     ("SAVEPOINT", "savepoint"),
@@ -93,6 +94,7 @@ STEPS = (
     ("INSERT INTO trail_heads", "trail: lock head"),
     ("SELECT s.id AS session_id", "trail: digest rows"),
     ("INSERT INTO trail_items", "trail: items"),
+    ("WITH d AS MATERIALIZED ( SELECT s.id", "trail: digest rows + items"),
     ("WITH e AS", "trail: entry"),
 )  # fmt: skip
 

@@ -4,6 +4,7 @@
     .venv/bin/python bench/bench_retention.py --old 200000 --fresh 400000
     .venv/bin/python bench/bench_retention.py --others 8000000 --fresh 1000000  # 1M of 10M
     .venv/bin/python bench/bench_retention.py --reuse --data-dir DIR    # beside another data set
+    .venv/bin/python bench/bench_retention.py --only-chain --chain-sessions 100000  # trail cost
 
 One run, one machine: a fresh embedded PostgreSQL in .bench-data-retention/ (`--data-dir`, or
 DATABASE_URL's server) and the real server process (background purge off). `--others N` first
@@ -17,6 +18,8 @@ fills the table with N sessions of four other orgs, generated in SQL as `bench_a
     `--old + --fresh`: duration and sessions/s, and the p50/p99 of a concurrent gRPC load
     (ingest batches of 100 and ListSessions first pages) during the purge next to the same
     load without it;
+  * a legal hold over every live session of the org (after the purge): how long the request
+    took and how long until every session was locked, with the same load's p50/p99 during it;
   * verify: the time for the purged org (its live sessions and entries), and for a chain of
     `--entries` entries (written directly, hashes computed as the service does).
 """
@@ -46,9 +49,12 @@ from bench.bench_analytics import load as load_others
 from bench.bench_sessions import machine, pct
 from session_audit.core import auth, db, migrate, trail
 from session_audit.embedded import EmbeddedPostgres
-from session_audit.retention import purge
+from session_audit.retention import purge, store
+from session_audit.retention.config import HOLD_WINDOW
 from session_audit.seed import demo_sessions
 from session_audit.sessions import ingest
+from session_audit.v1 import retention_pb2 as rpb
+from session_audit.v1 import retention_pb2_grpc as rpb_grpc
 from session_audit.v1 import sessions_pb2 as pb
 from session_audit.v1 import sessions_pb2_grpc as pb_grpc
 from tests.support import ServerProcess
@@ -167,6 +173,11 @@ async def main() -> None:
     ap.add_argument("--reuse", action="store_true",
                     help="add to the database in --data-dir instead of starting afresh "
                          "(e.g. bench_analytics' 10M set; its orgs are not purged)")  # fmt: skip
+    ap.add_argument(
+        "--only-chain",
+        action="store_true",
+        help="measure only the trail's ingest cost (with/without), then stop",
+    )
     args = ap.parse_args()
     data_dir = args.data_dir
     print(f"machine  {machine()}")
@@ -186,6 +197,8 @@ async def main() -> None:
         if args.others:
             await load_others(conn, args.others, 4, 365)
         await chain_cost(pool, conn, args.chain_sessions, 10)
+        if args.only_chain:
+            return
 
         org = f"purge-{uuid.uuid4().hex[:6]}"
         token = await auth.create_token(conn, org, "admin", "bench@bench.example")
@@ -234,6 +247,30 @@ async def main() -> None:
         print(f"         deleted {result.sessions:,} sessions in {took:.0f} s "
               f"({result.sessions / took:,.0f}/s, batches of 1000)")  # fmt: skip
         show("during purge", during)
+
+        # A legal hold over every session the org still has (the empty filter matches all):
+        # the request works through windows for up to ~24 s of its 30 s deadline, the rest is
+        # finished here as the retention task would.
+        live = await conn.fetchval("SELECT count(*) FROM sessions WHERE org_id = $1", org_id)
+        held: dict[str, list[float]] = {"ingest": [], "list": []}
+        stop = asyncio.Event()
+        task = asyncio.create_task(load(srv.target, token, stop, held))
+        channel = grpc.aio.insecure_channel(srv.target)
+        t0 = time.perf_counter()
+        reply = await rpb_grpc.RetentionServiceStub(channel).CreateHold(
+            rpb.CreateHoldRequest(reason="bench", query_filter=""),
+            metadata=(("authorization", f"Bearer {token}"),), timeout=30)  # fmt: skip
+        t_req = time.perf_counter() - t0
+        await store.apply_pending(conn, org_id, window=HOLD_WINDOW, timeout=600)
+        took = time.perf_counter() - t0
+        stop.set()
+        await task
+        await channel.close()
+        locked = await conn.fetchval(store.HOLD_COUNT, org_id, int(reply.id))
+        print(f"hold     over all {live:,} live sessions, windows of {HOLD_WINDOW:,}: the request answered in "
+              f"{t_req:.1f} s (locked {reply.locked:,}, applying={reply.applying}); all "
+              f"{locked:,} locked in {took:.0f} s ({locked / took:,.0f}/s)")  # fmt: skip
+        show("during hold", held)
 
         t0 = time.perf_counter()
         verdict = await trail.verify(conn, org_id, 3600)

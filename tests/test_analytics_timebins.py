@@ -232,3 +232,92 @@ def test_a_month_minus_its_missing_days() -> None:
         (tb.MONTH, utc(2026, 11, 1), utc(2026, 12, 1), 1),
         (tb.DAY, utc(2026, 11, 28), utc(2026, 12, 1), -1),
     ]
+
+
+# -- weeks (the per-user rollup keeps UTC ISO weeks) -------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    instants,
+    st.one_of(
+        st.timedeltas(timedelta(0), timedelta(days=3)),
+        st.timedeltas(timedelta(0), timedelta(days=40)),
+        st.timedeltas(timedelta(0), timedelta(days=800)),
+    ),
+    st.booleans(),
+)
+def test_pieces_with_weeks_tile_the_interval(lo: datetime, length: timedelta, short: bool) -> None:
+    hi = lo + length
+    pieces = tb.decompose(lo, hi, 7, tb.DAY, weeks=True)
+    if short:
+        pieces = tb.cheapest(lo, hi, 7, tb.DAY, weeks=True)
+    edges = sorted({lo, hi, *(p.lo for p in pieces), *(p.hi for p in pieces)})
+    for x, y in itertools.pairwise(edges):
+        signed = sum(p.sign for p in pieces if p.lo <= x and y <= p.hi)
+        assert signed == (1 if lo <= x and y <= hi else 0), (x, y, pieces)
+    for p in pieces:
+        if p.grain == tb.WEEK:
+            # Monday 00:00 UTC to Monday 00:00 UTC, whole weeks, inside the interval.
+            assert p.lo.weekday() == p.hi.weekday() == 0 and p.sign == 1
+            assert p.lo.time() == p.hi.time() == datetime.min.time()
+            assert lo <= p.lo and p.hi <= hi
+        if p.grain == tb.RAW:
+            assert p.hi - p.lo < timedelta(days=1)
+    # Never more rows than without weeks.
+    plain = tb.cheapest(lo, hi, 7, tb.DAY, weeks=False)
+    assert tb.rows_per_value(tb.cheapest(lo, hi, 7, tb.DAY, weeks=True)) <= tb.rows_per_value(plain)
+
+
+def test_weeks_where_they_save_rows() -> None:
+    # A UTC calendar week (Monday 2026-11-16): one week row instead of seven days.
+    assert tb.cheapest(utc(2026, 11, 16), utc(2026, 11, 23), 3, tb.DAY, weeks=True) == [
+        tb.Piece(tb.WEEK, utc(2026, 11, 16), utc(2026, 11, 23), 3)
+    ]
+    # One day edge inside and no whole day: two raw remainders, each under a day.
+    assert [(p.grain, p.lo, p.hi) for p in tb.cheapest(
+        utc(2026, 1, 31, 5), utc(2026, 2, 1, 7), 0, tb.DAY, weeks=True)] == [
+        (tb.RAW, utc(2026, 1, 31, 5), utc(2026, 2, 1)),
+        (tb.RAW, utc(2026, 2, 1), utc(2026, 2, 1, 7)),
+    ]  # fmt: skip
+    # A week across a month's end is still one week row (the month edge does not cut it).
+    assert tb.cheapest(utc(2026, 9, 28), utc(2026, 10, 5), 3, tb.DAY, weeks=True) == [
+        tb.Piece(tb.WEEK, utc(2026, 9, 28), utc(2026, 10, 5), 3)
+    ]
+    # The same week without weeks in the rollup: seven days.
+    assert tb.cheapest(utc(2026, 11, 16), utc(2026, 11, 23), 3, tb.DAY, weeks=False) == [
+        tb.Piece(tb.DAY, utc(2026, 11, 16), utc(2026, 11, 23), 3)
+    ]
+    # Three weeks and the days around them, from a Thursday to a Saturday.
+    assert [(p.grain, p.lo, p.hi) for p in tb.decompose(
+        utc(2026, 10, 1, 6), utc(2026, 10, 31), 0, tb.DAY, weeks=True)] == [
+        (tb.RAW, utc(2026, 10, 1, 6), utc(2026, 10, 2)),
+        (tb.DAY, utc(2026, 10, 2), utc(2026, 10, 5)),
+        (tb.WEEK, utc(2026, 10, 5), utc(2026, 10, 26)),
+        (tb.DAY, utc(2026, 10, 26), utc(2026, 10, 31)),
+    ]  # fmt: skip
+    # ... but 30 days are cheaper as a month minus a few days (7 rows) than as weeks and days
+    # (12): cheapest keeps the month.
+    assert tb.cheapest(utc(2026, 10, 29), utc(2026, 11, 28), 0, tb.DAY, weeks=True) == (
+        tb.shorten(tb.decompose(utc(2026, 10, 29), utc(2026, 11, 28), 0, tb.DAY))
+    )
+    # History before a Wednesday: months, the week days of the month before it, and days.
+    assert [(p.grain, p.lo, p.hi) for p in tb.cheapest(
+        tb.EPOCH, utc(2026, 3, 18), -1, tb.DAY, weeks=True)] == [
+        (tb.MONTH, tb.EPOCH, utc(2026, 3, 1)),
+        (tb.DAY, utc(2026, 3, 1), utc(2026, 3, 2)),
+        (tb.WEEK, utc(2026, 3, 2), utc(2026, 3, 16)),
+        (tb.DAY, utc(2026, 3, 16), utc(2026, 3, 18)),
+    ]  # fmt: skip
+
+
+def test_a_berlin_week_reads_no_utc_week() -> None:
+    """Weekly bins in Europe/Berlin start at Monday 00:00 local = Sunday 23:00 (22:00 in
+    summer) UTC: no whole UTC week lies inside, so the bin is read from UTC days and raw
+    hours, exactly."""
+    starts = tb.bin_starts(utc(2026, 3, 1), utc(2026, 4, 20), "week", BERLIN, 100)
+    for lo, hi in itertools.pairwise(starts):
+        pieces = tb.cheapest(lo, hi, 0, tb.DAY, weeks=True)
+        assert all(p.grain != tb.WEEK for p in pieces)
+        assert pieces == tb.cheapest(lo, hi, 0, tb.DAY, weeks=False)
+    assert starts[0] == utc(2026, 2, 22, 23) and starts[5] == utc(2026, 3, 29, 22)  # DST 03-29

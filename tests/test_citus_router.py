@@ -31,6 +31,7 @@ from session_audit.reports.generate import PENDING, PENDING_ORGS
 from session_audit.reports.scheduler import DUE_ORGS, tick
 from session_audit.reports.types import TYPES
 from session_audit.retention.purge import DUE as PURGE_DUE_ORGS
+from session_audit.retention.store import APPLYING as UNFINISHED_HOLDS
 from session_audit.sessions import store
 from tests.factories import T0, Spec
 from tests.report_reference import ok, wait_report
@@ -42,9 +43,11 @@ pytestmark = pytest.mark.skipif(
 
 APP = "router_check"
 # Statements that span orgs by design: listing which orgs have due or pending work (reports,
-# subscriptions, retention purges; no lock, one task per shard), before the per-org claims, and
-# the generation queue's depth for the metrics. Nothing else may.
-CROSS_ORG = {" ".join(q.split()) for q in (PENDING_ORGS, DUE_ORGS, PURGE_DUE_ORGS, PENDING)}
+# subscriptions, retention purges, unfinished legal holds; no lock, one task per shard), before
+# the per-org claims, and the generation queue's depth for the metrics. Nothing else may.
+CROSS_ORG = {
+    " ".join(q.split()) for q in (PENDING_ORGS, DUE_ORGS, PURGE_DUE_ORGS, PENDING, UNFINISHED_HOLDS)
+}
 LOGGED = re.compile(r"^\S+ \S+ \S+ \[\d+\] " + APP + r": LOG:  (?:execute [^:]*|statement): ")
 PARAMS = re.compile(r"\$(\d+) = (NULL|'(?:[^']|'')*')")
 SHARD = re.compile(r"\b[a-z_]+_1\d{5}\b")

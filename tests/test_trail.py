@@ -7,14 +7,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
 import uuid
+from asyncio import sleep as asyncio_sleep
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from session_audit.core.db import connect as db_connect
 from tests.factories import Spec
-from tests.support import Stack
+from tests.support import Stack, run
 from tests.test_retention import ok, org_id, protos
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -212,3 +215,117 @@ def test_trail_init_starts_the_trail_of_an_org_that_had_sessions_before(stack: S
     v = verify(stack, admin)
     assert v["ok"] is True and v["entries"] == 1
     assert [(e["kind"], e["items"]) for e in lines(stack, admin)[:-1]] == [("genesis", 5)]
+
+
+# The row digest as docs/retention.md defines it, written out here (not taken from the code).
+DOC_COLUMNS = (
+    "id, org_id, extract(epoch FROM start_date), extract(epoch FROM end_date), status, verb, "
+    "user_id, user_email, user_name, connection, connection_type, connection_subtype, "
+    "role_name, resource_name, identity_type, machine_identity_id, correlation_id, "
+    "session_batch_id, exit_code, event_size, script, script_size, review_status, "
+    "review_approvers, redactions, review, ai_analysis, guardrails_info, connection_tags, "
+    "integrations_metadata, labels, metadata, metrics, event_stream, retention_locked"
+)
+
+
+def test_item_and_entry_digests_follow_the_documented_definition(stack: Stack) -> None:
+    """Every stored item digest is SHA-256 of `jsonb_build_array(columns…)::text`, and every
+    entry's digest is SHA-256 over (id bytes || item digest) in id order — for values with
+    quotes, backslashes, control characters, non-ASCII, nested JSON, numbers and arrays."""
+    from session_audit.seed import demo_sessions
+
+    org = stack.new_org("digest")
+    admin = stack.token(org, "admin")
+    oid = org_id(stack, org)
+    odd = Spec(
+        start=NOW - timedelta(hours=5),
+        end=NOW - timedelta(hours=4),
+        exit_code=-2147483648,
+        email='q"uo\\te\u00e9\U0001f600@example.com',
+        review_status="APPROVED",
+        approvers=('a"b@example.com', "c\\d@example.com", "\u00fcber@example.com"),
+        script='select 1;\n\t"x"\\ \u2028 \x01 end',
+        jira="AB-1",
+        redactions=(("EMAIL", 3, 70), ("PHONE", 0, 0)),
+    ).to_proto()
+    odd.metadata.update({"n": 1.5, "big": 1e300, "tiny": -2.5e-8, "zero": 0.0, "t": True,
+                         "nested": {"k\"ey": ["\u00e9", None, 7.0, {"": ""}]}})  # fmt: skip
+    odd.labels.update({"retention_locked": "no", "\u00e9": "\n"})
+    plain = Spec(start=NOW - timedelta(hours=3)).to_proto()  # no end, no JSON, no approvers
+    rng = random.Random(5)
+    demo = list(demo_sessions(rng, org, 40, NOW, 3))
+    stack.ingest(admin, [odd, plain, *demo])
+    ok(stack.rest("PUT", f"/api/sessions/{plain.id}/retention_lock", admin,
+                  json={"locked": True, "reason": "x"}))  # fmt: skip
+
+    rows = stack.sql(
+        f"SELECT s.id, sha256(convert_to(jsonb_build_array({DOC_COLUMNS})::text, 'UTF8')) AS d"
+        " FROM sessions s WHERE s.org_id = $1", oid)  # fmt: skip
+    expected = {r["id"]: bytes(r["d"]) for r in rows}
+    assert len(expected) == 42
+    items = stack.sql("SELECT seq, session_id, digest FROM trail_items WHERE org_id = $1"
+                      " ORDER BY seq", oid)  # fmt: skip
+    latest = {r["session_id"]: bytes(r["digest"]) for r in items}
+    assert latest == expected
+
+    by_seq: dict[int, list[tuple[uuid.UUID, bytes]]] = {}
+    for r in items:
+        by_seq.setdefault(r["seq"], []).append((r["session_id"], bytes(r["digest"])))
+    entries = stack.sql("SELECT seq, kind, items, digest FROM trail_entries WHERE org_id = $1"
+                        " AND items > 0 ORDER BY seq", oid)  # fmt: skip
+    assert [(e["kind"], e["items"]) for e in entries] == [("ingest", 42), ("lock", 1)]
+    for e in entries:
+        h = hashlib.sha256()
+        for sid, d in sorted(by_seq[e["seq"]], key=lambda x: x[0].bytes):
+            h.update(sid.bytes + d)
+        assert bytes(e["digest"]) == h.digest()
+    assert verify(stack, admin)["ok"] is True
+
+
+def test_verify_runs_for_the_callers_deadline_not_the_query_cap(stack: Stack) -> None:
+    """Verify digests every live session (minutes for a large org): with QUERY_TIMEOUT_SECONDS=1
+    it still answers a caller that gave it 20 s, here while a lock keeps it waiting ~2.5 s."""
+    import threading
+    import time
+
+    import grpc
+
+    from session_audit.v1 import retention_pb2 as rpb
+    from session_audit.v1 import retention_pb2_grpc as rpb_grpc
+    from tests.support import ServerProcess, auth_md
+
+    org = stack.new_org("vdead")
+    admin = stack.token(org, "admin")
+    stack.ingest(admin, protos([Spec(start=NOW - timedelta(hours=1))]))
+    server = ServerProcess(stack.dsn, stack.server.workdir, env_extra={
+        "QUERY_TIMEOUT_SECONDS": "1", "RETENTION_PURGE": "0", "REPORT_SCHEDULER": "0"}).start()  # fmt: skip
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        async def go() -> None:
+            conn = await db_connect(stack.dsn)
+            try:
+                async with conn.transaction():
+                    await conn.execute("LOCK TABLE trail_entries IN ACCESS EXCLUSIVE MODE")
+                    locked.set()
+                    await asyncio_sleep(2.5)
+            finally:
+                await conn.close()
+
+        run(go())
+        release.set()
+
+    try:
+        t = threading.Thread(target=hold_lock)
+        t.start()
+        assert locked.wait(30)
+        with grpc.insecure_channel(server.target) as ch:
+            stub = rpb_grpc.RetentionServiceStub(ch)
+            t0 = time.monotonic()
+            reply = stub.VerifyTrail(rpb.VerifyTrailRequest(), metadata=auth_md(admin), timeout=20)
+            waited = time.monotonic() - t0
+        t.join()
+    finally:
+        server.stop()
+    assert reply.ok is True and release.is_set()
+    assert waited > 1.5  # it did wait for the lock, past the 1 s cap of other calls

@@ -293,6 +293,7 @@ def retention_purge(org_name: str | None) -> None:
                 r = await purge.purge_org(
                     pool, org_id, datetime.now(UTC), interval=settings.interval,
                     batch=settings.batch, timeout=600.0, claim=False,
+                    hold_window=settings.hold_window,
                 )  # fmt: skip
                 if r is None:
                     lines.append(f"{name}: no retention policy (keeps everything)")

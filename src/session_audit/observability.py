@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 from prometheus_client.registry import REGISTRY
 
 from session_audit.core import logs, metrics
+from session_audit.core.interceptor import WrapOnce
 
 log = logging.getLogger("session_audit.access")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -118,26 +119,9 @@ def _split(full: str) -> tuple[str, str]:
     return service or "unknown", method or "unknown"
 
 
-class Observer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self) -> None:
-        # method → (the handler it wrapped, the wrapper): built once per method, not per call
-        # (only methods with a handler get here, so the dict is bounded by the services).
-        self._wrapped: dict[str, tuple[Any, Any]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        hit = self._wrapped.get(details.method)
-        if hit is not None and hit[0] is handler:
-            return hit[1]
-        wrapped = _observed(handler, details.method)
-        self._wrapped[details.method] = (handler, wrapped)
-        return wrapped
+class Observer(WrapOnce):
+    def wrap(self, method: str, handler: Any) -> Any | None:
+        return _observed(handler, method)
 
 
 def _observed(handler: Any, full: str) -> Any:

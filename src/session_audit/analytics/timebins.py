@@ -8,15 +8,19 @@ begins has 23 hours and one on which it ends 25. A local midnight that does not 
 zone whose DST starts at 00:00) starts at the first instant after the gap; an ambiguous one
 at its first occurrence.
 
-Pieces: rollups hold UTC hours (some), days and months. `decompose` cuts an interval into the
-largest aligned UTC pieces that fit (months inside, then days, then hours when the rollup has
-them) and leaves the rest — less than an hour, or a day, at either end — as raw pieces for
-the base table.
+Pieces: rollups hold UTC hours (some), days, weeks (some) and months. `decompose` cuts an
+interval into the largest aligned UTC pieces that fit (months inside, then weeks when the
+rollup has them, then days, then hours when the rollup has them) and leaves the rest — less
+than an hour, or a day, at either end — as raw pieces for the base table. A piece is only
+ever a whole UTC unit inside the interval, so a bin in any zone is exact: a week of
+Europe/Berlin (Monday 00:00 local, Sunday 23:00 UTC) holds no whole UTC week and is read as
+UTC days plus raw hours, like before weeks existed.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 
@@ -29,7 +33,7 @@ FIXED = {"second": timedelta(seconds=1), "minute": timedelta(minutes=1), "hour":
 # The earliest instant a piece starts at ("all of history before T").
 EPOCH = datetime(1, 1, 1, tzinfo=UTC)
 
-HOUR, DAY, MONTH = 1, 2, 3  # rollup grains as stored
+HOUR, DAY, MONTH, WEEK = 1, 2, 3, 4  # rollup grains as stored (WEEK: ISO, from Monday 00:00 UTC)
 RAW = 0  # a piece the rollups cannot answer: read the base table
 
 _ISO = re.compile(
@@ -248,6 +252,10 @@ def _floor(t: datetime, grain: int) -> datetime:
         return t.replace(minute=0, second=0, microsecond=0)
     if grain == DAY:
         return t.replace(hour=0, minute=0, second=0, microsecond=0)
+    if grain == WEEK:
+        # EPOCH (0001-01-01) is a Monday, so no floor leaves the calendar.
+        day = t.replace(hour=0, minute=0, second=0, microsecond=0)
+        return day - timedelta(days=day.weekday())
     return t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
@@ -261,35 +269,78 @@ def _ceil(t: datetime, grain: int) -> datetime:
         return datetime.max.replace(tzinfo=UTC)  # no aligned piece beyond the time domain
     if grain == DAY:
         return f + timedelta(days=1)
+    if grain == WEEK:
+        return f + timedelta(days=7)
     nxt = add_months(f.date(), 1)
     return datetime(nxt.year, nxt.month, 1, tzinfo=UTC)
 
 
-def decompose(lo: datetime, hi: datetime, bin_index: int, finest: int | None = HOUR) -> list[Piece]:
-    """Cut [lo, hi) into aligned UTC months, days and (if `finest` is HOUR) hours, and raw
-    remainders at each end. With `finest` None, the whole interval is one raw piece."""
+def decompose(
+    lo: datetime, hi: datetime, bin_index: int, finest: int | None = HOUR, weeks: bool = False
+) -> list[Piece]:
+    """Cut [lo, hi) into aligned UTC months, weeks (if `weeks`), days and (if `finest` is HOUR)
+    hours, and raw remainders at each end. With `finest` None, the whole interval is one raw
+    piece."""
     if hi <= lo:
         return []
     if finest is None:
         return [Piece(RAW, lo, hi, bin_index)]
-    return _split(lo, hi, bin_index, MONTH, finest)
+    levels = [g for g in (MONTH, WEEK, DAY, HOUR) if g != WEEK or weeks]
+    return _split(lo, hi, bin_index, tuple(levels[: levels.index(finest) + 1]))
 
 
-def _split(lo: datetime, hi: datetime, b: int, grain: int, finest: int) -> list[Piece]:
-    """Pieces of [lo, hi): the `grain`-aligned middle, the sides split at finer grains."""
+def _split(lo: datetime, hi: datetime, b: int, levels: tuple[int, ...]) -> list[Piece]:
+    """Pieces of [lo, hi): the `levels[0]`-aligned middle, the sides split at the finer
+    levels."""
     if hi <= lo:
         return []
-    if grain < finest:
+    if not levels:
         return [Piece(RAW, lo, hi, b)]
+    grain, finer = levels[0], levels[1:]
     inner_lo = _ceil(lo, grain)
     inner_hi = _floor(hi, grain)
-    if inner_lo > inner_hi:  # no boundary of this grain inside
-        return _split(lo, hi, b, grain - 1, finest)
-    # One boundary inside (inner_lo == inner_hi) still cuts the interval in two.
-    left = _split(lo, inner_lo, b, grain - 1, finest) if lo < inner_lo else []
-    right = _split(inner_hi, hi, b, grain - 1, finest) if inner_hi < hi else []
+    if inner_lo > inner_hi or (inner_lo == inner_hi and finer):
+        # No whole unit of this grain inside: the finer grains tile it (a week across a
+        # month's end stays one week). At the finest grain, one edge inside still cuts the
+        # interval in two, so each raw remainder is shorter than that grain.
+        return _split(lo, hi, b, finer)
+    left = _split(lo, inner_lo, b, finer) if lo < inner_lo else []
+    right = _split(inner_hi, hi, b, finer) if inner_hi < hi else []
     middle = [Piece(grain, inner_lo, inner_hi, b)] if inner_lo < inner_hi else []
     return [*left, *middle, *right]
+
+
+SHORT = timedelta(days=14)
+UNIT = {HOUR: timedelta(hours=1), DAY: timedelta(days=1), WEEK: timedelta(days=7)}
+
+
+def rows_per_value(pieces: Sequence[Piece]) -> int:
+    """How many rollup rows the pieces read per value of a dimension (a proxy for their cost:
+    each read of a piece walks that many rows per value, or per top value one index range)."""
+    n = 0
+    for p in pieces:
+        if p.grain == MONTH:
+            n += (p.hi.year - p.lo.year) * 12 + p.hi.month - p.lo.month
+        elif p.grain != RAW:
+            n += -(-(p.hi - p.lo) // UNIT[p.grain])
+    return n
+
+
+def cheapest(
+    lo: datetime, hi: datetime, bin_index: int, finest: int | None, weeks: bool
+) -> list[Piece]:
+    """The shortened pieces of [lo, hi) that read the fewest rows: with weeks when the rollup
+    keeps them and they help (a calendar week is one row instead of seven days), else without
+    (a 30-day window is cheaper as a month minus a few days than as weeks and days)."""
+    if not weeks or finest is None or finest == HOUR:
+        return shorten(decompose(lo, hi, bin_index, finest))
+    weekly = shorten(decompose(lo, hi, bin_index, finest, weeks=True))
+    if hi - lo <= SHORT or not any(p.grain == WEEK for p in weekly):
+        # Without a week piece the two are the same; and up to two weeks, days alone cannot
+        # use a month (that needs more than half of one), so weeks never read more.
+        return weekly
+    plain = shorten(decompose(lo, hi, bin_index, finest))
+    return weekly if rows_per_value(weekly) < rows_per_value(plain) else plain
 
 
 def _next(t: datetime, grain: int) -> datetime:

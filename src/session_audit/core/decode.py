@@ -9,11 +9,13 @@ before any handler code runs (for client streams, when the bad message is reache
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+
+from session_audit.core.interceptor import WrapOnce
 
 _TYPE_NAME = re.compile(r" with type '[^']*'")
 
@@ -96,25 +98,9 @@ def _stream_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self) -> None:
-        # method → (the handler it wrapped, the wrapper): built once per method, not per call.
-        self._wrapped: dict[str, tuple[Any, Any]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or not hasattr(handler, "_replace"):
-            return handler
-        hit = self._wrapped.get(details.method)
-        if hit is not None and hit[0] is handler:
-            return hit[1]
-        wrapped = _decoding(handler)
-        self._wrapped[details.method] = (handler, wrapped)
-        return wrapped
+class DecodeGuard(WrapOnce):
+    def wrap(self, method: str, handler: Any) -> Any | None:
+        return _decoding(handler) if hasattr(handler, "_replace") else None
 
 
 def _decoding(handler: Any) -> Any:

@@ -41,6 +41,7 @@ from session_audit.core.app import App
 from session_audit.core.auth import Principal, authenticate
 from session_audit.core.db import request_deadline
 from session_audit.core.errors import ServiceError, status_for, within
+from session_audit.core.interceptor import WrapOnce
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +95,14 @@ async def abort_for(context: grpc.aio.ServicerContext, method: str, exc: Excepti
 _PASS = (grpc.aio.AbortError, asyncio.CancelledError)
 
 
-class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is untyped
+class Guard(WrapOnce):
     """Authentication and error mapping for every method of the registered services."""
 
     def __init__(self, app: App) -> None:
+        super().__init__()
         self.app = app
         # "/package.Service/Method" → (Method, its access)
         self._methods: dict[str, tuple[str, Access]] = {}
-        # method → (the handler it wrapped, the wrapper): built once per method, not per call.
-        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     def register(self, service: ServiceDescriptor, servicer: object) -> None:
         for m in service.methods:
@@ -126,21 +126,9 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is un
         # copy of the context; every guarded call sets the value before its method runs.
         _CALLER.set(principal)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        entry = self._methods.get(handler_call_details.method)
-        if handler is None or entry is None:
-            return handler
-        hit = self._wrapped.get(handler_call_details.method)
-        if hit is not None and hit[0] is handler:
-            return hit[1]
-        wrapped = self._guarded(handler, *entry)
-        self._wrapped[handler_call_details.method] = (handler, wrapped)
-        return wrapped
+    def wrap(self, method: str, handler: Any) -> Any | None:
+        entry = self._methods.get(method)
+        return None if entry is None else self._guarded(handler, *entry)
 
     def _guarded(self, handler: Any, name: str, access: Access) -> Any:
         h: Any = handler

@@ -43,13 +43,23 @@ _TIMES = frozenset({"start_date", "end_date"})
 
 
 def _digest_part(col: str) -> str:
-    # Times as exact epoch seconds (a text form would follow the session's TimeZone).
-    return f"extract(epoch FROM s.{col})" if col in _TIMES else f"s.{col}"
+    # Times as exact epoch seconds (a text form would follow the session's TimeZone); the
+    # array column through to_jsonb, so its elements are separated by ", " as jsonb prints them.
+    if col in _TIMES:
+        return f"extract(epoch FROM s.{col})"
+    if col in _ARRAYS:
+        return f"to_jsonb(s.{col})"
+    return f"s.{col}"
 
 
-# The digest of a stored session (alias `s`): every column ingest writes, and the lock.
+_ARRAYS = frozenset({"review_approvers"})
+
+# The digest of a stored session (alias `s`): SHA-256 of the JSON array of every column ingest
+# writes and the lock. The text is the one `jsonb_build_array(…)::text` gives (what the trail
+# was first written with; tests/test_trail.py checks the two agree on every kind of value),
+# built with json_build_array, which is ~20% cheaper per row.
 ROW_DIGEST = (
-    "sha256(convert_to(jsonb_build_array("
+    "sha256(convert_to(json_build_array("
     + ", ".join(_digest_part(c) for c in (*INGEST_COLUMNS, "retention_locked"))
     + ")::text, 'UTF8'))"
 )
@@ -68,22 +78,30 @@ WITH e AS (
 )
 UPDATE trail_heads SET seq = $2, hash = $11 WHERE org_id = $1
 """
-# Items are read, then written: Citus cannot plan INSERT … SELECT … RETURNING into
-# trail_items ("missing FROM-clause entry"), and both steps stay router queries.
-DIGESTS_OF_SESSIONS = f"""
-SELECT s.id AS session_id, {ROW_DIGEST} AS digest
-  FROM sessions s
- WHERE s.org_id = $1 AND s.id = any($2::uuid[])
-"""  # noqa: S608 - ROW_DIGEST is built from code constants
-DIGESTS_OF_ORG = f"""
-SELECT s.id AS session_id, {ROW_DIGEST} AS digest
-  FROM sessions s
- WHERE s.org_id = $1 AND NOT (s.id = any($2::uuid[]))
-"""  # noqa: S608
-INSERT_ITEMS = """
-INSERT INTO trail_items (org_id, seq, session_id, digest)
-SELECT $1, $2, x.id, x.digest FROM unnest($3::uuid[], $4::bytea[]) AS x(id, digest)
-"""
+
+
+def _write_items_sql(match: str) -> str:
+    """Digest the org's sessions `match` selects ($3: ids), store them as entry $2's items and
+    return their count and the entry's digest (items_digest's definition, in SQL): one
+    statement, nothing per row travels to Python."""
+    return f"""
+WITH d AS MATERIALIZED (
+    SELECT s.id, {ROW_DIGEST} AS digest
+      FROM sessions s
+     WHERE s.org_id = $1 AND {match}
+), w AS (
+    INSERT INTO trail_items (org_id, seq, session_id, digest)
+    SELECT $1, $2, d.id, d.digest FROM d
+)
+SELECT count(*) AS n,
+       sha256(coalesce(string_agg(uuid_send(d.id) || d.digest, ''::bytea ORDER BY d.id),
+                       ''::bytea)) AS digest
+  FROM d
+"""  # noqa: S608 - ROW_DIGEST and `match` are code constants
+
+
+ITEMS_OF_SESSIONS = _write_items_sql("s.id = any($3::uuid[])")
+ITEMS_OF_ORG = _write_items_sql("NOT (s.id = any($3::uuid[]))")
 ITEMS_DELETED = """
 INSERT INTO trail_items (org_id, seq, session_id, digest)
 SELECT $1, $2, x, NULL FROM unnest($3::uuid[]) x
@@ -213,32 +231,23 @@ class Head:
             await self.conn.execute(
                 ITEMS_DELETED, self.org_id, seq, list(ids), timeout=self.timeout
             )
-            items: list[tuple[uuid.UUID, bytes | None]] = [(i, None) for i in ids]
+            n, digest = len(ids), items_digest([(i, None) for i in ids])
         else:
-            items = await _write_items(
-                self.conn, self.org_id, seq, DIGESTS_OF_SESSIONS, list(ids), self.timeout
+            n, digest = await _write_items(
+                self.conn, self.org_id, seq, ITEMS_OF_SESSIONS, list(ids), self.timeout
             )
-        if not items:
+        if not n:
             return None
-        return await self.add(actor, kind, "sessions", (), items_digest(items), len(items))
+        return await self.add(actor, kind, "sessions", (), digest, n)
 
 
 async def _write_items(
     conn: Conn, org_id: uuid.UUID, seq: int, query: str, ids: list[uuid.UUID], timeout: float
-) -> list[tuple[uuid.UUID, bytes | None]]:
-    """Digest the sessions `query` selects and store them as entry `seq`'s items."""
-    rows = await conn.fetch(query, org_id, ids, timeout=timeout)
-    items: list[tuple[uuid.UUID, bytes | None]] = [(r["session_id"], r["digest"]) for r in rows]
-    if items:
-        await conn.execute(
-            INSERT_ITEMS,
-            org_id,
-            seq,
-            [i for i, _ in items],
-            [d for _, d in items],
-            timeout=timeout,
-        )
-    return items
+) -> tuple[int, bytes]:
+    """Store the sessions `query` selects as entry `seq`'s items: (how many, their digest)."""
+    row = await conn.fetchrow(query, org_id, seq, ids, timeout=timeout)
+    assert row is not None  # an aggregate without GROUP BY returns one row
+    return int(row["n"]), bytes(row["digest"])
 
 
 async def lock_head(
@@ -251,8 +260,8 @@ async def lock_head(
     assert row is not None  # INSERT … ON CONFLICT DO UPDATE returns its row
     head = Head(conn, org_id, row["seq"], row["hash"], timeout)
     if row["created"]:
-        items = await _write_items(conn, org_id, 1, DIGESTS_OF_ORG, list(covered), timeout)
-        await head.add("service", "genesis", "sessions", (), items_digest(items), len(items))
+        n, digest = await _write_items(conn, org_id, 1, ITEMS_OF_ORG, list(covered), timeout)
+        await head.add("service", "genesis", "sessions", (), digest, n)
     return head
 
 

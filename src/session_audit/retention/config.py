@@ -10,6 +10,9 @@ from datetime import UTC, datetime
 from session_audit.core.config import _int
 
 Clock = Callable[[], datetime]
+# Sessions a legal hold looks at per transaction: a window's row locks, and the moment the
+# org's trail head is held for its entry, stay as short as an ingest chunk's.
+HOLD_WINDOW = 5000
 
 
 def system_clock() -> datetime:
@@ -26,6 +29,8 @@ class RetentionConfig:
     tick: float
     # Sessions (or reports) deleted per transaction.
     batch: int
+    # Sessions a legal hold looks at per transaction while it locks what is stored.
+    hold_window: int = HOLD_WINDOW
     clock: Clock = system_clock
 
     @classmethod
@@ -37,4 +42,5 @@ class RetentionConfig:
             interval=interval,
             tick=min(interval, 60.0),
             batch=_int(env, "RETENTION_PURGE_BATCH", 1000, 1, 100_000),
+            hold_window=_int(env, "RETENTION_HOLD_WINDOW", HOLD_WINDOW, 1, 1_000_000),
         )

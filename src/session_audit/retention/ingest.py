@@ -22,5 +22,9 @@ async def on_ingest(
     `labelled`: see store.lock_arrived (None: any of `ids` may be labelled)."""
     if not ids:
         return
+    # A transaction id on this server before the active holds are read: a hold made meanwhile
+    # waits for this transaction before its first window (store._settled). PostgreSQL gave
+    # one at the first write already; a Citus coordinator gives none for router writes.
+    await conn.execute(store.TAKE_XID, timeout=timeout)
     await store.lock_arrived(conn, org_id, actor, ids, timeout, labelled)
     await trail.record_sessions(conn, org_id, actor, "ingest", ids, timeout)

@@ -31,7 +31,7 @@ from session_audit.analytics import rollups
 from session_audit.core import trail
 from session_audit.core.db import Conn
 from session_audit.retention import store
-from session_audit.retention.config import Clock
+from session_audit.retention.config import HOLD_WINDOW, Clock
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,11 @@ async def purge_org(
     batch: int,
     timeout: float,
     claim: bool = True,
+    hold_window: int = HOLD_WINDOW,
 ) -> PurgeResult | None:
     """One purge run of an org (None: not due, or another process claimed it, or the org
-    keeps everything). `claim=False` runs at once (the CLI)."""
+    keeps everything). `claim=False` runs at once (the CLI). A legal hold still locking what
+    is stored is finished before any session is deleted (checked again at every batch)."""
     async with pool.acquire() as conn:
         if claim:
             days = await conn.fetchval(CLAIM, org_id, now, interval, timeout=timeout)
@@ -114,7 +116,10 @@ async def purge_org(
         result = PurgeResult(org_id, days, now - timedelta(days=days))
         last: tuple[datetime, uuid.UUID] | None = None
         while True:
+            await store.apply_pending(conn, org_id, window=hold_window, timeout=timeout)
             async with conn.transaction():
+                if await conn.fetchval(store.ANY_APPLYING, org_id, timeout=timeout):
+                    continue  # a hold made meanwhile: finish it first
                 if last is None:
                     rows = await conn.fetch(EXPIRED, org_id, result.before, batch, timeout=timeout)
                 else:
@@ -177,13 +182,29 @@ async def purge_org(
 
 
 async def run_due(
-    pool: asyncpg.Pool, now: datetime, *, interval: float, batch: int, timeout: float
+    pool: asyncpg.Pool,
+    now: datetime,
+    *,
+    interval: float,
+    batch: int,
+    timeout: float,
+    hold_window: int = HOLD_WINDOW,
 ) -> list[PurgeResult]:
-    """Purge every org that is due (each by exactly one of the processes running this)."""
+    """Finish the legal holds still locking what is stored (those whose request ran out of
+    time), then purge every org that is due (each by exactly one of the processes running
+    this)."""
+    async with pool.acquire() as conn:
+        await store.apply_pending(conn, None, window=hold_window, timeout=timeout)
     done = []
     for row in await pool.fetch(DUE, now, timeout=timeout):
         r = await purge_org(
-            pool, row["org_id"], now, interval=interval, batch=batch, timeout=timeout
+            pool,
+            row["org_id"],
+            now,
+            interval=interval,
+            batch=batch,
+            timeout=timeout,
+            hold_window=hold_window,
         )
         if r is not None:
             done.append(r)
@@ -202,7 +223,9 @@ class Purger:
         tick: float,
         batch: int,
         timeout: float,
+        hold_window: int = HOLD_WINDOW,
     ) -> None:
+        self.hold_window = hold_window
         self.pool = pool
         self.clock = clock
         self.interval = interval
@@ -220,6 +243,7 @@ class Purger:
                     interval=self.interval,
                     batch=self.batch,
                     timeout=self.timeout,
+                    hold_window=self.hold_window,
                 )
             except asyncio.CancelledError:
                 raise

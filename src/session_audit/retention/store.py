@@ -4,7 +4,9 @@ transaction (no triggers: docs/retention.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from session_audit.core import trail
 from session_audit.core.auth import Principal
 from session_audit.core.db import Conn
 from session_audit.core.errors import InvalidArgument, NotFound
-from session_audit.core.sql import TRUE, Template, Where, q
+from session_audit.core.sql import TRUE, Sql, Template, Where, q
 
 MAX_DAYS = 36_500
 MAX_REASON = 1000
@@ -179,9 +181,53 @@ async def set_lock(
 # -- holds ------------------------------------------------------------------------------------
 
 NEW_HOLD = """
-INSERT INTO retention_holds (org_id, reason, query_filter, report_ids, created_by)
-VALUES ($1, $2, $3, $4, $5)
+INSERT INTO retention_holds (org_id, reason, query_filter, report_ids, created_by, applying)
+VALUES ($1, $2, $3, $4, $5, true)
 RETURNING id
+"""
+# The hold row, locked for one window of its application (a release waits for the window).
+HOLD_TO_APPLY = """
+SELECT query_filter, applied_through, created_by FROM retention_holds
+ WHERE org_id = $1 AND id = $2 AND applying AND released_at IS NULL
+   FOR UPDATE
+"""
+# The end of the next window: the `$3`-th session id after the last window (NULL: the rest).
+WINDOW_END = """
+SELECT id FROM sessions WHERE org_id = $1 ORDER BY id OFFSET $2 LIMIT 1
+"""
+WINDOW_END_AFTER = """
+SELECT id FROM sessions WHERE org_id = $1 AND id > $3 ORDER BY id OFFSET $2 LIMIT 1
+"""
+HOLD_STARTED = """
+SELECT applied_through IS NOT NULL FROM retention_holds
+ WHERE org_id = $1 AND id = $2 AND applying AND released_at IS NULL
+"""
+# A transaction id is the mark, taken in a transaction of its own: every transaction that held
+# an id before it has a lower one, and all of those have ended once the oldest still running is
+# not below the mark. (A snapshot's xmax would not do: ids above the last completed one are not
+# in its list, although they may be running.)
+TAKE_XID = "SELECT pg_current_xact_id()"
+SETTLED = "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::xid8"
+HOLD_APPLIED = """
+UPDATE retention_holds SET applied_through = $3, applying = $4, touched_at = now()
+ WHERE org_id = $1 AND id = $2
+"""
+HOLD_COUNT = """
+SELECT count(*) FROM retention_locks WHERE org_id = $1 AND hold_id = $2
+"""
+# Holds left unfinished: no window applied for `$1` seconds (the request that made the hold
+# gave up, or its process died); a request still working on its hold is left alone.
+APPLYING = """
+SELECT org_id, id FROM retention_holds
+ WHERE applying AND released_at IS NULL AND touched_at < now() - make_interval(secs => $1)
+ ORDER BY id LIMIT 100
+"""
+LEFT_AFTER = 30.0
+ANY_APPLYING = """
+SELECT EXISTS (SELECT 1 FROM retention_holds WHERE org_id = $1 AND applying AND released_at IS NULL)
+"""
+APPLYING_IN_ORG = """
+SELECT id FROM retention_holds WHERE org_id = $1 AND applying AND released_at IS NULL ORDER BY id
 """
 RELEASE_HOLD = """
 UPDATE retention_holds SET released_at = now(), released_by = $3
@@ -189,7 +235,7 @@ UPDATE retention_holds SET released_at = now(), released_by = $3
 RETURNING id
 """
 ACTIVE_HOLDS = """
-SELECT h.id, h.reason, h.query_filter, h.report_ids, h.created_by, h.created_at,
+SELECT h.id, h.reason, h.query_filter, h.report_ids, h.created_by, h.created_at, h.applying,
        (SELECT count(*) FROM retention_locks l WHERE l.org_id = h.org_id AND l.hold_id = h.id)
            AS locked
   FROM retention_holds h
@@ -237,6 +283,19 @@ RETURNING session_id
 """)
 
 
+MATCHED_IN_WINDOW = Template("""
+SELECT s.id FROM sessions s
+ WHERE s.org_id = $org AND $scope AND $filter
+ ORDER BY s.id
+   FOR UPDATE OF s
+""")
+HOLD_LOCK_ROWS = """
+INSERT INTO retention_locks (org_id, hold_id, session_id, locked_by)
+SELECT $1, $2, x, $3 FROM unnest($4::uuid[]) x
+ON CONFLICT DO NOTHING
+"""
+
+
 def hold_match_sql(
     org_id: uuid.UUID, hold_id: int, actor: str, query_filter: str,
     ids: list[uuid.UUID] | None = None,
@@ -247,6 +306,16 @@ def hold_match_sql(
     scope = TRUE if ids is None else q("s.id = any($ids::uuid[])", ids=ids)
     return HOLD_MATCH(hold=hold_id, actor=actor, org=org_id, scope=scope,
                       filter=where.sql()).render()  # fmt: skip
+
+
+def _window(after: uuid.UUID | None, upto: uuid.UUID | None) -> Sql:
+    """The org's sessions with after < id <= upto (open ends: no bound)."""
+    w = Where()
+    if after is not None:
+        w.add("s.id > $after", after=after)
+    if upto is not None:
+        w.add("s.id <= $upto", upto=upto)
+    return w.sql()
 
 
 def parse_report_ids(raw: Sequence[str]) -> list[int]:
@@ -265,27 +334,117 @@ async def create_hold(
     query_filter: str,
     report_ids: list[int],
     timeout: float,
-) -> tuple[int, int]:
-    """Returns (hold id, sessions it holds)."""
+) -> int:
+    """Make the hold (active, applying: from now on every ingest locks what it matches) with
+    its audit row and trail entry, in one short transaction; `apply_hold` then locks what the
+    org already has. Returns the hold id."""
     reports.canonical_filter(query_filter)  # a bad filter is a 400 before anything is written
     async with conn.transaction():
-        hold_id = await conn.fetchval(
+        hold_id: int = await conn.fetchval(
             NEW_HOLD, who.org_id, reason, query_filter, report_ids, who.email, timeout=timeout
         )
-        sql, args = hold_match_sql(who.org_id, hold_id, who.email, query_filter)
-        held = [r["session_id"] for r in await conn.fetch(sql, *args, timeout=timeout)]
-        changed = [r["id"] for r in await conn.fetch(LOCK_HELD, who.org_id, held, timeout=timeout)]
-        content = {
-            "reason": reason,
-            "query_filter": query_filter,
-            "report_ids": report_ids,
-            "locked": len(held),
-        }
+        content = {"reason": reason, "query_filter": query_filter, "report_ids": report_ids}
         await audit(conn, who, "create", "hold", str(hold_id), content, timeout)
-        head = await trail.lock_head(conn, who.org_id, timeout)
-        await head.add(who.email, "create", "hold", [str(hold_id)], trail.content_digest(content))
-        await head.add_sessions(who.email, "lock", changed)
-    return hold_id, len(held)
+        await trail.record(
+            conn, who.org_id, who.email, "create", "hold", [str(hold_id)], content, timeout
+        )
+    return hold_id
+
+
+@dataclass(frozen=True)
+class Applied:
+    done: bool  # every window applied (or the hold is released / gone)
+    locked: int  # sessions the hold holds now
+
+
+async def apply_hold(
+    conn: Conn,
+    org_id: uuid.UUID,
+    hold_id: int,
+    *,
+    window: int,
+    timeout: float,
+    until: float | None = None,
+) -> Applied:
+    """Lock the org's sessions the hold matches, one window of `window` sessions (in id order)
+    per transaction, until every window is done or the monotonic clock passes `until`. Safe
+    to run from several processes at once: each window takes the hold's row first."""
+    done = not await _settled(conn, org_id, hold_id, timeout, until)
+    if done:  # not settled yet: nothing applied, still applying
+        locked0: int = await conn.fetchval(HOLD_COUNT, org_id, hold_id, timeout=timeout)
+        return Applied(False, locked0)
+    while not done and (until is None or time.monotonic() < until):
+        done = await _apply_window(conn, org_id, hold_id, window, timeout)
+    locked: int = await conn.fetchval(HOLD_COUNT, org_id, hold_id, timeout=timeout)
+    return Applied(done, locked)
+
+
+async def _settled(
+    conn: Conn, org_id: uuid.UUID, hold_id: int, timeout: float, until: float | None
+) -> bool:
+    """Before the first window: wait until every transaction in progress now has ended. An
+    ingest that read the active holds before this one was made (and so will not lock what it
+    writes) is one of them, and the windows would not see its rows while it is uncommitted;
+    every later ingest sees the hold. (CREATE INDEX CONCURRENTLY waits the same way.) False
+    when time ran out first."""
+    started = await conn.fetchval(HOLD_STARTED, org_id, hold_id, timeout=timeout)
+    if started is not False:  # released, finished, or past its first window
+        return True
+    async with conn.transaction():
+        mark = await conn.fetchval(TAKE_XID, timeout=timeout)
+    give_up = (
+        time.monotonic() + timeout if until is None else min(until, time.monotonic() + timeout)
+    )
+    while not await conn.fetchval(SETTLED, mark, timeout=timeout):
+        if time.monotonic() >= give_up:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def _apply_window(
+    conn: Conn, org_id: uuid.UUID, hold_id: int, window: int, timeout: float
+) -> bool:
+    """One window in one transaction; True when it was the last (or nothing is left to do)."""
+    async with conn.transaction():
+        hold = await conn.fetchrow(HOLD_TO_APPLY, org_id, hold_id, timeout=timeout)
+        if hold is None:
+            return True
+        after: uuid.UUID | None = hold["applied_through"]
+        if after is None:
+            upto = await conn.fetchval(WINDOW_END, org_id, window - 1, timeout=timeout)
+        else:
+            upto = await conn.fetchval(WINDOW_END_AFTER, org_id, window - 1, after, timeout=timeout)
+        actor = hold["created_by"]
+        # The matching sessions first, locked in id order (as ingest locks them), then their
+        # lock rows: an ingest writing one of them waits here, or we wait for it, never both.
+        where = reports.session_filter(Where(), hold["query_filter"])
+        sql, args = MATCHED_IN_WINDOW(org=org_id, scope=_window(after, upto),
+                                filter=where.sql()).render()  # fmt: skip
+        matched = [r["id"] for r in await conn.fetch(sql, *args, timeout=timeout)]
+        await conn.execute(HOLD_LOCK_ROWS, org_id, hold_id, actor, matched, timeout=timeout)
+        changed = [r["id"] for r in await conn.fetch(LOCK_HELD, org_id, matched, timeout=timeout)]
+        last = upto is None
+        await conn.execute(HOLD_APPLIED, org_id, hold_id, upto, not last, timeout=timeout)
+        await trail.record_sessions(conn, org_id, actor, "lock", changed, timeout)
+    return last
+
+
+async def apply_pending(
+    conn: Conn, org_id: uuid.UUID | None, *, window: int, timeout: float
+) -> int:
+    """Finish the holds still being applied: every one of the org's, or (org None) those of
+    every org that nobody has worked on for LEFT_AFTER seconds. Returns how many."""
+    if org_id is None:
+        rows = [
+            (r["org_id"], r["id"]) for r in await conn.fetch(APPLYING, LEFT_AFTER, timeout=timeout)
+        ]
+    else:
+        rows = [(org_id, r["id"]) for r in await conn.fetch(APPLYING_IN_ORG, org_id,
+                                                             timeout=timeout)]  # fmt: skip
+    for org, hold_id in rows:
+        await apply_hold(conn, org, hold_id, window=window, timeout=timeout)
+    return len(rows)
 
 
 async def list_holds(conn: Conn | asyncpg.Pool, org_id: uuid.UUID, timeout: float) -> list[Any]:

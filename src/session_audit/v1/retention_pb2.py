@@ -28,7 +28,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n session_audit/v1/retention.proto\x12\x10session_audit.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"C\n\x11RetentionJsonBody\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\"\x1b\n\x19GetRetentionPolicyRequest\"7\n\x19SetRetentionPolicyRequest\x12\x11\n\x04\x64\x61ys\x18\x01 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_days\"7\n\x0fRetentionPolicy\x12$\n\x04\x64\x61ys\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\"E\n\x17SetRetentionLockRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06locked\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\":\n\rRetentionLock\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06locked\x18\x02 \x01(\x08\x12\r\n\x05holds\x18\x03 \x03(\t\"M\n\x11\x43reateHoldRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x14\n\x0cquery_filter\x18\x02 \x01(\t\x12\x12\n\nreport_ids\x18\x03 \x03(\t\"0\n\x12\x43reateHoldResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06locked\x18\x02 \x01(\r\"\xa0\x01\n\x04Hold\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0cquery_filter\x18\x03 \x01(\t\x12\x12\n\nreport_ids\x18\x04 \x03(\t\x12\x12\n\ncreated_by\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06locked\x18\x07 \x01(\r\"\x12\n\x10ListHoldsRequest\":\n\x11ListHoldsResponse\x12%\n\x05holds\x18\x01 \x03(\x0b\x32\x16.session_audit.v1.Hold\"\x1f\n\x11\x44\x65leteHoldRequest\x12\n\n\x02id\x18\x01 \x01(\t\"2\n\x12\x44\x65leteHoldResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08released\x18\x02 \x01(\r\"\x14\n\x12VerifyTrailRequest\"T\n\nTrailFault\x12#\n\x03seq\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x11\n\tobject_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"q\n\x13VerifyTrailResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\r\x12\x0c\n\x04head\x18\x03 \x01(\t\x12/\n\tfirst_bad\x18\x04 \x01(\x0b\x32\x1c.session_audit.v1.TrailFault\"\x11\n\x0fGetTrailRequest2\xf0\t\n\x10RetentionService\x12|\n\x12GetRetentionPolicy\x12+.session_audit.v1.GetRetentionPolicyRequest\x1a!.session_audit.v1.RetentionPolicy\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/api/retention\x12\x64\n\x12SetRetentionPolicy\x12+.session_audit.v1.SetRetentionPolicyRequest\x1a!.session_audit.v1.RetentionPolicy\x12~\n\x16SetRetentionPolicyJson\x12#.session_audit.v1.RetentionJsonBody\x1a!.session_audit.v1.RetentionPolicy\"\x1c\x82\xd3\xe4\x93\x02\x16\x1a\x0e/api/retention:\x04\x62ody\x12^\n\x10SetRetentionLock\x12).session_audit.v1.SetRetentionLockRequest\x1a\x1f.session_audit.v1.RetentionLock\x12\x8d\x01\n\x14SetRetentionLockJson\x12#.session_audit.v1.RetentionJsonBody\x1a\x1f.session_audit.v1.RetentionLock\"/\x82\xd3\xe4\x93\x02)\x1a!/api/sessions/{id}/retention_lock:\x04\x62ody\x12W\n\nCreateHold\x12#.session_audit.v1.CreateHoldRequest\x1a$.session_audit.v1.CreateHoldResponse\x12u\n\x0e\x43reateHoldJson\x12#.session_audit.v1.RetentionJsonBody\x1a$.session_audit.v1.CreateHoldResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\n/api/holds:\x04\x62ody\x12h\n\tListHolds\x12\".session_audit.v1.ListHoldsRequest\x1a#.session_audit.v1.ListHoldsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/api/holds\x12p\n\nDeleteHold\x12#.session_audit.v1.DeleteHoldRequest\x1a$.session_audit.v1.DeleteHoldResponse\"\x17\x82\xd3\xe4\x93\x02\x11*\x0f/api/holds/{id}\x12{\n\x0bVerifyTrail\x12$.session_audit.v1.VerifyTrailRequest\x1a%.session_audit.v1.VerifyTrailResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/api/audit/trail/verify\x12_\n\x08GetTrail\x12!.session_audit.v1.GetTrailRequest\x1a\x14.google.api.HttpBody\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/api/audit/trail0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n session_audit/v1/retention.proto\x12\x10session_audit.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"C\n\x11RetentionJsonBody\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\"\x1b\n\x19GetRetentionPolicyRequest\"7\n\x19SetRetentionPolicyRequest\x12\x11\n\x04\x64\x61ys\x18\x01 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_days\"7\n\x0fRetentionPolicy\x12$\n\x04\x64\x61ys\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\"E\n\x17SetRetentionLockRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06locked\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\":\n\rRetentionLock\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06locked\x18\x02 \x01(\x08\x12\r\n\x05holds\x18\x03 \x03(\t\"M\n\x11\x43reateHoldRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x14\n\x0cquery_filter\x18\x02 \x01(\t\x12\x12\n\nreport_ids\x18\x03 \x03(\t\"B\n\x12\x43reateHoldResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06locked\x18\x02 \x01(\r\x12\x10\n\x08\x61pplying\x18\x03 \x01(\x08\"\xb2\x01\n\x04Hold\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0cquery_filter\x18\x03 \x01(\t\x12\x12\n\nreport_ids\x18\x04 \x03(\t\x12\x12\n\ncreated_by\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06locked\x18\x07 \x01(\r\x12\x10\n\x08\x61pplying\x18\x08 \x01(\x08\"\x12\n\x10ListHoldsRequest\":\n\x11ListHoldsResponse\x12%\n\x05holds\x18\x01 \x03(\x0b\x32\x16.session_audit.v1.Hold\"\x1f\n\x11\x44\x65leteHoldRequest\x12\n\n\x02id\x18\x01 \x01(\t\"2\n\x12\x44\x65leteHoldResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08released\x18\x02 \x01(\r\"\x14\n\x12VerifyTrailRequest\"T\n\nTrailFault\x12#\n\x03seq\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x11\n\tobject_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"q\n\x13VerifyTrailResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\r\x12\x0c\n\x04head\x18\x03 \x01(\t\x12/\n\tfirst_bad\x18\x04 \x01(\x0b\x32\x1c.session_audit.v1.TrailFault\"\x11\n\x0fGetTrailRequest2\xf0\t\n\x10RetentionService\x12|\n\x12GetRetentionPolicy\x12+.session_audit.v1.GetRetentionPolicyRequest\x1a!.session_audit.v1.RetentionPolicy\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/api/retention\x12\x64\n\x12SetRetentionPolicy\x12+.session_audit.v1.SetRetentionPolicyRequest\x1a!.session_audit.v1.RetentionPolicy\x12~\n\x16SetRetentionPolicyJson\x12#.session_audit.v1.RetentionJsonBody\x1a!.session_audit.v1.RetentionPolicy\"\x1c\x82\xd3\xe4\x93\x02\x16\x1a\x0e/api/retention:\x04\x62ody\x12^\n\x10SetRetentionLock\x12).session_audit.v1.SetRetentionLockRequest\x1a\x1f.session_audit.v1.RetentionLock\x12\x8d\x01\n\x14SetRetentionLockJson\x12#.session_audit.v1.RetentionJsonBody\x1a\x1f.session_audit.v1.RetentionLock\"/\x82\xd3\xe4\x93\x02)\x1a!/api/sessions/{id}/retention_lock:\x04\x62ody\x12W\n\nCreateHold\x12#.session_audit.v1.CreateHoldRequest\x1a$.session_audit.v1.CreateHoldResponse\x12u\n\x0e\x43reateHoldJson\x12#.session_audit.v1.RetentionJsonBody\x1a$.session_audit.v1.CreateHoldResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\n/api/holds:\x04\x62ody\x12h\n\tListHolds\x12\".session_audit.v1.ListHoldsRequest\x1a#.session_audit.v1.ListHoldsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/api/holds\x12p\n\nDeleteHold\x12#.session_audit.v1.DeleteHoldRequest\x1a$.session_audit.v1.DeleteHoldResponse\"\x17\x82\xd3\xe4\x93\x02\x11*\x0f/api/holds/{id}\x12{\n\x0bVerifyTrail\x12$.session_audit.v1.VerifyTrailRequest\x1a%.session_audit.v1.VerifyTrailResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/api/audit/trail/verify\x12_\n\x08GetTrail\x12!.session_audit.v1.GetTrailRequest\x1a\x14.google.api.HttpBody\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/api/audit/trail0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -66,25 +66,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEHOLDREQUEST']._serialized_start=517
   _globals['_CREATEHOLDREQUEST']._serialized_end=594
   _globals['_CREATEHOLDRESPONSE']._serialized_start=596
-  _globals['_CREATEHOLDRESPONSE']._serialized_end=644
-  _globals['_HOLD']._serialized_start=647
-  _globals['_HOLD']._serialized_end=807
-  _globals['_LISTHOLDSREQUEST']._serialized_start=809
-  _globals['_LISTHOLDSREQUEST']._serialized_end=827
-  _globals['_LISTHOLDSRESPONSE']._serialized_start=829
-  _globals['_LISTHOLDSRESPONSE']._serialized_end=887
-  _globals['_DELETEHOLDREQUEST']._serialized_start=889
-  _globals['_DELETEHOLDREQUEST']._serialized_end=920
-  _globals['_DELETEHOLDRESPONSE']._serialized_start=922
-  _globals['_DELETEHOLDRESPONSE']._serialized_end=972
-  _globals['_VERIFYTRAILREQUEST']._serialized_start=974
-  _globals['_VERIFYTRAILREQUEST']._serialized_end=994
-  _globals['_TRAILFAULT']._serialized_start=996
-  _globals['_TRAILFAULT']._serialized_end=1080
-  _globals['_VERIFYTRAILRESPONSE']._serialized_start=1082
-  _globals['_VERIFYTRAILRESPONSE']._serialized_end=1195
-  _globals['_GETTRAILREQUEST']._serialized_start=1197
-  _globals['_GETTRAILREQUEST']._serialized_end=1214
-  _globals['_RETENTIONSERVICE']._serialized_start=1217
-  _globals['_RETENTIONSERVICE']._serialized_end=2481
+  _globals['_CREATEHOLDRESPONSE']._serialized_end=662
+  _globals['_HOLD']._serialized_start=665
+  _globals['_HOLD']._serialized_end=843
+  _globals['_LISTHOLDSREQUEST']._serialized_start=845
+  _globals['_LISTHOLDSREQUEST']._serialized_end=863
+  _globals['_LISTHOLDSRESPONSE']._serialized_start=865
+  _globals['_LISTHOLDSRESPONSE']._serialized_end=923
+  _globals['_DELETEHOLDREQUEST']._serialized_start=925
+  _globals['_DELETEHOLDREQUEST']._serialized_end=956
+  _globals['_DELETEHOLDRESPONSE']._serialized_start=958
+  _globals['_DELETEHOLDRESPONSE']._serialized_end=1008
+  _globals['_VERIFYTRAILREQUEST']._serialized_start=1010
+  _globals['_VERIFYTRAILREQUEST']._serialized_end=1030
+  _globals['_TRAILFAULT']._serialized_start=1032
+  _globals['_TRAILFAULT']._serialized_end=1116
+  _globals['_VERIFYTRAILRESPONSE']._serialized_start=1118
+  _globals['_VERIFYTRAILRESPONSE']._serialized_end=1231
+  _globals['_GETTRAILREQUEST']._serialized_start=1233
+  _globals['_GETTRAILREQUEST']._serialized_end=1250
+  _globals['_RETENTIONSERVICE']._serialized_start=1253
+  _globals['_RETENTIONSERVICE']._serialized_end=2517
 # @@protoc_insertion_point(module_scope)

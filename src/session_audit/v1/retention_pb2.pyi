@@ -206,18 +206,25 @@ class CreateHoldResponse(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     LOCKED_FIELD_NUMBER: _builtins.int
+    APPLYING_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     locked: _builtins.int
     """Sessions the hold holds now."""
+    applying: _builtins.bool
+    """True when the request's time ran out before the hold had gone over every stored session:
+    it is active (ingest locks what it matches) and the service finishes locking the rest in
+    the background; GET /api/holds shows the count grow and `applying` turn false.
+    """
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         locked: _builtins.int = ...,
+        applying: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "locked", b"locked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applying", b"applying", "id", b"id", "locked", b"locked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -234,12 +241,15 @@ class Hold(_message.Message):
     CREATED_BY_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     LOCKED_FIELD_NUMBER: _builtins.int
+    APPLYING_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     reason: _builtins.str
     query_filter: _builtins.str
     created_by: _builtins.str
     locked: _builtins.int
     """Sessions the hold holds now."""
+    applying: _builtins.bool
+    """Still locking the sessions stored before it was made (see CreateHoldResponse.applying)."""
     @_builtins.property
     def report_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -254,10 +264,11 @@ class Hold(_message.Message):
         created_by: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         locked: _builtins.int = ...,
+        applying: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "id", b"id", "locked", b"locked", "query_filter", b"query_filter", "reason", b"reason", "report_ids", b"report_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applying", b"applying", "created_at", b"created_at", "created_by", b"created_by", "id", b"id", "locked", b"locked", "query_filter", b"query_filter", "reason", b"reason", "report_ids", b"report_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
