@@ -73,8 +73,8 @@ _LABELS = INGEST_COLUMNS.index("labels")
 _LOCK_LABEL = '"retention_locked"'
 
 AFTER_END = "start_date: after the session's end_date (stored or reported earlier)"
-# Session ids in lock order: UUID's own `<` is a Python call per comparison (~12 ms to sort a
-# chunk of 5,000); its `int` gives the same order with C comparisons.
+# Session ids in lock order: UUID's own `<` is a Python call per comparison (~7 ms to sort a
+# chunk of 5,000, 1 ms by key); its `int` gives the same order with C comparisons.
 _ID_ORDER = operator.attrgetter("int")
 
 
