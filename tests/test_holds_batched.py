@@ -17,7 +17,7 @@ from datetime import timedelta
 import grpc
 
 from session_audit.core import auth, db
-from session_audit.retention import store
+from session_audit.retention import purge, store
 from session_audit.v1 import retention_pb2 as rpb
 from session_audit.v1 import retention_pb2_grpc as rpb_grpc
 from tests.factories import Spec
@@ -217,3 +217,47 @@ def test_the_first_window_waits_for_transactions_that_began_before_the_hold(
     assert waited == store.Applied(False, 0)
     assert done == store.Applied(True, 2)
     assert sid in locked_ids(stack, org)
+
+
+def test_a_purge_postpones_sessions_while_a_hold_cannot_settle_and_never_hangs(
+    stack: Stack,
+) -> None:
+    """A transaction left open keeps a new hold from starting its windows; the purge of that
+    org then deletes no session (the hold's may not be locked yet) and answers within its
+    timeout instead of waiting; once the transaction ends, the next run purges as usual."""
+    org = stack.new_org("hpost")
+    admin = stack.token(org, "admin")
+    oid = org_id(stack, org)
+    ana, other = fixtures()
+    stack.ingest(admin, protos([*ana, *other]))
+    ok(stack.rest("PUT", "/api/retention", admin, json={"days": 30}))
+    hold_background_purge(stack, org)
+
+    async def go() -> tuple[purge.PurgeResult | None, float, purge.PurgeResult | None]:
+        writer = await db.connect(stack.dsn)
+        pool = await db.create_pool(stack.dsn, 1, 2)
+        try:
+            async with pool.acquire() as conn:
+                await _new_hold(conn, oid, ANA)
+            tx = writer.transaction()
+            await tx.start()
+            await writer.execute(store.TAKE_XID)  # open, holding an id
+            t0 = time.monotonic()
+            first = await purge.purge_org(pool, oid, NOW, interval=3600, batch=5, timeout=1,
+                                          claim=False, hold_window=4)  # fmt: skip
+            took = time.monotonic() - t0
+            await tx.rollback()
+            second = await purge.purge_org(pool, oid, NOW, interval=3600, batch=5, timeout=30,
+                                           claim=False, hold_window=4)  # fmt: skip
+            return first, took, second
+        finally:
+            await writer.close()
+            await pool.close()
+
+    first, took, second = run(go())
+    assert first is not None and (first.sessions, first.postponed) == (0, True)
+    assert took < 10
+    expired = {s.id for s in other if s.start < NOW - timedelta(days=30)}
+    assert second is not None and (second.sessions, second.postponed) == (len(expired), False)
+    assert stored_ids(stack, org) == {s.id for s in [*ana, *other]} - expired
+    assert locked_ids(stack, org) == {s.id for s in ana}

@@ -301,6 +301,11 @@ def retention_purge(org_name: str | None) -> None:
                     lines.append(
                         f"{name}: deleted {r.sessions} session(s) and {r.reports} report(s)"
                         f" older than {r.days} day(s) (before {r.before.isoformat()})"
+                        + (
+                            "; sessions postponed: a legal hold is still locking what it matches"
+                            if r.postponed
+                            else ""
+                        )
                     )
             return lines
         finally:

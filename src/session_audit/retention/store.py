@@ -434,7 +434,8 @@ async def apply_pending(
     conn: Conn, org_id: uuid.UUID | None, *, window: int, timeout: float
 ) -> int:
     """Finish the holds still being applied: every one of the org's, or (org None) those of
-    every org that nobody has worked on for LEFT_AFTER seconds. Returns how many."""
+    every org that nobody has worked on for LEFT_AFTER seconds. Returns how many are still
+    unfinished (waiting, within `timeout`, for older transactions to end: store._settled)."""
     if org_id is None:
         rows = [
             (r["org_id"], r["id"]) for r in await conn.fetch(APPLYING, LEFT_AFTER, timeout=timeout)
@@ -442,9 +443,11 @@ async def apply_pending(
     else:
         rows = [(org_id, r["id"]) for r in await conn.fetch(APPLYING_IN_ORG, org_id,
                                                              timeout=timeout)]  # fmt: skip
+    left = 0
     for org, hold_id in rows:
-        await apply_hold(conn, org, hold_id, window=window, timeout=timeout)
-    return len(rows)
+        applied = await apply_hold(conn, org, hold_id, window=window, timeout=timeout)
+        left += not applied.done
+    return left
 
 
 async def list_holds(conn: Conn | asyncpg.Pool, org_id: uuid.UUID, timeout: float) -> list[Any]:
