@@ -369,12 +369,11 @@ async def apply_hold(
     """Lock the org's sessions the hold matches, one window of `window` sessions (in id order)
     per transaction, until every window is done or the monotonic clock passes `until`. Safe
     to run from several processes at once: each window takes the hold's row first."""
-    done = not await _settled(conn, org_id, hold_id, timeout, until)
-    if done:  # not settled yet: nothing applied, still applying
-        locked0: int = await conn.fetchval(HOLD_COUNT, org_id, hold_id, timeout=timeout)
-        return Applied(False, locked0)
-    while not done and (until is None or time.monotonic() < until):
-        done = await _apply_window(conn, org_id, hold_id, window, timeout)
+    # Not settled in time: no window applied, still applying.
+    done = False
+    if await _settled(conn, org_id, hold_id, timeout, until):
+        while not done and (until is None or time.monotonic() < until):
+            done = await _apply_window(conn, org_id, hold_id, window, timeout)
     locked: int = await conn.fetchval(HOLD_COUNT, org_id, hold_id, timeout=timeout)
     return Applied(done, locked)
 
