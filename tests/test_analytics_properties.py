@@ -131,13 +131,16 @@ def q_terms(draw: st.DrawFn, anchor: datetime, depth: int = 0) -> tuple[str, Pre
         """Ended sessions whose duration in seconds passes `test` (open ones have none)."""
         return lambda s: s.end is not None and test((s.end - s.start).total_seconds())
 
-    # Durations at bucket edges (rollup_outcomes answers) and not (the sessions table does).
+    # Durations at bucket edges (rollup_outcomes answers) and not (rollup_outcomes for the
+    # buckets the comparison decides, the sessions table for the partial ones).
     lo_s, hi_s = draw(st.sampled_from([(60, 3600), (300, 1800), (3599, 3601), (0, 60)]))
     leaves += [
         ("duration:>=3600", lasted(lambda d: d >= 3600)),
         (f"duration:<{hi_s}", lasted(lambda d: d < hi_s)),
         (f"duration:[{lo_s} TO {hi_s}}}", lasted(lambda d: lo_s <= d < hi_s)),
         (f"duration:>{lo_s}", lasted(lambda d: d > lo_s)),
+        (f"duration:<={hi_s}", lasted(lambda d: d <= hi_s)),
+        (f"duration:{lo_s}", lasted(lambda d: d == lo_s)),
         ("duration:*", lasted(lambda d: True)),
     ]
     x = draw(st.sampled_from([0, 1, 137]))

@@ -415,40 +415,88 @@ def sources_for(query: Query | None) -> set[str]:
     return out
 
 
-def _bucket_bounds(m: Match) -> tuple[int | None, int | None] | None:
-    """A comparison of a bucketed field as bucket numbers [low, high) (None: open), or None
-    when the buckets cannot answer it exactly (a threshold between edges, `>`/`<=` an edge,
-    an equality)."""
-    edges = m.field.edges
+def buckets_of(edges: tuple[float, ...]) -> dict[int, tuple[float, float]]:
+    """Each bucket over `edges` as its interval [low, high) of values, numbered as width_bucket
+    does: 0 below the first edge, len(edges) from the last one on (-1, no value, is apart)."""
+    bounds = (float("-inf"), *edges, float("inf"))
+    return {i: (bounds[i], bounds[i + 1]) for i in range(len(edges) + 1)}
+
+
+def _meets(m: Match, low: float, high: float) -> bool:
+    """Whether some value in [low, high) satisfies the comparison `m` (a range or equality)."""
     if m.op == "exists":
-        return (None, None)
-    if m.op != "range" or m.bounds is None:
-        return None
+        return True
+    if m.op == "eq":
+        return bool(low <= m.value < high)
+    assert m.bounds is not None
     lo, hi, inc_lo, inc_hi = m.bounds
-    low = high = None
-    if lo is not None:
-        if not inc_lo or lo not in edges:
-            return None
-        low = edges.index(lo) + 1
-    if hi is not None:
-        if inc_hi or hi not in edges:
-            return None
-        high = edges.index(hi) + 1
-    return (low, high)
+    # The intersection [low, high) ∩ m is an interval [a, b] whose ends may be open.
+    a, a_closed = low, True
+    if lo is not None and (lo > a or (lo == a and not inc_lo)):
+        a, a_closed = lo, inc_lo
+    b, b_closed = high, False
+    if hi is not None and hi < b:
+        b, b_closed = hi, inc_hi
+    return bool(a < b or (a == b and a_closed and b_closed))
+
+
+def _holds_throughout(m: Match, low: float, high: float) -> bool:
+    """Whether every value in [low, high) satisfies `m`."""
+    if m.op == "exists":
+        return True
+    if m.op == "eq":
+        return False  # an interval of positive length holds more than one value
+    assert m.bounds is not None
+    lo, hi, inc_lo, _ = m.bounds
+    above = lo is None or low > lo or (low == lo and inc_lo)
+    below = hi is None or high <= hi  # [low, high) never reaches high itself
+    return above and below
+
+
+def bucket_split(m: Match) -> tuple[frozenset[int], frozenset[int]]:
+    """For a comparison of a bucketed field: the buckets all of whose values match, and the
+    *partial* buckets, whose values compare both ways (the threshold falls inside, or on the
+    lower edge with `>`, the upper with `<=`...). The other buckets match nowhere; so does -1
+    (no value)."""
+    whole, partial = set(), set()
+    for bucket, (low, high) in buckets_of(m.field.edges).items():
+        if _holds_throughout(m, low, high):
+            whole.add(bucket)
+        elif _meets(m, low, high):
+            partial.add(bucket)
+    return frozenset(whole), frozenset(partial)
+
+
+def partial_buckets(query: Query | None) -> tuple[int, ...]:
+    """The buckets in which some comparison of a bucketed field of `query` is partial: a rollup
+    of buckets cannot say which of their sessions match (store.count reads those sessions from
+    the sessions table, the other buckets from the rollup). Empty when every comparison falls
+    on bucket edges (`duration:>=E`, `<E`, `[E1 TO E2}`, `*`)."""
+    out: set[int] = set()
+
+    def walk(n: Node) -> None:
+        if isinstance(n, BoolOp):
+            for item in n.items:
+                walk(item)
+        elif n.field.edges:
+            out.update(bucket_split(n)[1])
+
+    if query is not None:
+        walk(query.root)
+    return tuple(sorted(out))
 
 
 def exact_on(query: Query | None, source: str) -> bool:
-    """Whether `source` answers `query` exactly: it carries every field, and each comparison
-    of a bucketed field falls on bucket edges."""
+    """Whether `source` answers `query` exactly: it carries every field. (A comparison of a
+    bucketed field that does not fall on bucket edges is still exact: store.count takes the
+    partial buckets' sessions from the sessions table, `partial_buckets`.)"""
     if query is None:
         return True
 
     def walk(n: Node) -> bool:
         if isinstance(n, BoolOp):
             return all(walk(i) for i in n.items)
-        if source not in n.field.sql:
-            return False
-        return not (n.field.edges and source != BASE) or _bucket_bounds(n) is not None
+        return source in n.field.sql
 
     return walk(query.root)
 
@@ -469,14 +517,10 @@ def _sql(n: Node, source: str) -> Sql:
     col = n.field.sql[source]
     kind = n.field.kind
     if n.field.edges and source != BASE:
-        bounds = _bucket_bounds(n)
-        assert bounds is not None, "compile only where exact_on"
-        # Bucket -1 holds the sessions without a value (open): never a match.
-        low, high = bounds
-        cond = q(f"{col} >= $v::int", v=max(low or 0, 0))
-        if high is not None:
-            cond += q(f" AND {col} < $v::int", v=high)
-        return cond
+        # True in the buckets all of whose values match. Partial buckets are left out of the
+        # rollup's count by the caller (partial_buckets); -1 (no value) never matches.
+        whole, _ = bucket_split(n)
+        return q(f"{col} = any($v::int[])", v=sorted(whole))
     if n.op == "exists":
         cond = Sql(f"{col} IS NOT NULL" if kind in ("time", "number", "uuid") else f"{col} <> ''")
     elif n.op == "eq":

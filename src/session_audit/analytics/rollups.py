@@ -193,10 +193,14 @@ VALUES = Family(
 # like any changed field (ingest subtracts the stored contribution, adds the merged one).
 _DURATION = "extract(epoch FROM s.end_date - s.start_date)::float8"
 _EDGES = "'{" + ",".join(f"{e:g}" for e in DURATION_EDGES) + "}'::float8[]"
+# A session's duration bucket, over the sessions table `s`. Also the key of the index
+# sessions_org_duration (migration 0056, the same expression without `s.`): the sessions of
+# one bucket, by start time, which store.count reads for the buckets a `q` leaves partial.
+DURATION_BUCKET = f"coalesce(width_bucket({_DURATION}, {_EDGES}), -1)"
 OUTCOMES = Family(
     table="rollup_outcomes",
     dims=(
-        ("duration_bucket", f"coalesce(width_bucket({_DURATION}, {_EDGES}), -1)"),
+        ("duration_bucket", DURATION_BUCKET),
         ("exit_code", "coalesce(s.exit_code::text, '')"),
     ),
     measures=(("starts", "t.st"), ("ends", "t.en")),

@@ -31,7 +31,7 @@ from typing import Any
 
 from session_audit.analytics import rollups
 from session_audit.analytics.fields import BASE, CUBE, FIELDS, OUTCOMES, USER, VALUES
-from session_audit.analytics.q import Query, compile_q, exact_on
+from session_audit.analytics.q import Query, buckets_of, compile_q, exact_on, partial_buckets
 from session_audit.analytics.requests import HistogramQuery, ReportQuery, StatsQuery
 from session_audit.analytics.timebins import (
     EPOCH,
@@ -151,10 +151,25 @@ def _values_sql(spec: CountSpec, src: str) -> list[str]:
     return [FIELDS[g].sql[src] for g in spec.groups]
 
 
+def _partial(spec: CountSpec) -> tuple[int, ...]:
+    """The duration buckets `spec.q` leaves partial, when rollup_outcomes answers: their
+    sessions are counted from the sessions table (`_partial_parts`), the rollup's rows and the
+    raw pieces count every other bucket."""
+    return partial_buckets(spec.q) if spec.source == OUTCOMES else ()
+
+
+# The duration bucket of a rollup_outcomes row and of a session.
+DURATION_BUCKET = {OUTCOMES: FIELDS["duration"].sql[OUTCOMES], BASE: rollups.DURATION_BUCKET}
+
+
 def _filters(spec: CountSpec, src: str, *, per_value: bool = False) -> Sql:
     """The condition on rows of `src`; with `per_value`, the top value is the one `u.val` read
-    instead of any of `spec.top`."""
+    instead of any of `spec.top`. Sessions of the buckets `spec.q` leaves partial are left out:
+    `_partial_parts` counts them."""
     cond = compile_q(spec.q, src)
+    partial = _partial(spec)
+    if partial:
+        cond += q(f" AND {DURATION_BUCKET[src]} <> all($partial::int[])", partial=list(partial))
     if src == VALUES:
         # rollup_values holds every field's values: keep the one field this count is about.
         (name,) = _needed(spec.q, *spec.groups)
@@ -274,8 +289,9 @@ def _rollup_parts(spec: CountSpec, pieces: Sequence[Piece], table: str) -> list[
 _MEASURES = {"start_date": Sql("count(*), 0"), "end_date": Sql("0, count(*)")}
 
 
-def _base_parts(spec: CountSpec, pieces: Sequence[Piece]) -> list[Sql]:
-    """Starts (and ends) of sessions in raw pieces, from the sessions table."""
+def _base_parts(spec: CountSpec, pieces: Sequence[Piece], filters: Sql | None = None) -> list[Sql]:
+    """Starts (and ends) of sessions in raw pieces, from the sessions table (matching
+    `filters`, by default the spec's)."""
     if not pieces:
         return []
     _, lo, hi, b = _arrays(pieces)
@@ -288,24 +304,96 @@ def _base_parts(spec: CountSpec, pieces: Sequence[Piece]) -> list[Sql]:
             continue
         out.append(BASE_PART(
             cols=cols, inner=inner, measures=measures, lo=lo, hi=hi, bin=b, column=Sql(column),
-            scope=spec.who.scope(Where(), "s").sql(), filters=_filters(spec, BASE),
-            positions=positions,
+            scope=spec.who.scope(Where(), "s").sql(),
+            filters=_filters(spec, BASE) if filters is None else filters, positions=positions,
         ))  # fmt: skip
     return out
 
 
-def _base_open_at(spec: CountSpec, t0: datetime) -> list[Sql]:
+def _base_open_at(spec: CountSpec, t0: datetime, filters: Sql | None = None) -> list[Sql]:
     """Sessions open at t0 (started before it, not ended before it), counted as `starts` of
-    the BASELINE bin, by a bounded look-back."""
+    the BASELINE bin, by a bounded look-back (matching `filters`, by default the spec's)."""
     cols, positions = _group_cols(_values_sql(spec, BASE))
     at, since = param(t0), param(t0 - LOOK_BACK)
     return [
         BASE_OPEN_AT(
             cols=cols, scope=spec.who.scope(Where(), "s").sql(), window=window, at=at,
-            filters=_filters(spec, BASE), positions=positions,
+            filters=_filters(spec, BASE) if filters is None else filters, positions=positions,
         )
         for window in (RECENT(since=since, at=at), LONG_OR_OPEN(since=since))
     ]  # fmt: skip
+
+
+# The sessions of the duration buckets a `q` leaves partial (`_partial`), counted with the full
+# `q` from the index sessions_org_duration (migration 0056: org, bucket, start): one range per
+# (bin, bucket). Starts are a range of start times; ends too, since a session of bucket
+# [shortest, longest) that ended in [lo, hi) started in (lo - longest, hi - shortest]; and so
+# are the sessions open at $at (started in (at - longest, at), not ended before at). Such a
+# bucket always has an end (open sessions are bucket -1, which no comparison leaves partial).
+PARTIAL_STARTS = Template("""
+SELECT p.bin, count(*), 0
+  FROM unnest($lo::timestamptz[], $hi::timestamptz[], $bin::int[]) AS p(lo, hi, bin)
+ CROSS JOIN unnest($bucket::int[]) AS b(bucket)
+ CROSS JOIN LATERAL (SELECT 1 FROM sessions s
+        WHERE $scope AND $expr = b.bucket AND s.start_date >= p.lo AND s.start_date < p.hi
+          AND $filters OFFSET 0) x
+ GROUP BY 1""")
+PARTIAL_ENDS = Template("""
+SELECT p.bin, 0, count(*)
+  FROM unnest($lo::timestamptz[], $hi::timestamptz[], $bin::int[]) AS p(lo, hi, bin)
+ CROSS JOIN unnest($bucket::int[], $shortest::float8[], $longest::float8[])
+       AS b(bucket, shortest, longest)
+ CROSS JOIN LATERAL (SELECT 1 FROM sessions s
+        WHERE $scope AND $expr = b.bucket
+          AND s.start_date >= p.lo - b.longest * interval '1 second'
+          AND s.start_date <= p.hi - b.shortest * interval '1 second'
+          AND s.end_date >= p.lo AND s.end_date < p.hi AND $filters OFFSET 0) x
+ GROUP BY 1""")
+PARTIAL_OPEN_AT = Template(f"""
+SELECT {BASELINE}, count(*), 0
+  FROM unnest($bucket::int[], $longest::float8[]) AS b(bucket, longest)
+ CROSS JOIN LATERAL (SELECT 1 FROM sessions s
+        WHERE $scope AND $expr = b.bucket
+          AND s.start_date >= $at::timestamptz - b.longest * interval '1 second'
+          AND s.start_date < $at AND s.end_date >= $at AND $filters OFFSET 0) x""")
+
+
+def _partial_parts(
+    spec: CountSpec, intervals: Sequence[tuple[datetime, datetime, int]], open_at: datetime | None
+) -> list[Sql]:
+    """Starts, ends (and the sessions open at `open_at`) of the sessions in the buckets
+    `spec.q` leaves partial, matching the whole `q`, per interval. Buckets with a finite width
+    are read by bucket from sessions_org_duration; the two unbounded ones (negative durations,
+    a week or more) like any base-table count, by start and end time over the window."""
+    partial = _partial(spec)
+    if not partial:
+        return []
+    assert not spec.groups and spec.top is None, "rollup_outcomes answers plain counts only"
+    widths = buckets_of(FIELDS["duration"].edges)
+    bounded = [b for b in partial if all(abs(x) != float("inf") for x in widths[b])]
+    unbounded = [b for b in partial if b not in bounded]
+    scope = spec.who.scope(Where(), "s").sql()
+    expr = Sql(rollups.DURATION_BUCKET)
+    filters = compile_q(spec.q, BASE)
+    out: list[Sql] = []
+    if bounded:
+        lo, hi, b = [x[0] for x in intervals], [x[1] for x in intervals], [x[2] for x in intervals]
+        shortest = [widths[k][0] for k in bounded]
+        longest = [widths[k][1] for k in bounded]
+        common = dict(scope=scope, expr=expr, filters=filters, bucket=list(bounded))
+        if intervals:
+            out.append(PARTIAL_STARTS(lo=lo, hi=hi, bin=b, **common))
+            out.append(PARTIAL_ENDS(lo=lo, hi=hi, bin=b, shortest=shortest, longest=longest,
+                                    **common))  # fmt: skip
+        if open_at is not None:
+            out.append(PARTIAL_OPEN_AT(at=param(open_at), longest=longest, **common))
+    if unbounded:
+        only = filters + q(f" AND {rollups.DURATION_BUCKET} = any($b::int[])", b=unbounded)
+        pieces = [Piece(RAW, lo, hi, b) for lo, hi, b in intervals]
+        out += _base_parts(spec, pieces, only)
+        if open_at is not None:
+            out += _base_open_at(spec, open_at, only)
+    return out
 
 
 Key = tuple[Any, ...]  # (bin, *values)
@@ -331,6 +419,7 @@ async def count(
     finest = _finest(spec)
     weeks = finest != HOUR and spec.source in WEEKLY
     pieces: list[Piece] = []
+    intervals = list(intervals)
     for lo, hi, b in intervals:
         pieces += cheapest(lo, hi, b, finest, weeks)
     if open_at is not None and use_rollups:
@@ -343,6 +432,7 @@ async def count(
     parts += _base_parts(spec, [x for x in pieces if x.grain == RAW])
     if open_at is not None and not use_rollups:
         parts += _base_open_at(spec, open_at)
+    parts += _partial_parts(spec, intervals, open_at)
     out = Counts()
     if not parts:
         return out
