@@ -209,6 +209,12 @@ def _drive_one_org(s: Stack) -> None:
             ok(s.rest("GET", "/api/audit/sessions/histogram", token,
                       params={"field": "protocol", "bin-size": bins,
                               "start": "2026-03-01T00:00:00Z", "end": "2026-03-02T00:00:00Z"}))  # fmt: skip
+        # Off the duration buckets' edges: rollup_outcomes plus the partial buckets' sessions
+        # (sessions_org_duration; the unbounded last bucket by start and end time).
+        for q in ("duration:>300 OR exit_code:1", "duration:>700000"):
+            ok(s.rest("GET", "/api/audit/sessions/histogram", token,
+                      params={"field": "protocol", "bin-size": "hour", "q": q,
+                              "start": "2026-03-01T00:00:00Z", "end": "2026-03-02T00:00:00Z"}))  # fmt: skip
         ok(s.rest("GET", "/api/audit/sessions/stats", token,
                   params={"field": "protocol", "start": "2026-03-01", "end": "2026-03-02"}))  # fmt: skip
         ok(s.rest("GET", "/api/audit/sessions/stats", token, params={"field": "user"}))
