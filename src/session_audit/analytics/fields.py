@@ -21,8 +21,9 @@ VALUES = "values"
 OUTCOMES = "outcomes"
 # Duration buckets of rollup_outcomes, in seconds: bucket i (1-based, width_bucket's numbering)
 # holds durations in [EDGES[i-1], EDGES[i]); 0 holds negative ones, -1 open sessions. A
-# duration comparison is answered there only when it is exact on these buckets (`>=`/`<` an
-# edge); any other threshold is counted on the sessions table (q.exact_on).
+# duration comparison on these edges (`>=`/`<` an edge) is answered by the rollup alone; any
+# other threshold leaves a bucket or two partial, whose sessions store.count reads from the
+# sessions table (q.partial_buckets, index sessions_org_duration).
 DURATION_EDGES: tuple[float, ...] = (
     0, 1, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 28800, 43200, 86400,
     172800, 604800,

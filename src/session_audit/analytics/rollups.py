@@ -188,9 +188,10 @@ VALUES = Family(
     where="t.at IS NOT NULL",
 )
 # How sessions ended (migration 0052): starts/ends per duration bucket (fields.DURATION_EDGES;
-# -1 while open) and exit code ('' when none): a `q` on `duration` at bucket edges and/or on
-# `exit_code` (store.plan, q.exact_on). A session that ends moves from bucket -1 to its own,
-# like any changed field (ingest subtracts the stored contribution, adds the merged one).
+# -1 while open) and exit code ('' when none): a `q` on `duration` and/or `exit_code`
+# (store.plan; the buckets a threshold leaves partial come from the sessions table,
+# store._partial_parts). A session that ends moves from bucket -1 to its own, like any changed
+# field (ingest subtracts the stored contribution, adds the merged one).
 _DURATION = "extract(epoch FROM s.end_date - s.start_date)::float8"
 _EDGES = "'{" + ",".join(f"{e:g}" for e in DURATION_EDGES) + "}'::float8[]"
 # A session's duration bucket, over the sessions table `s`. Also the key of the index

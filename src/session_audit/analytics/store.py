@@ -10,7 +10,10 @@ Which source answers (`plan`):
   * the base table for `user` tokens (their own sessions: a small slice, index-scanned), for
     orgs whose rollups are stale, and for anything a rollup does not carry (a `q` on other
     fields, a field/sub-field combination no rollup holds, group_by=id, an id filter);
-  * otherwise the rollup that carries every field needed.
+  * otherwise the rollup that carries every field needed. (rollup_outcomes with a `duration`
+    threshold off its bucket edges: the rollup for the buckets the `q` decides, plus the
+    sessions of the one or two buckets it leaves partial from the sessions table,
+    `_partial_parts`.)
 
 Histogram active counts come from counters: sessions open during bin k are
     open(T0) + starts in [T0, end of bin k) - ends in [T0, start of bin k)
