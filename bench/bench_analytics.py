@@ -204,6 +204,8 @@ async def main() -> None:
     ap.add_argument("--only-ingest", action="store_true", help="skip the latency cases")
     ap.add_argument("--skip", action="append", default=[], metavar="TEXT",
                     help="skip the cases whose name contains TEXT (repeatable)")  # fmt: skip
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT",
+                    help="run only the cases whose name contains TEXT (repeatable)")  # fmt: skip
     ap.add_argument("--fresh", action="store_true", help="drop and reload the data set")
     ap.add_argument("--load-only", action="store_true", help="load the data set and stop")
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR,
@@ -267,7 +269,8 @@ async def main() -> None:
         )
         if not args.only_ingest:
             cases = [c for c in build_cases(ctx, t_end.date())
-                     if not any(text in c.name for text in args.skip)]  # fmt: skip
+                     if not any(text in c.name for text in args.skip)
+                     and (not args.only or any(text in c.name for text in args.only))]  # fmt: skip
             await run_cases(cases, args)
         if not args.skip_ingest:
             await ingest(url, conn, srv, args, t_end)
