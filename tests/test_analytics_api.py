@@ -673,3 +673,34 @@ def test_the_rest_histogram_is_the_grpc_answer_as_json(
         assert 0 < answer["meta"].pop("remaining_seconds") <= 60
     assert got == expected
     assert list(got) == ["key", "body", "meta"]
+
+
+def test_a_q_pinned_to_one_user_id_counts_ends_of_long_sessions(stack: Stack) -> None:
+    """`q=user_id:…` (or correlation_id) reads the key's own index, bounded by start: a
+    session ending in a bin either started at most a day before it, or is one of the few long
+    ones read apart (store.PINNED). E and A end long after they started; D is another user's."""
+    token = stack.token(stack.new_org("pinned"), "admin")
+    nine = {"user_id": "sub-9", "correlation_id": "corr-9"}
+    stack.ingest(token, [
+        Spec(start=at(10, 10), end=at(12, 12), subtype="ssh", **nine).to_proto(),  # A, 50 h
+        Spec(start=at(11, 23), end=at(12, 1), subtype="ssh", **nine).to_proto(),  # B
+        Spec(start=at(12, 5), subtype="rdp", **nine).to_proto(),  # C, still open
+        Spec(start=at(12, 2), end=at(12, 3), subtype="ssh", user_id="sub-8",
+             correlation_id="corr-8").to_proto(),  # D
+        Spec(start=at(1, 0), end=at(13, 6), subtype="ssh", **nine).to_proto(),  # E, 12 days
+    ])  # fmt: skip
+    window = {"bin-size": "day", "start": "2026-03-11T00:00:00Z", "end": "2026-03-15T00:00:00Z"}
+
+    def buckets(q: str) -> list[tuple[int, int]]:
+        body = get(stack, HISTOGRAM, token, field="protocol", q=q, **window)
+        return [(b["start_count"], b["active_count"]) for b in body["body"]["buckets"]]
+
+    # Open at 11 Mar 00:00: A, E. Started: B (11th), C (12th). Ended: A, B (12th), E (13th).
+    # Active = open at start + started by the bin's end - ended before its start:
+    # 11th 2+1-0, 12th 2+2-0, 13th 2+2-2, 14th 2+2-3.
+    expected = [(1, 3), (1, 4), (0, 2), (0, 1)]
+    assert buckets("user_id:sub-9") == expected
+    assert buckets("correlation_id:corr-9") == expected
+    assert buckets("user_id:(sub-9 OR sub-7)") == expected
+    # Only ssh (A, B, E): 11th 2+1-0, 12th 2+1-0, 13th 2+1-2, 14th 2+1-3.
+    assert buckets("user_id:sub-9 AND protocol:ssh") == [(1, 3), (0, 3), (0, 1), (0, 0)]
