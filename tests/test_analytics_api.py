@@ -680,14 +680,18 @@ def test_a_q_pinned_to_one_user_id_counts_ends_of_long_sessions(stack: Stack) ->
     session ending in a bin either started at most a day before it, or is one of the few long
     ones read apart (store.PINNED). E and A end long after they started; D is another user's."""
     token = stack.token(stack.new_org("pinned"), "admin")
-    nine = {"user_id": "sub-9", "correlation_id": "corr-9"}
+
+    def nine(start: datetime, end: datetime | None, subtype: str = "ssh") -> Any:
+        return Spec(start=start, end=end, subtype=subtype, user_id="sub-9",
+                    correlation_id="corr-9").to_proto()  # fmt: skip
+
     stack.ingest(token, [
-        Spec(start=at(10, 10), end=at(12, 12), subtype="ssh", **nine).to_proto(),  # A, 50 h
-        Spec(start=at(11, 23), end=at(12, 1), subtype="ssh", **nine).to_proto(),  # B
-        Spec(start=at(12, 5), subtype="rdp", **nine).to_proto(),  # C, still open
+        nine(at(10, 10), at(12, 12)),  # A, 50 h
+        nine(at(11, 23), at(12, 1)),  # B
+        nine(at(12, 5), None, "rdp"),  # C, still open
         Spec(start=at(12, 2), end=at(12, 3), subtype="ssh", user_id="sub-8",
              correlation_id="corr-8").to_proto(),  # D
-        Spec(start=at(1, 0), end=at(13, 6), subtype="ssh", **nine).to_proto(),  # E, 12 days
+        nine(at(1, 0), at(13, 6)),  # E, 12 days
     ])  # fmt: skip
     window = {"bin-size": "day", "start": "2026-03-11T00:00:00Z", "end": "2026-03-15T00:00:00Z"}
 
