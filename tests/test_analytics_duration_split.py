@@ -157,6 +157,38 @@ def test_off_edge_counts_by_hand_in_utc_and_berlin_and_after_updates(stack: Stac
     run(go())
 
 
+def test_the_last_bucket_a_week_or_more_by_hand(stack: Stack) -> None:
+    """Thresholds of a week or more fall in the last bucket, which has no upper edge: its ends
+    and open sessions come from the long sessions' index instead of a range by bucket."""
+    j = Spec(start=_at(0, day=-10), end=_at(3, day=1))  # 11 days 3 h, open at the start
+    k = Spec(start=_at(12, day=-8), end=_at(12))  # 8 days exactly (691,200 s)
+    ll = Spec(start=_at(6, day=1), end=_at(6, day=10))  # 9 days, ends after the window
+    m = Spec(start=_at(0, day=-17))  # open for weeks: no duration
+    n = Spec(start=_at(10), end=_at(11), exit_code=1)  # an hour
+    p = Spec(start=_at(12, day=-6), end=_at(13, day=1))  # 7 days 1 h, ends on the 7th
+
+    async def go() -> None:
+        conn = await db.connect(stack.dsn, json_codec=False)
+        try:
+            org = await auth.ensure_org(conn, f"split-long-{uuid.uuid4().hex[:10]}")
+            await _ingest(conn, org, [j, k, ll, m, n, p])
+
+            async def utc(q: str) -> list[tuple[int, int]]:
+                return await _both(conn, org, _hq(q, "Etc/UTC", D1, 3))
+
+            assert await utc("duration:>700000") == [(0, 1), (1, 2), (0, 1)]  # j ll
+            assert await utc("duration:[604800 TO 700000]") == [(0, 2), (0, 1), (0, 0)]  # k p
+            assert await utc("duration:[605000 TO 650000]") == [(0, 1), (0, 1), (0, 0)]  # p
+            assert await utc("NOT duration:>700000") == [(1, 4), (0, 2), (0, 1)]  # k m n p
+            assert await utc("duration:>700000 OR exit_code:1") == [(1, 2), (1, 2), (0, 1)]
+            assert await _both(conn, org, _hq("duration:>700000", "Europe/Berlin",
+                                              datetime(2026, 4, 6), 2)) == [(0, 1), (1, 2)]  # fmt: skip
+        finally:
+            await conn.close()
+
+    run(go())
+
+
 # -- random sessions around the edges vs the plain-Python count ---------------------------------
 
 ANCHOR = datetime(2026, 3, 31, 22, tzinfo=UTC)  # near a month's end: windows use months
@@ -199,7 +231,11 @@ def sessions(draw: st.DrawFn) -> Spec:
 
 
 def threshold() -> st.SearchStrategy[float]:
-    return st.one_of(near_edge(), st.integers(0, 700000).map(float))
+    return st.one_of(
+        near_edge(),
+        st.integers(0, 700000).map(float),
+        st.sampled_from([605000.0, 650000.0, 700000.0, 1e6, 2e6]),  # inside the last bucket
+    )
 
 
 def lasted(test: Callable[[float], bool]) -> Pred:

@@ -68,6 +68,7 @@ ROLLUP_TABLES = {
 TOTAL_TABLE = "rollup_sessions_total"
 LOOK_BACK = timedelta(hours=24)
 BASELINE = -1  # bin index of the pieces before the range (sessions open at its start)
+INF = float("inf")
 
 # -- report sources ----------------------------------------------------------------------------
 REPORT_CONN, REPORT_USER = "redactions", "redactions_user"
@@ -273,10 +274,8 @@ SELECT {BASELINE}$cols, count(*), 0
 # or open sessions qualify for the second, which the partial index sessions_org_long holds (its
 # predicate, verbatim, lets it be used).
 RECENT = Template("s.start_date >= $since AND s.start_date < $at")
-LONG_OR_OPEN = Template(
-    "(s.end_date IS NULL OR s.end_date - s.start_date > interval '24 hours')"
-    " AND s.start_date < $since"
-)
+LONG = "(s.end_date IS NULL OR s.end_date - s.start_date > interval '24 hours')"
+LONG_OR_OPEN = Template(LONG + " AND s.start_date < $since")
 # The top-N's per-bin counts per user: one read per (piece, top user) pair, each an equality
 # on the user and a range on the bucket: always the (org, grain, user, bucket) index
 # rollup_sessions_user_by_user. (With `user = any(top)` the planner read whole months of every
@@ -397,39 +396,71 @@ SELECT {BASELINE}, count(*), 0
         WHERE $scope AND $expr = b.bucket
           AND s.start_date >= $at::timestamptz - b.longest * interval '1 second'
           AND s.start_date < $at AND s.end_date >= $at AND $filters OFFSET 0) x""")
+# The last bucket (a week or more) has no longest duration, so its ends and the sessions open
+# at $at have no range of start times: the bucket's sessions that started before are read once
+# (not once per bin), then the ends put in their bins. The planner takes them from that
+# bucket's range of sessions_org_duration or from the partial index sessions_org_long (its
+# predicate, verbatim: every session of the bucket is longer than 24 h); either holds only
+# long sessions, a small share of an org's history.
+PARTIAL_ENDS_LONG = Template(f"""
+SELECT p.bin, 0, count(*)
+  FROM (SELECT s.end_date AS at FROM sessions s
+         WHERE $scope AND {LONG} AND $expr = any($bucket::int[])
+           AND s.start_date <= $last::timestamptz - $shortest::float8 * interval '1 second'
+           AND s.end_date >= $first AND s.end_date < $last AND $filters OFFSET 0) x
+  JOIN unnest($lo::timestamptz[], $hi::timestamptz[], $bin::int[]) AS p(lo, hi, bin)
+    ON x.at >= p.lo AND x.at < p.hi
+ GROUP BY 1""")
+PARTIAL_OPEN_AT_LONG = Template(f"""
+SELECT {BASELINE}, count(*), 0
+  FROM sessions s
+ WHERE $scope AND {LONG} AND $expr = any($bucket::int[]) AND s.start_date < $at
+   AND s.end_date >= $at AND $filters""")
 
 
 def _partial_parts(
     spec: CountSpec, intervals: Sequence[tuple[datetime, datetime, int]], open_at: datetime | None
 ) -> list[Sql]:
     """Starts, ends (and the sessions open at `open_at`) of the sessions in the buckets
-    `spec.q` leaves partial, matching the whole `q`, per interval. Buckets with a finite width
-    are read by bucket from sessions_org_duration; the two unbounded ones (negative durations,
-    a week or more) like any base-table count, by start and end time over the window."""
+    `spec.q` leaves partial, matching the whole `q`, per interval, from the sessions table:
+    by bucket from sessions_org_duration; the ends and the open ones of the last bucket (a
+    week or more) from sessions_org_long; those of negative durations (which ingest refuses)
+    like any base-table count, by start and end time over the window."""
     partial = _partial(spec)
     if not partial:
         return []
     assert not spec.groups and spec.top is None, "rollup_outcomes answers plain counts only"
     widths = buckets_of(FIELDS["duration"].edges)
-    bounded = [b for b in partial if all(abs(x) != float("inf") for x in widths[b])]
-    unbounded = [b for b in partial if b not in bounded]
+    bounded = [k for k in partial if widths[k][0] > -INF and widths[k][1] < INF]
+    # Every session of these is long enough for sessions_org_long (> 24 hours).
+    long = [k for k in partial if widths[k][1] == INF and widths[k][0] > LOOK_BACK.total_seconds()]
+    rest = [k for k in partial if k not in bounded and k not in long]
     scope = spec.who.scope(Where(), "s").sql()
     expr = Sql(rollups.DURATION_BUCKET)
     filters = compile_q(spec.q, BASE)
+    common = dict(scope=scope, expr=expr, filters=filters)
+    lo, hi, b = [x[0] for x in intervals], [x[1] for x in intervals], [x[2] for x in intervals]
     out: list[Sql] = []
+    if intervals and (bounded or long):
+        out.append(PARTIAL_STARTS(lo=lo, hi=hi, bin=b, bucket=bounded + long, **common))
     if bounded:
-        lo, hi, b = [x[0] for x in intervals], [x[1] for x in intervals], [x[2] for x in intervals]
-        shortest = [widths[k][0] for k in bounded]
-        longest = [widths[k][1] for k in bounded]
-        common = dict(scope=scope, expr=expr, filters=filters, bucket=list(bounded))
+        shortest, longest = [widths[k][0] for k in bounded], [widths[k][1] for k in bounded]
         if intervals:
-            out.append(PARTIAL_STARTS(lo=lo, hi=hi, bin=b, **common))
-            out.append(PARTIAL_ENDS(lo=lo, hi=hi, bin=b, shortest=shortest, longest=longest,
-                                    **common))  # fmt: skip
+            out.append(PARTIAL_ENDS(lo=lo, hi=hi, bin=b, bucket=bounded, longest=longest,
+                                    shortest=shortest, **common))  # fmt: skip
         if open_at is not None:
-            out.append(PARTIAL_OPEN_AT(at=param(open_at), longest=longest, **common))
-    if unbounded:
-        only = filters + q(f" AND {rollups.DURATION_BUCKET} = any($b::int[])", b=unbounded)
+            out.append(PARTIAL_OPEN_AT(at=param(open_at), bucket=bounded, longest=longest,
+                                       **common))  # fmt: skip
+    if long:
+        if intervals:
+            out.append(PARTIAL_ENDS_LONG(
+                lo=lo, hi=hi, bin=b, bucket=long, first=min(lo), last=max(hi),
+                shortest=min(widths[k][0] for k in long), **common,
+            ))  # fmt: skip
+        if open_at is not None:
+            out.append(PARTIAL_OPEN_AT_LONG(at=param(open_at), bucket=long, **common))
+    if rest:
+        only = filters + q(f" AND {rollups.DURATION_BUCKET} = any($b::int[])", b=rest)
         pieces = [Piece(RAW, lo, hi, b) for lo, hi, b in intervals]
         out += _base_parts(spec, pieces, only)
         if open_at is not None:
