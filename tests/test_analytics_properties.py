@@ -51,6 +51,8 @@ PROTOCOLS = ["postgres", "ssh", "rdp"]
 EMAILS = ["ana@x.example", "ANA@x.example", "bo@x.example", "cy@x.example"]
 REVIEWS = [None, None, "APPROVED", "PENDING", "REJECTED"]
 INFO_TYPES = ["EMAIL_ADDRESS", "PHONE_NUMBER", "IBAN_CODE"]
+ROLES = ["dba", "dev", "ops-1", "ops-2"]
+RESOURCES = [None, "", "db-a", "db-b", "web"]  # None: not sent (NULL)
 VIEWER = "ana@x.example"
 
 
@@ -99,6 +101,8 @@ def sessions(draw: st.DrawFn, anchor: datetime) -> Spec:
         review_status=draw(st.sampled_from(REVIEWS)),
         redactions=tuple(reds),
         exit_code=draw(st.sampled_from([0, 0, 1, 2, 137])),
+        role=draw(st.sampled_from(ROLES)),
+        resource=draw(st.sampled_from(RESOURCES)),
     )
 
 
@@ -143,6 +147,20 @@ def q_terms(draw: st.DrawFn, anchor: datetime, depth: int = 0) -> tuple[str, Pre
     x = draw(st.sampled_from([0, 1, 137]))
     leaves.append((f"exit_code:{x}", lambda s: s.end is not None and s.exit_code == x))
     leaves.append(("exit_code:>=1", lambda s: s.end is not None and s.exit_code >= 1))
+    # Role and resource (rollup_names when alone); a resource never sent is no value.
+    ro = draw(st.sampled_from(["dba", "ops-*", "d?v", "*"]))
+    if ro == "*":
+        leaves.append(("role:*", lambda s: s.role_name != ""))
+    else:
+        leaves.append((f"role:{ro}", lambda s: fnmatch.fnmatchcase(s.role_name, ro)))
+    leaves.append(("role:(dba OR ops-2)", lambda s: s.role_name in ("dba", "ops-2")))
+    rs = draw(st.sampled_from(["db-a", "db-*", "*", '"web"']))
+    if rs == "*":
+        leaves.append(("resource:*", lambda s: bool(s.resource)))
+    else:
+        leaves.append(
+            (f"resource:{rs}", lambda s: fnmatch.fnmatchcase(s.resource or "", rs.strip('"')))
+        )
     text, pred = draw(st.sampled_from(leaves))
     if depth >= 2 or draw(st.booleans()):
         return text, pred
@@ -171,10 +189,12 @@ def worlds(draw: st.DrawFn) -> World:
     # Some sessions were first reported open, on another connection and by another protocol,
     # then closed with their final values: their contributions must move.
     # Some drafts of sessions that end had already ended, with another duration and exit code.
+    # Drafts name another role and resource (a resource not sent later keeps the stored one).
     drafts = [
         replace(s, end=None if s.end is None or draw(st.booleans()) else s.start + timedelta(hours=1),
                 exit_code=7, redactions=(), review_status=None, connection="pg-prod",
-                type="database", subtype="postgres")
+                type="database", subtype="postgres", role="draft",
+                resource=None if s.resource is None else "db-draft")
         for s in specs
         if draw(st.booleans())
     ]  # fmt: skip
