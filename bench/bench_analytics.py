@@ -409,7 +409,8 @@ def build_cases(ctx: Ctx, today: date) -> list[Case]:
         ("histogram day/30d q=duration:>=3600", None, {"field": "protocol", "bin_size": "day", "q": "duration:>=3600", **month}),
         ("histogram day/30d q=exit_code:1 OR duration:<60", None, {"field": "protocol", "bin_size": "day", "q": "exit_code:1 OR duration:<60", **month}),
         ("histogram day/30d q=duration:>3600 (off the edges)", None, {"field": "protocol", "bin_size": "day", "q": "duration:>3600", **month}),
-        ("histogram day/30d q=role:ssh-1* (base table)", None, {"field": "protocol", "bin_size": "day", "q": "role:ssh-1*", **month}),
+        ("histogram day/30d q=role:ssh-1*", None, {"field": "protocol", "bin_size": "day", "q": "role:ssh-1*", **month}),
+        ("histogram day/30d q=resource:db-0*", None, {"field": "protocol", "bin_size": "day", "q": "resource:db-0*", **month}),
         ("histogram day/30d time_zone=Europe/Berlin", None, {"field": "protocol", "bin_size": "day", "time_zone": "Europe/Berlin", **month}),
     ):  # fmt: skip
         cases.append(histogram_case(ctx, name, target, params))
