@@ -79,6 +79,8 @@ class Family:
     grains: tuple[int, ...] = (DAY, MONTH)
     # The primary key's column order when it is not `key`'s (ingest upserts in this order).
     pk: tuple[str, ...] = ()
+    # Captured only (no table of its name): the delta table's columns, instead of LIKE table.
+    delta_columns: str = ""
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -218,9 +220,10 @@ OUTCOMES = Family(
 # `resource` alone (store.plan) reads a few rows per day. Values exactly as the base table
 # compares them (fields.FIELDS[...].sql[BASE]: a NULL resource is '', which `resource:*` does
 # not match there either). Captured per session (the cube has neither field to derive them
-# from). Rows per org and day: distinct roles + distinct resources that day — at most the
-# day's sessions, whatever the cardinality. The key puts `field` before `bucket`, so reading
-# one field's days skips the other field's rows (many resources must not slow `q=role:…`).
+# from: ingest captures (role, resource) pairs, NAME_PAIRS below). Rows per org and day:
+# distinct roles + distinct resources that day — at most two per session, whatever the
+# cardinality. The key puts `field` before `bucket`, so reading one field's days skips the
+# other field's rows (many resources must not slow `q=role:…`).
 NAME_FIELDS = ("role", "resource")
 NAMES = Family(
     table="rollup_names",
@@ -233,14 +236,30 @@ NAMES = Family(
     where="t.at IS NOT NULL",
     pk=("org_id", "grain", "field", "bucket", "value"),
 )
+# What ingest captures for rollup_names: starts/ends per (role, resource) pair and day, one
+# row per session and time, unpivoted into NAMES' (field, value) rows when applied (capturing
+# the unpivoted rows, two per session and time, cost twice as much: 4.4 against 2.4 µs per
+# session, docs/benchmarks.md). No table: deltas only.
+NAME_PAIRS = Family(
+    table="rollup_names_pairs",
+    dims=tuple((name, FIELDS[name].sql[BASE]) for name in NAME_FIELDS),
+    measures=(("starts", "t.st"), ("ends", "t.en")),
+    lateral=_START_END,
+    where="t.at IS NOT NULL",
+    delta_columns="org_id uuid, grain smallint, bucket timestamptz, "
+    + ", ".join(f"{name} text" for name in NAME_FIELDS)
+    + ", starts integer, ends integer",
+)
 FAMILIES = (
     SESSIONS, SESSIONS_TOTAL, SESSIONS_USER, REDACTIONS, REDACTIONS_USER, VALUES, OUTCOMES, NAMES
 )  # fmt: skip
 # What ingest captures per chunk. VALUES is derived from the cube's deltas when they are
 # applied (each field's totals are sums over the cube's rows): unpivoting every session into
 # six (field, value) rows per chunk cost ingest a tenth of its rate, the aggregated deltas
-# almost nothing. NAMES has no such source: two (field, value) rows per session and time.
-CAPTURED = (SESSIONS, SESSIONS_TOTAL, SESSIONS_USER, REDACTIONS, REDACTIONS_USER, OUTCOMES, NAMES)
+# almost nothing. NAMES likewise from NAME_PAIRS.
+CAPTURED = (
+    SESSIONS, SESSIONS_TOTAL, SESSIONS_USER, REDACTIONS, REDACTIONS_USER, OUTCOMES, NAME_PAIRS
+)  # fmt: skip
 
 
 def _delta_table(f: Family) -> str:
@@ -248,7 +267,8 @@ def _delta_table(f: Family) -> str:
 
 
 CREATE_DELTAS = "; ".join(
-    f"CREATE TEMP TABLE IF NOT EXISTS delta_{f.table} (LIKE {f.table}) ON COMMIT DELETE ROWS"
+    f"CREATE TEMP TABLE IF NOT EXISTS delta_{f.table} ({f.delta_columns or f'LIKE {f.table}'})"
+    " ON COMMIT DELETE ROWS"
     for f in CAPTURED
 )
 
@@ -343,8 +363,33 @@ def _apply_values_sql() -> str:
     )
 
 
+def _apply_names_sql() -> str:
+    """rollup_names from the (role, resource) deltas (finest grain) → every grain, unpivoted,
+    upserted in primary-key order (field before bucket)."""
+    f = NAMES
+    unpivot = ", ".join(f"('{name}', x.{name})" for name in NAME_FIELDS)
+    pairs = ", ".join(f"d.{name}" for name in NAME_FIELDS)
+    positions = ", ".join(str(i) for i in range(1, len(f.key) + 1))
+    updates = ", ".join(f"{c} = r.{c} + EXCLUDED.{c}" for c, _ in f.measures)
+    return (
+        f"INSERT INTO {f.table} AS r ({', '.join(f.columns)})"
+        f" SELECT x.org_id, x.grain, x.bucket, v.field, v.value, sum(x.starts), sum(x.ends)"
+        f" FROM (SELECT d.org_id, g.grain, {_bucket_sql(NAME_PAIRS)} AS bucket, {pairs},"
+        f" d.starts, d.ends FROM {_delta_table(NAME_PAIRS)} d"
+        f" CROSS JOIN {grains_sql(f.grains)} OFFSET 0) x"
+        f" CROSS JOIN LATERAL (VALUES {unpivot}) v(field, value)"
+        f" GROUP BY {positions} HAVING sum(x.starts) <> 0 OR sum(x.ends) <> 0"
+        f" ORDER BY {f.order} ON CONFLICT ({', '.join(f.key)}) DO UPDATE SET {updates}"
+    )
+
+
 assert SESSIONS.finest == VALUES.finest and VALUES.grains == SESSIONS.grains
-APPLY = (*(_apply_sql(f) for f in CAPTURED), _apply_values_sql())
+assert NAME_PAIRS.grains == NAMES.grains
+APPLY = (
+    *(_apply_sql(f) for f in CAPTURED if f is not NAME_PAIRS),
+    _apply_values_sql(),
+    _apply_names_sql(),
+)
 MARK_STALE = "INSERT INTO rollup_stale_orgs (org_id) VALUES ($1) ON CONFLICT DO NOTHING"
 IS_STALE = "SELECT EXISTS (SELECT 1 FROM rollup_stale_orgs WHERE org_id = $1)"
 
