@@ -12,7 +12,7 @@ PROTOC  = PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Ip
 
 .PHONY: all venv proto check-proto descriptor openapi check-openapi buf-lint buf-baseline lint test \
         soak test-citus fuzz run bench bench-reports bench-analytics bench-analytics-citus bench-retention \
-        bench-throughput bench-loop clean
+        bench-throughput bench-loop bench-growth clean
 
 all: venv descriptor
 
@@ -117,6 +117,11 @@ bench-reports: $(STAMP) $(DESC)
 # Aggregations at 10M sessions; the data set is kept in .bench-data-analytics/ and reused.
 bench-analytics: $(STAMP) $(DESC)
 	$(BIN)/python bench/bench_analytics.py $(BENCH_ARGS)
+
+# The rollup cases at several data sizes in one run, requests interleaved across sizes (the
+# data sets bench-analytics loaded): BENCH_ARGS="--data-dirs DIR_1M,DIR_3M,DIR_10M".
+bench-growth: $(STAMP) $(DESC)
+	$(BIN)/python bench/bench_growth.py $(BENCH_ARGS)
 
 # Requests/s of cheap calls, REST (wrk, through Envoy) and gRPC, WORKERS=2 and 1; 30 s each.
 bench-throughput: $(STAMP) $(DESC)

@@ -204,6 +204,8 @@ async def main() -> None:
     ap.add_argument("--only-ingest", action="store_true", help="skip the latency cases")
     ap.add_argument("--skip", action="append", default=[], metavar="TEXT",
                     help="skip the cases whose name contains TEXT (repeatable)")  # fmt: skip
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT",
+                    help="run only the cases whose name contains TEXT (repeatable)")  # fmt: skip
     ap.add_argument("--fresh", action="store_true", help="drop and reload the data set")
     ap.add_argument("--load-only", action="store_true", help="load the data set and stop")
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR,
@@ -267,7 +269,8 @@ async def main() -> None:
         )
         if not args.only_ingest:
             cases = [c for c in build_cases(ctx, t_end.date())
-                     if not any(text in c.name for text in args.skip)]  # fmt: skip
+                     if not any(text in c.name for text in args.skip)
+                     and (not args.only or any(text in c.name for text in args.only))]  # fmt: skip
             await run_cases(cases, args)
         if not args.skip_ingest:
             await ingest(url, conn, srv, args, t_end)
@@ -382,6 +385,7 @@ def build_cases(ctx: Ctx, today: date) -> list[Case]:
     day = timedelta(days=1)
     month_ago, year_ago = (today - 30 * day).isoformat(), (today - 364 * day).isoformat()
     two_days, end = (today - 2 * day).isoformat(), today.isoformat()
+    two_weeks = (today - 14 * day).isoformat()
     window = {"start_date": month_ago, "end_date": end}
     cases = [
         report_case(ctx, "report 30d group_by=connection", 50.0,
@@ -411,6 +415,10 @@ def build_cases(ctx: Ctx, today: date) -> list[Case]:
         ("histogram day/30d q=duration:>3600 (off the edges)", None, {"field": "protocol", "bin_size": "day", "q": "duration:>3600", **month}),
         ("histogram day/30d q=role:ssh-1*", None, {"field": "protocol", "bin_size": "day", "q": "role:ssh-1*", **month}),
         ("histogram day/30d q=resource:db-0*", None, {"field": "protocol", "bin_size": "day", "q": "resource:db-0*", **month}),
+        ("histogram day/30d q=user_id:sub-7 (pinned key)", None, {"field": "protocol", "bin_size": "day", "q": "user_id:sub-7", **month}),
+        ("histogram day/30d q=user AND protocol (base)", None, {"field": "protocol", "bin_size": "day", "q": "user:user-007@org1.example AND protocol:ssh", **month}),
+        ("histogram day/30d q=event_size:>1000 (base)", None, {"field": "protocol", "bin_size": "day", "q": "event_size:>1000", **month}),
+        ("histogram day/30d q=start:[2 weeks ago TO *] (base)", None, {"field": "protocol", "bin_size": "day", "q": f"start:[{two_weeks} TO *]", **month}),
         ("histogram day/30d time_zone=Europe/Berlin", None, {"field": "protocol", "bin_size": "day", "time_zone": "Europe/Berlin", **month}),
     ):  # fmt: skip
         cases.append(histogram_case(ctx, name, target, params))

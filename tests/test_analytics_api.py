@@ -622,12 +622,6 @@ def test_grpcurl_reaches_the_analytics_service(stack: Stack, report: dict[str, A
     assert body["total_redact_count"] == 21, body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="REST prints `values: []` without size: envoy.yaml's transcoder prints with "
-    "always_print_primitive_fields (so zero counts appear), which prints empty repeated fields "
-    "too; omitting it needs the histogram's REST answer built by the server (an HttpBody twin)",
-)
 def test_buckets_carry_values_only_with_size(stack: Stack, three: str) -> None:
     """The histogram document (seeds/003) shows buckets as {active_count, id, start_count}:
     without `size` a bucket has no `values` key (not `values: []`); with it, every bucket has
@@ -637,3 +631,80 @@ def test_buckets_carry_values_only_with_size(stack: Stack, three: str) -> None:
     assert [sorted(b) for b in plain] == [["active_count", "id", "start_count"]] * 3
     sized = get(stack, HISTOGRAM, three, field="protocol", size=1, **window)["body"]["buckets"]
     assert [sorted(b) for b in sized] == [["active_count", "id", "start_count", "values"]] * 3
+
+
+REST_VS_GRPC = [
+    {"field": "protocol", "bin_size": "hour", "start": "2026-03-02T14:00:00Z",
+     "end": "2026-03-02T17:00:00Z"},
+    {"field": "connection", "bin_size": "hour", "start": "2026-03-02T12:00:00Z",
+     "end": "2026-03-02T18:00:00Z", "size": 5},
+    {"field": "protocol", "bin_size": "day", "start": "2026-03-01", "end": "2026-03-04",
+     "time_zone": "Europe/Berlin", "size": 1, "q": "NOT verb:exec"},
+    # Sized, but nothing matches: every bucket has an empty `values`.
+    {"field": "protocol", "bin_size": "hour", "start": "2026-03-02T14:00:00Z",
+     "end": "2026-03-02T16:00:00Z", "size": 3, "q": "protocol:telnet"},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("params", REST_VS_GRPC, ids=range(len(REST_VS_GRPC)))
+def test_the_rest_histogram_is_the_grpc_answer_as_json(
+    stack: Stack, three: str, params: dict[str, Any]
+) -> None:
+    """REST's answer is rendered by the service (GetSessionHistogramJson), gRPC's is the
+    message; the reference is protobuf's own JSON mapping of the gRPC reply with the
+    transcoder's print options (proto field names, zero counts printed), minus the empty
+    `values` of buckets when there is no `size`."""
+    from google.protobuf import json_format
+
+    stub = apb_grpc.AnalyticsServiceStub(stack.channel())
+    reply = stub.GetSessionHistogram(apb.HistogramRequest(**params), metadata=auth_md(three))
+    expected = json_format.MessageToDict(
+        reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    if "size" not in params:
+        for bucket in expected["body"]["buckets"]:
+            assert bucket.pop("values") == []
+    rest = {k.replace("bin_size", "bin-size"): v for k, v in params.items()}
+    r = stack.rest("GET", HISTOGRAM, three, params=rest)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/json"
+    got = r.json()
+    for answer in (got, expected):
+        assert 0 < answer["meta"].pop("remaining_seconds") <= 60
+    assert got == expected
+    assert list(got) == ["key", "body", "meta"]
+
+
+def test_a_q_pinned_to_one_user_id_counts_ends_of_long_sessions(stack: Stack) -> None:
+    """`q=user_id:…` (or correlation_id) reads the key's own index, bounded by start: a
+    session ending in a bin either started at most a day before it, or is one of the few long
+    ones read apart (store.PINNED). E and A end long after they started; D is another user's."""
+    token = stack.token(stack.new_org("pinned"), "admin")
+
+    def nine(start: datetime, end: datetime | None, subtype: str = "ssh") -> Any:
+        return Spec(start=start, end=end, subtype=subtype, user_id="sub-9",
+                    correlation_id="corr-9").to_proto()  # fmt: skip
+
+    stack.ingest(token, [
+        nine(at(10, 10), at(12, 12)),  # A, 50 h
+        nine(at(11, 23), at(12, 1)),  # B
+        nine(at(12, 5), None, "rdp"),  # C, still open
+        Spec(start=at(12, 2), end=at(12, 3), subtype="ssh", user_id="sub-8",
+             correlation_id="corr-8").to_proto(),  # D
+        nine(at(1, 0), at(13, 6)),  # E, 12 days
+    ])  # fmt: skip
+    window = {"bin-size": "day", "start": "2026-03-11T00:00:00Z", "end": "2026-03-15T00:00:00Z"}
+
+    def buckets(q: str) -> list[tuple[int, int]]:
+        body = get(stack, HISTOGRAM, token, field="protocol", q=q, **window)
+        return [(b["start_count"], b["active_count"]) for b in body["body"]["buckets"]]
+
+    # Open at 11 Mar 00:00: A, E. Started: B (11th), C (12th). Ended: A, B (12th), E (13th).
+    # Active = open at start + started by the bin's end - ended before its start:
+    # 11th 2+1-0, 12th 2+2-0, 13th 2+2-2, 14th 2+2-3.
+    expected = [(1, 3), (1, 4), (0, 2), (0, 1)]
+    assert buckets("user_id:sub-9") == expected
+    assert buckets("correlation_id:corr-9") == expected
+    assert buckets("user_id:(sub-9 OR sub-7)") == expected
+    # Only ssh (A, B, E): 11th 2+1-0, 12th 2+1-0, 13th 2+1-2, 14th 2+1-3.
+    assert buckets("user_id:sub-9 AND protocol:ssh") == [(1, 3), (0, 3), (0, 1), (0, 0)]

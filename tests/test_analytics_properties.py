@@ -103,6 +103,8 @@ def sessions(draw: st.DrawFn, anchor: datetime) -> Spec:
         exit_code=draw(st.sampled_from([0, 0, 1, 2, 137])),
         role=draw(st.sampled_from(ROLES)),
         resource=draw(st.sampled_from(RESOURCES)),
+        user_id=draw(st.sampled_from(["sub-1", "sub-2"])),
+        correlation_id=draw(st.sampled_from([None, "c-1", "c-2"])),
     )
 
 
@@ -126,6 +128,12 @@ def q_terms(draw: st.DrawFn, anchor: datetime, depth: int = 0) -> tuple[str, Pre
         leaves.append((f"review_status:{r}", lambda s: s.review_status == r.upper()))
     u = draw(st.sampled_from(["ANA@x.example", "bo*", "C?@x.example"]))
     leaves.append((f"user:{u}", lambda s: fnmatch.fnmatchcase(s.email.lower(), u.lower())))
+    # Keys with their own index: a q pinned to one value reads ends by start (store.PINNED).
+    uid = draw(st.sampled_from(["sub-1", "sub-2"]))
+    leaves.append((f"user_id:{uid}", lambda s: s.user_id == uid))
+    leaves.append(("user_id:(sub-1 OR sub-3)", lambda s: s.user_id in ("sub-1", "sub-3")))
+    corr = draw(st.sampled_from(["c-1", "c-2"]))
+    leaves.append((f"correlation_id:{corr}", lambda s: s.correlation_id == corr))
     lo = anchor + draw(offsets(2 * 1440))
     # An offset's "+" is Lucene syntax: such times go in quotes; Z needs none.
     bound = draw(st.sampled_from([lo.strftime("%Y-%m-%dT%H:%M:%SZ"), f'"{lo.isoformat()}"']))

@@ -25,7 +25,7 @@ def sql(q: str, source: str = BASE) -> tuple[str, list[Any]]:
 def test_values_are_parameters_never_sql() -> None:
     text, args = sql('connection:"pg\'; DROP TABLE sessions; --"')
     assert "DROP" not in text and args == ["pg'; DROP TABLE sessions; --"]
-    assert text == "coalesce(s.connection = $1::text, false)"
+    assert text == "s.connection = $1::text"
 
 
 def test_wildcards_become_escaped_like_patterns() -> None:
@@ -37,18 +37,32 @@ def test_wildcards_become_escaped_like_patterns() -> None:
     text, _ = sql("connection:pg*")
     assert "LIKE $1::text ESCAPE '\\'" in text
     # A quoted phrase is exact, stars and all.
-    assert sql('connection:"pg*"') == ("coalesce(s.connection = $1::text, false)", ["pg*"])
+    assert sql('connection:"pg*"') == ("s.connection = $1::text", ["pg*"])
 
 
 def test_user_and_enums_ignore_case() -> None:
     assert sql("user:Ana@X.Example")[1] == ["ana@x.example"]
     assert sql("user:ANA*", USER) == (
-        "coalesce(r.user_key LIKE $1::text ESCAPE '\\', false)",
+        "r.user_key LIKE $1::text ESCAPE '\\'",
         ["ana%"],
     )
-    assert sql("verb:EXEC", CUBE) == ("coalesce(r.verb = any($1::text[]), false)", [["exec"]])
+    assert sql("verb:EXEC", CUBE) == ("r.verb = any($1::text[])", [["exec"]])
     assert sql("review_status:app*")[1] == [["APPROVED"]]
-    assert sql("status:*")[0] == "coalesce(s.status <> '', false)"
+    assert sql("status:*")[0] == "s.status <> ''"
+
+
+def test_comparisons_with_null_are_false_only_under_not() -> None:
+    """Outside NOT a comparison stays bare (NULL and false select the same rows of a WHERE,
+    and an index on the column can serve it); under NOT a NULL must count as false, so that
+    `NOT exit_code:0` keeps the sessions without an exit code."""
+    assert sql("user_id:sub-7 AND exit_code:0")[0] == (
+        "((s.user_id = $1::text) AND (s.exit_code = $2::float8))"
+    )
+    assert sql("NOT exit_code:0")[0] == "NOT (coalesce(s.exit_code = $1::float8, false))"
+    assert sql("protocol:ssh OR NOT (exit_code:0 AND end:*)")[0] == (
+        "((s.connection_subtype = $1::text) OR (NOT (((coalesce(s.exit_code = $2::float8, false))"
+        " AND (coalesce(s.end_date IS NOT NULL, false))))))"
+    )
 
 
 def test_boolean_structure_and_field_groups() -> None:
@@ -65,7 +79,7 @@ def test_ranges_on_times_and_numbers() -> None:
     berlin = parse_q("start:[2026-03-01 TO *]", ZoneInfo("Europe/Berlin"))
     assert berlin is not None
     assert compile_q(berlin, BASE).render()[1] == [datetime(2026, 2, 28, 23, tzinfo=UTC)]
-    assert sql("end:[* TO *]")[0] == "coalesce(s.end_date IS NOT NULL, false)"
+    assert sql("end:[* TO *]")[0] == "s.end_date IS NOT NULL"
 
 
 def test_sources_that_can_answer() -> None:

@@ -76,6 +76,8 @@ class Route:
     response: str
     body: str  # "" | "*" | a field name
     body_message: str  # full name of the message the JSON body is read as ("" = none)
+    # An `XJson` RPC answering google.api.HttpBody with X's answer as JSON: X's response type.
+    json_response: str
     server_streaming: bool
     path_params: list[str] = field(default_factory=list)
     query: list[tuple[str, FD, str]] = field(default_factory=list)  # (name, field, comment)
@@ -142,10 +144,15 @@ class Contract:
                 twin = by_name.get((svc, method.name.removesuffix("Json")))
                 if method.name.endswith("Json") and twin is not None:
                     body_message = twin.input_type.lstrip(".")
+            json_response = ""
+            twin = by_name.get((svc, method.name.removesuffix("Json")))
+            if method.name.endswith("Json") and twin is not None and not rule.body:
+                json_response = twin.output_type.lstrip(".")
             route = Route(
                 verb=verb, template=template, service=svc, method=method.name, comment=comment,
                 request=request, response=method.output_type.lstrip("."), body=rule.body,
-                body_message=body_message, server_streaming=method.server_streaming,
+                body_message=body_message, json_response=json_response,
+                server_streaming=method.server_streaming,
             )  # fmt: skip
             route.path_params = re.findall(r"\{([^}=]+)", template)
             # A raw-body RPC's other fields (path ids) are not query parameters.
@@ -318,8 +325,14 @@ class Builder:
                 "required": True,
                 "content": {"application/json": {"schema": _ref(route.body_message)}},
             }
-        if route.response == "google.api.HttpBody":
+        if route.json_response:
+            self.message(route.json_response)
             ok: dict[str, Any] = {
+                "description": "OK",
+                "content": {"application/json": {"schema": _ref(route.json_response)}},
+            }
+        elif route.response == "google.api.HttpBody":
+            ok = {
                 "description": "The file, streamed.",
                 "content": {
                     t: {"schema": {"type": "string", "format": "binary"}} for t in DOWNLOAD_TYPES

@@ -453,19 +453,38 @@ def exact_on(query: Query | None, source: str) -> bool:
     return walk(query.root)
 
 
+def pinned_by(query: Query | None, names: frozenset[str]) -> bool:
+    """Whether every match of `query` must have one of a few given values of a field in
+    `names`: the query is, or is an AND of, an equality (or a list of values) on that field."""
+    if query is None:
+        return False
+    items = query.root.items if isinstance(query.root, BoolOp) and query.root.op == "and" else ()
+    return any(
+        isinstance(n, Match) and n.op in ("eq", "in") and n.field.name in names
+        for n in (query.root, *items)
+    )
+
+
 def compile_q(query: Query | None, source: str) -> Sql:
-    """A SQL condition over `source` (which must carry every field of the query)."""
+    """A SQL condition over `source` (which must carry every field of the query), for a WHERE
+    clause (a row matches when it is true; NULL counts as false)."""
     if query is None:
         return TRUE
-    return _sql(query.root, source)
+    return _sql(query.root, source, negated=False)
 
 
-def _sql(n: Node, source: str) -> Sql:
+def _sql(n: Node, source: str, *, negated: bool) -> Sql:
+    """`negated`: whether `n` sits under a NOT. Only there must a comparison with NULL (no end,
+    no exit code…) be made false: `NOT exit_code:0` matches the sessions without one. Outside
+    any NOT, AND/OR of NULL and false select the same rows in a WHERE clause, so the bare
+    comparison is kept — which lets the planner use an index on its column
+    (`user_id = $1`, not `coalesce(user_id = $1, false)`)."""
     if isinstance(n, BoolOp):
         if n.op == "not":
-            return "NOT (" + _sql(n.items[0], source) + ")"
+            return "NOT (" + _sql(n.items[0], source, negated=True) + ")"
         joiner = " AND " if n.op == "and" else " OR "
-        return "(" + join(joiner, ("(" + _sql(i, source) + ")" for i in n.items)) + ")"
+        each = ("(" + _sql(i, source, negated=negated) + ")" for i in n.items)
+        return "(" + join(joiner, each) + ")"
     col = n.field.sql[source]
     kind = n.field.kind
     if n.field.edges and source != BASE:
@@ -497,4 +516,4 @@ def _sql(n: Node, source: str) -> Sql:
             parts.append(q(f"{col} {'<=' if inc_hi else '<'} $v::{cast}", v=hi))
         cond = join(" AND ", parts)
     # NULL (no end, no exit code…) is "does not match", so NOT x matches those sessions.
-    return "coalesce(" + cond + ", false)"
+    return "coalesce(" + cond + ", false)" if negated else cond

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
+
 from session_audit.analytics.requests import HistogramQuery, StatsQuery
 from session_audit.analytics.store import HistogramResult, ReportResult, StatsResult
 from session_audit.analytics.timebins import format_instant
@@ -10,6 +14,9 @@ from session_audit.v1 import analytics_pb2 as pb
 HISTOGRAM_HREF = "/api/audit/sessions/histogram"
 STATS_HREF = "/api/audit/sessions/stats"
 PARENT = "/api/audit/sessions"
+
+# A JSON object as built here (str keys; values are text, numbers, lists and objects).
+Document = dict[str, Any]
 
 
 def report_to_proto(result: ReportResult) -> pb.SessionReport:
@@ -30,30 +37,47 @@ def report_to_proto(result: ReportResult) -> pb.SessionReport:
     return reply
 
 
+def histogram_document(hq: HistogramQuery, result: HistogramResult, remaining: float) -> Document:
+    """The answer as the JSON form of HistogramResponse (proto field names, fields in number
+    order, zero counts present): REST callers get it as is (GetSessionHistogramJson), gRPC
+    callers the message built from it, so both carry the same answer. A bucket has `values`
+    only when the request has `size` (the histogram document's buckets have no such key)."""
+    buckets: list[Document] = []
+    for k, (start, (started, active)) in enumerate(zip(hq.bins, result.buckets, strict=True)):
+        bucket: Document = {
+            "id": format_instant(start, hq.zone),
+            "start_count": started,
+            "active_count": active,
+        }
+        if hq.size is not None:
+            bucket["values"] = [
+                {"value": value, "start_count": series[k][0], "active_count": series[k][1]}
+                for value, series in zip(result.top, result.by_value, strict=True)
+            ]
+        buckets.append(bucket)
+    meta: Document = {
+        "bin_size": hq.bin_size,
+        "field": hq.field,
+        "href": HISTOGRAM_HREF,
+        "parent": PARENT,
+        "remaining_seconds": int(remaining),
+        "time_zone": hq.zone_name,
+    }
+    if hq.size is not None:
+        meta["size"] = hq.size
+    meta["start"] = format_instant(hq.start, hq.zone)
+    meta["end"] = format_instant(hq.end, hq.zone)
+    return {"key": "histogram", "body": {"buckets": buckets}, "meta": meta}
+
+
 def histogram_to_proto(
     hq: HistogramQuery, result: HistogramResult, remaining: float
 ) -> pb.HistogramResponse:
-    buckets = []
-    for k, (start, (started, active)) in enumerate(zip(hq.bins, result.buckets, strict=True)):
-        bucket = pb.HistogramBucket(
-            id=format_instant(start, hq.zone), start_count=started, active_count=active
-        )
-        for value, series in zip(result.top, result.by_value, strict=True):
-            bucket.values.add(value=value, start_count=series[k][0], active_count=series[k][1])
-        buckets.append(bucket)
-    meta = pb.HistogramMeta(
-        bin_size=hq.bin_size,
-        field=hq.field,
-        href=HISTOGRAM_HREF,
-        parent=PARENT,
-        remaining_seconds=int(remaining),
-        time_zone=hq.zone_name,
-        start=format_instant(hq.start, hq.zone),
-        end=format_instant(hq.end, hq.zone),
-    )
-    if hq.size is not None:
-        meta.size = hq.size
-    return pb.HistogramResponse(key="histogram", body=pb.HistogramBody(buckets=buckets), meta=meta)
+    return pb.HistogramResponse(**histogram_document(hq, result, remaining))
+
+
+def histogram_to_json(hq: HistogramQuery, result: HistogramResult, remaining: float) -> bytes:
+    return orjson.dumps(histogram_document(hq, result, remaining))
 
 
 def _percent(part: int, whole: int) -> float:

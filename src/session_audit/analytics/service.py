@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import grpc
+from google.api import httpbody_pb2
 
 from session_audit.analytics import requests, rows, store
 from session_audit.core.app import App
@@ -12,6 +13,8 @@ from session_audit.core.auth import READERS
 from session_audit.core.rpc import caller, roles
 from session_audit.v1 import analytics_pb2 as pb
 from session_audit.v1 import analytics_pb2_grpc as pb_grpc
+
+JSON = "application/json"
 
 
 class AnalyticsService(pb_grpc.AnalyticsServiceServicer):
@@ -34,13 +37,27 @@ class AnalyticsService(pb_grpc.AnalyticsServiceServicer):
     async def GetSessionHistogram(
         self, request: pb.HistogramRequest, context: grpc.aio.ServicerContext
     ) -> pb.HistogramResponse:
+        query, result = await self._histogram(request, context)
+        return rows.histogram_to_proto(query, result, self.app.remaining(context))
+
+    @roles(READERS, "read session histograms")
+    async def GetSessionHistogramJson(
+        self, request: pb.HistogramRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        query, result = await self._histogram(request, context)
+        data = rows.histogram_to_json(query, result, self.app.remaining(context))
+        return httpbody_pb2.HttpBody(content_type=JSON, data=data)
+
+    async def _histogram(
+        self, request: pb.HistogramRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[requests.HistogramQuery, store.HistogramResult]:
         who = caller()
         query = requests.parse_histogram(request, datetime.now(UTC))
         timeout = self.app.timeout(context)
         result = await self.app.read(
             who.token_id, lambda conn: store.histogram(conn, who, query, timeout)
         )
-        return rows.histogram_to_proto(query, result, self.app.remaining(context))
+        return query, result
 
     @roles(READERS, "read session statistics")
     async def GetSessionStats(

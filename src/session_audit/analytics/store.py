@@ -31,7 +31,7 @@ from typing import Any
 
 from session_audit.analytics import rollups
 from session_audit.analytics.fields import BASE, CUBE, FIELDS, NAMES, OUTCOMES, USER, VALUES
-from session_audit.analytics.q import Query, compile_q, exact_on
+from session_audit.analytics.q import Query, compile_q, exact_on, pinned_by
 from session_audit.analytics.requests import HistogramQuery, ReportQuery, StatsQuery
 from session_audit.analytics.timebins import (
     EPOCH,
@@ -216,6 +216,32 @@ SELECT p.bin$cols, $measures
  CROSS JOIN LATERAL (SELECT 1 AS one$inner FROM sessions s
         WHERE $scope AND s.$column >= p.lo AND s.$column < p.hi AND $filters OFFSET 0) x
  GROUP BY $positions""")
+# Ends of the sessions a `q` pins to a few values of an indexed key (PINNED): a range of the
+# end index would read every session ending in the piece and filter; the key's index
+# (org_id, key, start_date) reads only the key's sessions, but bounded by start, not end. A
+# session that ended in [lo, hi) started in [lo - LOOK_BACK, hi) (read from the key's index),
+# or earlier and then lasted over LOOK_BACK (end_date >= start_date is a table constraint):
+# those are read from the small partial index sessions_org_long (its predicate verbatim),
+# fenced from the filter so that the planner cannot pick the key's index (its whole history
+# before the piece, once per piece) instead.
+BASE_ENDS_RECENT = Template("""
+SELECT p.bin$cols, 0, count(*)
+  FROM unnest($lo::timestamptz[], $hi::timestamptz[], $bin::int[]) AS p(lo, hi, bin)
+ CROSS JOIN LATERAL (SELECT 1 AS one$inner FROM sessions s
+        WHERE $scope AND s.start_date >= p.lo - $back::interval AND s.start_date < p.hi
+          AND s.end_date >= p.lo AND s.end_date < p.hi AND $filters OFFSET 0) x
+ GROUP BY $positions""")
+BASE_ENDS_LONG = Template("""
+SELECT p.bin$cols, 0, count(*)
+  FROM unnest($lo::timestamptz[], $hi::timestamptz[], $bin::int[]) AS p(lo, hi, bin)
+ CROSS JOIN LATERAL (SELECT 1 AS one$inner FROM (SELECT * FROM sessions s
+        WHERE $scope AND (s.end_date IS NULL OR s.end_date - s.start_date > interval '24 hours')
+          AND s.start_date < p.lo - $back::interval
+          AND s.end_date >= p.lo AND s.end_date < p.hi OFFSET 0) s
+        WHERE $filters OFFSET 0) x
+ GROUP BY $positions""")
+# Keys with an (org_id, key, start_date) index (migration 0001; `id` is the primary key).
+PINNED = frozenset({"id", "user_id", "correlation_id"})
 BASE_OPEN_AT = Template(f"""
 SELECT {BASELINE}$cols, count(*), 0
   FROM sessions s
@@ -289,11 +315,15 @@ def _base_parts(spec: CountSpec, pieces: Sequence[Piece]) -> list[Sql]:
     for column, measures in _MEASURES.items():
         if column == "end_date" and not spec.ends:
             continue
-        out.append(BASE_PART(
-            cols=cols, inner=inner, measures=measures, lo=lo, hi=hi, bin=b, column=Sql(column),
+        common = dict(
+            cols=cols, inner=inner, lo=lo, hi=hi, bin=b, positions=positions,
             scope=spec.who.scope(Where(), "s").sql(), filters=_filters(spec, BASE),
-            positions=positions,
-        ))  # fmt: skip
+        )  # fmt: skip
+        if column == "end_date" and pinned_by(spec.q, PINNED):
+            back = param(LOOK_BACK)
+            out += [BASE_ENDS_RECENT(back=back, **common), BASE_ENDS_LONG(back=back, **common)]
+        else:
+            out.append(BASE_PART(measures=measures, column=Sql(column), **common))
     return out
 
 

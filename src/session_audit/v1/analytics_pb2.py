@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n session_audit/v1/analytics.proto\x12\x10session_audit.v1\x1a\x1cgoogle/api/annotations.proto\"\xa8\x01\n\x14SessionReportRequest\x12\x17\n\x0f\x63onnection_name\x18\x01 \x01(\t\x12\x12\n\nstart_date\x18\x02 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x03 \x01(\t\x12\x10\n\x08group_by\x18\x04 \x01(\t\x12\n\n\x02id\x18\x05 \x01(\t\x12\x12\n\nuser_email\x18\x06 \x01(\t\x12\x0c\n\x04verb\x18\x07 \x01(\t\x12\x11\n\ttime_zone\x18\x08 \x01(\t\"i\n\x11SessionReportItem\x12\x11\n\tinfo_type\x18\x01 \x01(\t\x12\x14\n\x0credact_total\x18\x02 \x01(\x01\x12\x10\n\x08resource\x18\x03 \x01(\t\x12\x19\n\x11transformed_bytes\x18\x04 \x01(\x01\"\x80\x01\n\rSessionReport\x12\x32\n\x05items\x18\x01 \x03(\x0b\x32#.session_audit.v1.SessionReportItem\x12\x1a\n\x12total_redact_count\x18\x02 \x01(\x01\x12\x1f\n\x17total_transformed_bytes\x18\x03 \x01(\x01\"\xa4\x01\n\x10HistogramRequest\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x1a\n\x08\x62in_size\x18\x02 \x01(\tR\x08\x62in-size\x12\r\n\x05start\x18\x03 \x01(\t\x12\x0b\n\x03\x65nd\x18\x04 \x01(\t\x12\x11\n\x04size\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\t\n\x01q\x18\x06 \x01(\t\x12\x11\n\ttime_zone\x18\x07 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x08 \x01(\tB\x07\n\x05_size\"O\n\x13HistogramValueCount\x12\r\n\x05value\x18\x01 \x01(\t\x12\x13\n\x0bstart_count\x18\x02 \x01(\x05\x12\x14\n\x0c\x61\x63tive_count\x18\x03 \x01(\x05\"\x7f\n\x0fHistogramBucket\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bstart_count\x18\x02 \x01(\x05\x12\x14\n\x0c\x61\x63tive_count\x18\x03 \x01(\x05\x12\x35\n\x06values\x18\x04 \x03(\x0b\x32%.session_audit.v1.HistogramValueCount\"C\n\rHistogramBody\x12\x32\n\x07\x62uckets\x18\x01 \x03(\x0b\x32!.session_audit.v1.HistogramBucket\"\xb4\x01\n\rHistogramMeta\x12\x10\n\x08\x62in_size\x18\x01 \x01(\t\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0c\n\x04href\x18\x03 \x01(\t\x12\x0e\n\x06parent\x18\x04 \x01(\t\x12\x19\n\x11remaining_seconds\x18\x05 \x01(\x05\x12\x11\n\ttime_zone\x18\x06 \x01(\t\x12\x11\n\x04size\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05start\x18\x08 \x01(\t\x12\x0b\n\x03\x65nd\x18\t \x01(\tB\x07\n\x05_size\"~\n\x11HistogramResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12-\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x1f.session_audit.v1.HistogramBody\x12-\n\x04meta\x18\x03 \x01(\x0b\x32\x1f.session_audit.v1.HistogramMeta\"\x9f\x01\n\x13SessionStatsRequest\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x12\n\nsub_fields\x18\x02 \x01(\t\x12\x11\n\x04size\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\t\n\x01q\x18\x04 \x01(\t\x12\r\n\x05start\x18\x05 \x01(\t\x12\x0b\n\x03\x65nd\x18\x06 \x01(\t\x12\x11\n\ttime_zone\x18\x07 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x08 \x01(\tB\x07\n\x05_size\"E\n\x14SessionStatsSubValue\x12\r\n\x05value\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x0f\n\x07percent\x18\x03 \x01(\x01\"\x97\x01\n\x11SessionStatsValue\x12\r\n\x05value\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x0f\n\x07percent\x18\x03 \x01(\x01\x12:\n\nsub_values\x18\x04 \x03(\x0b\x32&.session_audit.v1.SessionStatsSubValue\x12\x17\n\x0fsub_other_count\x18\x05 \x01(\x05\"k\n\x10SessionStatsBody\x12\r\n\x05total\x18\x01 \x01(\x05\x12\x33\n\x06values\x18\x02 \x03(\x0b\x32#.session_audit.v1.SessionStatsValue\x12\x13\n\x0bother_count\x18\x03 \x01(\x05\"\xab\x01\n\x10SessionStatsMeta\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x12\n\nsub_fields\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x05\x12\r\n\x05start\x18\x04 \x01(\t\x12\x0b\n\x03\x65nd\x18\x05 \x01(\t\x12\x11\n\ttime_zone\x18\x06 \x01(\t\x12\x0c\n\x04href\x18\x07 \x01(\t\x12\x0e\n\x06parent\x18\x08 \x01(\t\x12\x19\n\x11remaining_seconds\x18\t \x01(\x05\"\x87\x01\n\x14SessionStatsResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x30\n\x04\x62ody\x18\x02 \x01(\x0b\x32\".session_audit.v1.SessionStatsBody\x12\x30\n\x04meta\x18\x03 \x01(\x0b\x32\".session_audit.v1.SessionStatsMeta2\x9c\x03\n\x10\x41nalyticsService\x12z\n\x10GetSessionReport\x12&.session_audit.v1.SessionReportRequest\x1a\x1f.session_audit.v1.SessionReport\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/api/reports/sessions\x12\x85\x01\n\x13GetSessionHistogram\x12\".session_audit.v1.HistogramRequest\x1a#.session_audit.v1.HistogramResponse\"%\x82\xd3\xe4\x93\x02\x1f\x12\x1d/api/audit/sessions/histogram\x12\x83\x01\n\x0fGetSessionStats\x12%.session_audit.v1.SessionStatsRequest\x1a&.session_audit.v1.SessionStatsResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/api/audit/sessions/statsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n session_audit/v1/analytics.proto\x12\x10session_audit.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\"\xa8\x01\n\x14SessionReportRequest\x12\x17\n\x0f\x63onnection_name\x18\x01 \x01(\t\x12\x12\n\nstart_date\x18\x02 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x03 \x01(\t\x12\x10\n\x08group_by\x18\x04 \x01(\t\x12\n\n\x02id\x18\x05 \x01(\t\x12\x12\n\nuser_email\x18\x06 \x01(\t\x12\x0c\n\x04verb\x18\x07 \x01(\t\x12\x11\n\ttime_zone\x18\x08 \x01(\t\"i\n\x11SessionReportItem\x12\x11\n\tinfo_type\x18\x01 \x01(\t\x12\x14\n\x0credact_total\x18\x02 \x01(\x01\x12\x10\n\x08resource\x18\x03 \x01(\t\x12\x19\n\x11transformed_bytes\x18\x04 \x01(\x01\"\x80\x01\n\rSessionReport\x12\x32\n\x05items\x18\x01 \x03(\x0b\x32#.session_audit.v1.SessionReportItem\x12\x1a\n\x12total_redact_count\x18\x02 \x01(\x01\x12\x1f\n\x17total_transformed_bytes\x18\x03 \x01(\x01\"\xa4\x01\n\x10HistogramRequest\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x1a\n\x08\x62in_size\x18\x02 \x01(\tR\x08\x62in-size\x12\r\n\x05start\x18\x03 \x01(\t\x12\x0b\n\x03\x65nd\x18\x04 \x01(\t\x12\x11\n\x04size\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\t\n\x01q\x18\x06 \x01(\t\x12\x11\n\ttime_zone\x18\x07 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x08 \x01(\tB\x07\n\x05_size\"O\n\x13HistogramValueCount\x12\r\n\x05value\x18\x01 \x01(\t\x12\x13\n\x0bstart_count\x18\x02 \x01(\x05\x12\x14\n\x0c\x61\x63tive_count\x18\x03 \x01(\x05\"\x7f\n\x0fHistogramBucket\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bstart_count\x18\x02 \x01(\x05\x12\x14\n\x0c\x61\x63tive_count\x18\x03 \x01(\x05\x12\x35\n\x06values\x18\x04 \x03(\x0b\x32%.session_audit.v1.HistogramValueCount\"C\n\rHistogramBody\x12\x32\n\x07\x62uckets\x18\x01 \x03(\x0b\x32!.session_audit.v1.HistogramBucket\"\xb4\x01\n\rHistogramMeta\x12\x10\n\x08\x62in_size\x18\x01 \x01(\t\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0c\n\x04href\x18\x03 \x01(\t\x12\x0e\n\x06parent\x18\x04 \x01(\t\x12\x19\n\x11remaining_seconds\x18\x05 \x01(\x05\x12\x11\n\ttime_zone\x18\x06 \x01(\t\x12\x11\n\x04size\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05start\x18\x08 \x01(\t\x12\x0b\n\x03\x65nd\x18\t \x01(\tB\x07\n\x05_size\"~\n\x11HistogramResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12-\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x1f.session_audit.v1.HistogramBody\x12-\n\x04meta\x18\x03 \x01(\x0b\x32\x1f.session_audit.v1.HistogramMeta\"\x9f\x01\n\x13SessionStatsRequest\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x12\n\nsub_fields\x18\x02 \x01(\t\x12\x11\n\x04size\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\t\n\x01q\x18\x04 \x01(\t\x12\r\n\x05start\x18\x05 \x01(\t\x12\x0b\n\x03\x65nd\x18\x06 \x01(\t\x12\x11\n\ttime_zone\x18\x07 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x08 \x01(\tB\x07\n\x05_size\"E\n\x14SessionStatsSubValue\x12\r\n\x05value\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x0f\n\x07percent\x18\x03 \x01(\x01\"\x97\x01\n\x11SessionStatsValue\x12\r\n\x05value\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x0f\n\x07percent\x18\x03 \x01(\x01\x12:\n\nsub_values\x18\x04 \x03(\x0b\x32&.session_audit.v1.SessionStatsSubValue\x12\x17\n\x0fsub_other_count\x18\x05 \x01(\x05\"k\n\x10SessionStatsBody\x12\r\n\x05total\x18\x01 \x01(\x05\x12\x33\n\x06values\x18\x02 \x03(\x0b\x32#.session_audit.v1.SessionStatsValue\x12\x13\n\x0bother_count\x18\x03 \x01(\x05\"\xab\x01\n\x10SessionStatsMeta\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x12\n\nsub_fields\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x05\x12\r\n\x05start\x18\x04 \x01(\t\x12\x0b\n\x03\x65nd\x18\x05 \x01(\t\x12\x11\n\ttime_zone\x18\x06 \x01(\t\x12\x0c\n\x04href\x18\x07 \x01(\t\x12\x0e\n\x06parent\x18\x08 \x01(\t\x12\x19\n\x11remaining_seconds\x18\t \x01(\x05\"\x87\x01\n\x14SessionStatsResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x30\n\x04\x62ody\x18\x02 \x01(\x0b\x32\".session_audit.v1.SessionStatsBody\x12\x30\n\x04meta\x18\x03 \x01(\x0b\x32\".session_audit.v1.SessionStatsMeta2\xf0\x03\n\x10\x41nalyticsService\x12z\n\x10GetSessionReport\x12&.session_audit.v1.SessionReportRequest\x1a\x1f.session_audit.v1.SessionReport\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/api/reports/sessions\x12^\n\x13GetSessionHistogram\x12\".session_audit.v1.HistogramRequest\x1a#.session_audit.v1.HistogramResponse\x12z\n\x17GetSessionHistogramJson\x12\".session_audit.v1.HistogramRequest\x1a\x14.google.api.HttpBody\"%\x82\xd3\xe4\x93\x02\x1f\x12\x1d/api/audit/sessions/histogram\x12\x83\x01\n\x0fGetSessionStats\x12%.session_audit.v1.SessionStatsRequest\x1a&.session_audit.v1.SessionStatsResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/api/audit/sessions/statsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,40 +35,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ANALYTICSSERVICE'].methods_by_name['GetSessionReport']._loaded_options = None
   _globals['_ANALYTICSSERVICE'].methods_by_name['GetSessionReport']._serialized_options = b'\202\323\344\223\002\027\022\025/api/reports/sessions'
-  _globals['_ANALYTICSSERVICE'].methods_by_name['GetSessionHistogram']._loaded_options = None
-  _globals['_ANALYTICSSERVICE'].methods_by_name['GetSessionHistogram']._serialized_options = b'\202\323\344\223\002\037\022\035/api/audit/sessions/histogram'
+  _globals['_ANALYTICSSERVICE'].methods_by_name['GetSessionHistogramJson']._loaded_options = None
+  _globals['_ANALYTICSSERVICE'].methods_by_name['GetSessionHistogramJson']._serialized_options = b'\202\323\344\223\002\037\022\035/api/audit/sessions/histogram'
   _globals['_ANALYTICSSERVICE'].methods_by_name['GetSessionStats']._loaded_options = None
   _globals['_ANALYTICSSERVICE'].methods_by_name['GetSessionStats']._serialized_options = b'\202\323\344\223\002\033\022\031/api/audit/sessions/stats'
-  _globals['_SESSIONREPORTREQUEST']._serialized_start=85
-  _globals['_SESSIONREPORTREQUEST']._serialized_end=253
-  _globals['_SESSIONREPORTITEM']._serialized_start=255
-  _globals['_SESSIONREPORTITEM']._serialized_end=360
-  _globals['_SESSIONREPORT']._serialized_start=363
-  _globals['_SESSIONREPORT']._serialized_end=491
-  _globals['_HISTOGRAMREQUEST']._serialized_start=494
-  _globals['_HISTOGRAMREQUEST']._serialized_end=658
-  _globals['_HISTOGRAMVALUECOUNT']._serialized_start=660
-  _globals['_HISTOGRAMVALUECOUNT']._serialized_end=739
-  _globals['_HISTOGRAMBUCKET']._serialized_start=741
-  _globals['_HISTOGRAMBUCKET']._serialized_end=868
-  _globals['_HISTOGRAMBODY']._serialized_start=870
-  _globals['_HISTOGRAMBODY']._serialized_end=937
-  _globals['_HISTOGRAMMETA']._serialized_start=940
-  _globals['_HISTOGRAMMETA']._serialized_end=1120
-  _globals['_HISTOGRAMRESPONSE']._serialized_start=1122
-  _globals['_HISTOGRAMRESPONSE']._serialized_end=1248
-  _globals['_SESSIONSTATSREQUEST']._serialized_start=1251
-  _globals['_SESSIONSTATSREQUEST']._serialized_end=1410
-  _globals['_SESSIONSTATSSUBVALUE']._serialized_start=1412
-  _globals['_SESSIONSTATSSUBVALUE']._serialized_end=1481
-  _globals['_SESSIONSTATSVALUE']._serialized_start=1484
-  _globals['_SESSIONSTATSVALUE']._serialized_end=1635
-  _globals['_SESSIONSTATSBODY']._serialized_start=1637
-  _globals['_SESSIONSTATSBODY']._serialized_end=1744
-  _globals['_SESSIONSTATSMETA']._serialized_start=1747
-  _globals['_SESSIONSTATSMETA']._serialized_end=1918
-  _globals['_SESSIONSTATSRESPONSE']._serialized_start=1921
-  _globals['_SESSIONSTATSRESPONSE']._serialized_end=2056
-  _globals['_ANALYTICSSERVICE']._serialized_start=2059
-  _globals['_ANALYTICSSERVICE']._serialized_end=2471
+  _globals['_SESSIONREPORTREQUEST']._serialized_start=112
+  _globals['_SESSIONREPORTREQUEST']._serialized_end=280
+  _globals['_SESSIONREPORTITEM']._serialized_start=282
+  _globals['_SESSIONREPORTITEM']._serialized_end=387
+  _globals['_SESSIONREPORT']._serialized_start=390
+  _globals['_SESSIONREPORT']._serialized_end=518
+  _globals['_HISTOGRAMREQUEST']._serialized_start=521
+  _globals['_HISTOGRAMREQUEST']._serialized_end=685
+  _globals['_HISTOGRAMVALUECOUNT']._serialized_start=687
+  _globals['_HISTOGRAMVALUECOUNT']._serialized_end=766
+  _globals['_HISTOGRAMBUCKET']._serialized_start=768
+  _globals['_HISTOGRAMBUCKET']._serialized_end=895
+  _globals['_HISTOGRAMBODY']._serialized_start=897
+  _globals['_HISTOGRAMBODY']._serialized_end=964
+  _globals['_HISTOGRAMMETA']._serialized_start=967
+  _globals['_HISTOGRAMMETA']._serialized_end=1147
+  _globals['_HISTOGRAMRESPONSE']._serialized_start=1149
+  _globals['_HISTOGRAMRESPONSE']._serialized_end=1275
+  _globals['_SESSIONSTATSREQUEST']._serialized_start=1278
+  _globals['_SESSIONSTATSREQUEST']._serialized_end=1437
+  _globals['_SESSIONSTATSSUBVALUE']._serialized_start=1439
+  _globals['_SESSIONSTATSSUBVALUE']._serialized_end=1508
+  _globals['_SESSIONSTATSVALUE']._serialized_start=1511
+  _globals['_SESSIONSTATSVALUE']._serialized_end=1662
+  _globals['_SESSIONSTATSBODY']._serialized_start=1664
+  _globals['_SESSIONSTATSBODY']._serialized_end=1771
+  _globals['_SESSIONSTATSMETA']._serialized_start=1774
+  _globals['_SESSIONSTATSMETA']._serialized_end=1945
+  _globals['_SESSIONSTATSRESPONSE']._serialized_start=1948
+  _globals['_SESSIONSTATSRESPONSE']._serialized_end=2083
+  _globals['_ANALYTICSSERVICE']._serialized_start=2086
+  _globals['_ANALYTICSSERVICE']._serialized_end=2582
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from session_audit.v1 import analytics_pb2 as session__audit_dot_v1_dot_analytics__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -46,6 +47,11 @@ class AnalyticsServiceStub:
                 request_serializer=session__audit_dot_v1_dot_analytics__pb2.HistogramRequest.SerializeToString,
                 response_deserializer=session__audit_dot_v1_dot_analytics__pb2.HistogramResponse.FromString,
                 _registered_method=True)
+        self.GetSessionHistogramJson = channel.unary_unary(
+                '/session_audit.v1.AnalyticsService/GetSessionHistogramJson',
+                request_serializer=session__audit_dot_v1_dot_analytics__pb2.HistogramRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
         self.GetSessionStats = channel.unary_unary(
                 '/session_audit.v1.AnalyticsService/GetSessionStats',
                 request_serializer=session__audit_dot_v1_dot_analytics__pb2.SessionStatsRequest.SerializeToString,
@@ -69,7 +75,19 @@ class AnalyticsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetSessionHistogram(self, request, context):
-        """Started and active session counts per time bin.
+        """Started and active session counts per time bin. gRPC; REST callers get the same answer
+        from GetSessionHistogramJson.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSessionHistogramJson(self, request, context):
+        """Started and active session counts per time bin (REST).
+        GetSessionHistogram's answer as the JSON form of HistogramResponse (proto field names,
+        zero counts printed), rendered by the service and passed through by Envoy. A bucket has
+        `values` only with `size`, as the histogram document shows (the transcoder would print
+        `values: []` in every bucket without it), and a large top-N answer costs no transcoding.
         curl -H "authorization: Bearer $TOKEN" \
         'http://127.0.0.1:8080/api/audit/sessions/histogram?field=protocol&bin-size=day&start=2026-03-01&end=2026-03-31&size=5'
         """
@@ -98,6 +116,11 @@ def add_AnalyticsServiceServicer_to_server(servicer, server):
                     servicer.GetSessionHistogram,
                     request_deserializer=session__audit_dot_v1_dot_analytics__pb2.HistogramRequest.FromString,
                     response_serializer=session__audit_dot_v1_dot_analytics__pb2.HistogramResponse.SerializeToString,
+            ),
+            'GetSessionHistogramJson': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSessionHistogramJson,
+                    request_deserializer=session__audit_dot_v1_dot_analytics__pb2.HistogramRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'GetSessionStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSessionStats,
@@ -161,6 +184,33 @@ class AnalyticsService:
             '/session_audit.v1.AnalyticsService/GetSessionHistogram',
             session__audit_dot_v1_dot_analytics__pb2.HistogramRequest.SerializeToString,
             session__audit_dot_v1_dot_analytics__pb2.HistogramResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSessionHistogramJson(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/session_audit.v1.AnalyticsService/GetSessionHistogramJson',
+            session__audit_dot_v1_dot_analytics__pb2.HistogramRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,

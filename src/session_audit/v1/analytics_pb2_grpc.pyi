@@ -8,6 +8,7 @@ the transcoder prints 64-bit integers as strings.
 """
 
 from collections import abc as _abc
+from google.api import httpbody_pb2 as _httpbody_pb2
 from grpc import aio as _aio
 from session_audit.v1 import analytics_pb2 as _analytics_pb2
 import abc as _abc_1
@@ -46,7 +47,15 @@ class AnalyticsServiceStub:
         'http://127.0.0.1:8080/api/reports/sessions?start_date=2026-03-01&end_date=2026-04-01&group_by=connection'
     """
     GetSessionHistogram: _grpc.UnaryUnaryMultiCallable[_analytics_pb2.HistogramRequest, _analytics_pb2.HistogramResponse]
-    """Started and active session counts per time bin.
+    """Started and active session counts per time bin. gRPC; REST callers get the same answer
+    from GetSessionHistogramJson.
+    """
+    GetSessionHistogramJson: _grpc.UnaryUnaryMultiCallable[_analytics_pb2.HistogramRequest, _httpbody_pb2.HttpBody]
+    """Started and active session counts per time bin (REST).
+    GetSessionHistogram's answer as the JSON form of HistogramResponse (proto field names,
+    zero counts printed), rendered by the service and passed through by Envoy. A bucket has
+    `values` only with `size`, as the histogram document shows (the transcoder would print
+    `values: []` in every bucket without it), and a large top-N answer costs no transcoding.
       curl -H "authorization: Bearer $TOKEN" \\
         'http://127.0.0.1:8080/api/audit/sessions/histogram?field=protocol&bin-size=day&start=2026-03-01&end=2026-03-31&size=5'
     """
@@ -70,7 +79,15 @@ class AnalyticsServiceAsyncStub(AnalyticsServiceStub):
         'http://127.0.0.1:8080/api/reports/sessions?start_date=2026-03-01&end_date=2026-04-01&group_by=connection'
     """
     GetSessionHistogram: _aio.UnaryUnaryMultiCallable[_analytics_pb2.HistogramRequest, _analytics_pb2.HistogramResponse]  # type: ignore[assignment]
-    """Started and active session counts per time bin.
+    """Started and active session counts per time bin. gRPC; REST callers get the same answer
+    from GetSessionHistogramJson.
+    """
+    GetSessionHistogramJson: _aio.UnaryUnaryMultiCallable[_analytics_pb2.HistogramRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """Started and active session counts per time bin (REST).
+    GetSessionHistogram's answer as the JSON form of HistogramResponse (proto field names,
+    zero counts printed), rendered by the service and passed through by Envoy. A bucket has
+    `values` only with `size`, as the histogram document shows (the transcoder would print
+    `values: []` in every bucket without it), and a large top-N answer costs no transcoding.
       curl -H "authorization: Bearer $TOKEN" \\
         'http://127.0.0.1:8080/api/audit/sessions/histogram?field=protocol&bin-size=day&start=2026-03-01&end=2026-03-31&size=5'
     """
@@ -103,7 +120,21 @@ class AnalyticsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _analytics_pb2.HistogramRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_analytics_pb2.HistogramResponse, _abc.Awaitable[_analytics_pb2.HistogramResponse]]:
-        """Started and active session counts per time bin.
+        """Started and active session counts per time bin. gRPC; REST callers get the same answer
+        from GetSessionHistogramJson.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSessionHistogramJson(
+        self,
+        request: _analytics_pb2.HistogramRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
+        """Started and active session counts per time bin (REST).
+        GetSessionHistogram's answer as the JSON form of HistogramResponse (proto field names,
+        zero counts printed), rendered by the service and passed through by Envoy. A bucket has
+        `values` only with `size`, as the histogram document shows (the transcoder would print
+        `values: []` in every bucket without it), and a large top-N answer costs no transcoding.
           curl -H "authorization: Bearer $TOKEN" \\
             'http://127.0.0.1:8080/api/audit/sessions/histogram?field=protocol&bin-size=day&start=2026-03-01&end=2026-03-31&size=5'
         """
