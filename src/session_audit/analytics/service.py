@@ -26,17 +26,6 @@ OFF_LOOP_COUNTS = 5_000
 R = TypeVar("R")
 
 
-async def _render(
-    make: Callable[[requests.HistogramQuery, store.HistogramResult, float], R],
-    query: requests.HistogramQuery,
-    result: store.HistogramResult,
-    remaining: float,
-) -> R:
-    if len(query.bins) * (1 + len(result.top)) < OFF_LOOP_COUNTS:
-        return make(query, result, remaining)
-    return await asyncio.to_thread(make, query, result, remaining)
-
-
 class AnalyticsService(pb_grpc.AnalyticsServiceServicer):
     def __init__(self, app: App) -> None:
         self.app = app
@@ -57,29 +46,32 @@ class AnalyticsService(pb_grpc.AnalyticsServiceServicer):
     async def GetSessionHistogram(
         self, request: pb.HistogramRequest, context: grpc.aio.ServicerContext
     ) -> pb.HistogramResponse:
-        query, result = await self._histogram(request, context)
-        remaining = self.app.remaining(context)
-        return await _render(rows.histogram_to_proto, query, result, remaining)
+        return await self._histogram(request, context, rows.histogram_to_proto)
 
     @roles(READERS, "read session histograms")
     async def GetSessionHistogramJson(
         self, request: pb.HistogramRequest, context: grpc.aio.ServicerContext
     ) -> httpbody_pb2.HttpBody:
-        query, result = await self._histogram(request, context)
-        remaining = self.app.remaining(context)
-        data = await _render(rows.histogram_to_json, query, result, remaining)
+        data = await self._histogram(request, context, rows.histogram_to_json)
         return httpbody_pb2.HttpBody(content_type=JSON, data=data)
 
     async def _histogram(
-        self, request: pb.HistogramRequest, context: grpc.aio.ServicerContext
-    ) -> tuple[requests.HistogramQuery, store.HistogramResult]:
+        self,
+        request: pb.HistogramRequest,
+        context: grpc.aio.ServicerContext,
+        render: Callable[[requests.HistogramQuery, store.HistogramResult, float], R],
+    ) -> R:
+        """The answer, rendered by `render` (in a worker thread when large: OFF_LOOP_COUNTS)."""
         who = caller()
         query = requests.parse_histogram(request, datetime.now(UTC))
         timeout = self.app.timeout(context)
         result = await self.app.read(
             who.token_id, lambda conn: store.histogram(conn, who, query, timeout)
         )
-        return query, result
+        remaining = self.app.remaining(context)
+        if len(query.bins) * (1 + len(result.top)) < OFF_LOOP_COUNTS:
+            return render(query, result, remaining)
+        return await asyncio.to_thread(render, query, result, remaining)
 
     @roles(READERS, "read session statistics")
     async def GetSessionStats(
