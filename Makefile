@@ -89,7 +89,7 @@ soak: $(STAMP) $(DESC)
 # Includes the router-plan check (tests/test_citus_router.py). See docs/scaling.md.
 CITUS_TESTS ?= tests/test_citus_router.py tests/test_sessions_list.py tests/test_sessions_ingest.py \
                tests/test_analytics_api.py tests/test_analytics_rollups.py tests/test_analytics_weeks.py \
-               tests/test_analytics_duration_split.py \
+               tests/test_analytics_duration_split.py tests/test_analytics_names.py \
                tests/test_reports_api.py \
                tests/test_reports_downloads.py tests/test_reports_filters.py \
                tests/test_reports_scheduler.py tests/test_reports_crash.py tests/test_contract.py \

@@ -6,7 +6,8 @@ rdp) and 200 users; sessions uniformly over `days` days up to `t_end`; exec sess
 minutes and connect sessions ~1 hour (exponential); half of those started in the last 6 hours
 are still open; 35% carry a review status; ended database sessions redact 0-3 of 6 info types,
 and `metrics.data_masking` says the same as `redactions` (the reference gateway's report reads
-the former).
+the former). The role is the connection's name; database sessions name a resource (`db-00` to
+`db-05`, two connections each), the others none (data sets loaded before that have none).
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def connection(i: int) -> tuple[str, str, str]:
     return f"rdp-{i:02d}", "application", "rdp"
 
 
+def resource(connection_name: str) -> str:
+    """The resource of a database connection (two connections each)."""
+    return f"db-{int(connection_name[-2:]) // 2:02d}"
+
+
 _CONN_VALUES = ", ".join(
     f"({i}, '{name}', '{kind}', '{sub}')"
     for i, (name, kind, sub) in ((i, connection(i)) for i in range(CONNECTIONS))
@@ -49,11 +55,12 @@ _REVIEW_ARRAY = "ARRAY[" + ", ".join(f"'{t}'" for t in REVIEW_STATUSES) + "]"
 GENERATE = f"""
 INSERT INTO sessions (id, org_id, start_date, end_date, status, verb, user_id, user_email,
                       user_name, connection, connection_type, connection_subtype, role_name,
-                      identity_type, exit_code, event_size, script_size, review_status,
+                      resource_name, identity_type, exit_code, event_size, script_size, review_status,
                       redactions, connection_tags, metrics)
 SELECT gen_random_uuid(), $1, x.st, e.en, CASE WHEN e.en IS NULL THEN 'open' ELSE 'done' END,
        v.verb, 'sub-' || x.u, format('user-%s@org%s.example', lpad(x.u::text, 3, '0'), $2::int),
-       'user ' || x.u, c.name, c.kind, c.sub, c.name, 'user',
+       'user ' || x.u, c.name, c.kind, c.sub, c.name,
+       CASE WHEN c.kind = 'database' THEN 'db-' || lpad((c.i / 2)::text, 2, '0') END, 'user',
        CASE WHEN e.en IS NULL THEN NULL WHEN x.r4 < 0.9 THEN 0 ELSE 1 END,
        x.ev, 0, CASE WHEN x.r3 < 0.35 THEN ({_REVIEW_ARRAY})[1 + (x.r3 * 1000)::int % 7] END,
        rd.reds, jsonb_build_object('team', c.kind), m.metrics
@@ -111,6 +118,8 @@ def sessions(
             identity_type=pb.IdentityType.Value.Value("user"),
             event_size=float(rng.randint(200, 200_200)),
         )  # fmt: skip
+        if kind == "database":
+            s.resource_name = resource(name)
         s.connection_tags["team"] = kind
         s.start_date.FromDatetime(t)
         mean = 600 if verb == "exec" else 3600

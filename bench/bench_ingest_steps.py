@@ -83,6 +83,7 @@ STEPS = (
      "rollups: capture"),
     ("INSERT INTO rollup_values", "rollups: apply rollup_values"),
     ("INSERT INTO rollup_sessions_user ", "rollups: apply rollup_sessions_user"),
+    ("INSERT INTO rollup_names ", "rollups: apply rollup_names"),
     ("INSERT INTO rollup_", "rollups: apply (other tables)"),
     ("COPY", "COPY sessions"),
     ("SAVEPOINT", "savepoint"),

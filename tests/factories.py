@@ -33,6 +33,14 @@ class Spec:
     redactions: tuple[tuple[str, int, int], ...] = ()
     # Sent once the session has ended (open sessions carry no exit code).
     exit_code: int = 0
+    # role_name (None: the connection's name, as the gateway names roles) and resource_name
+    # (None: not sent, stored NULL).
+    role: str | None = None
+    resource: str | None = None
+
+    @property
+    def role_name(self) -> str:
+        return self.connection if self.role is None else self.role
 
     def to_proto(self) -> pb.Session:
         s = pb.Session(
@@ -43,9 +51,11 @@ class Spec:
             connection=self.connection,
             type=self.type,
             connection_subtype=self.subtype,
-            role_name=self.connection,
+            role_name=self.role_name,
             verb=pb.SessionVerb.Value.Value(self.verb),
         )
+        if self.resource is not None:
+            s.resource_name = self.resource
         s.start_date.FromDatetime(self.start)
         if self.end is not None:
             s.end_date.FromDatetime(self.end)

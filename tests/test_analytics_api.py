@@ -654,10 +654,35 @@ def test_the_rest_histogram_is_the_grpc_answer_as_json(
     message; the reference is protobuf's own JSON mapping of the gRPC reply with the
     transcoder's print options (proto field names, zero counts printed), minus the empty
     `values` of buckets when there is no `size`."""
+    assert_rest_is_grpc_as_json(stack, three, params)
+
+
+def test_a_large_histogram_built_off_the_loop_is_the_same_answer(stack: Stack) -> None:
+    """1,000 hourly bins × 5 top values: over analytics.service.OFF_LOOP_COUNTS, so both
+    answers are built in a worker thread."""
+    from session_audit.analytics.service import OFF_LOOP_COUNTS
+
+    token = stack.token(stack.new_org("large"), "admin")
+    stack.ingest(token, [
+        Spec(start=at(1 + k, 3 * k), end=at(2 + k, k), connection=f"c{k}").to_proto()
+        for k in range(6)
+    ])  # fmt: skip
+    params = {"field": "connection", "bin_size": "hour", "size": 5,
+              "start": "2026-03-01T00:00:00Z", "end": "2026-04-11T16:00:00Z"}  # fmt: skip
+    assert 1000 * (1 + 5) >= OFF_LOOP_COUNTS
+    got = assert_rest_is_grpc_as_json(stack, token, params)
+    buckets = got["body"]["buckets"]
+    assert len(buckets) == 1000 and all(len(b["values"]) == 5 for b in buckets)
+    # c0 … c5 started once each; ties are ranked by value, so c5 is not a top value.
+    assert [v["value"] for v in buckets[0]["values"]] == ["c0", "c1", "c2", "c3", "c4"]
+    assert sum(b["start_count"] for b in buckets) == 5
+
+
+def assert_rest_is_grpc_as_json(stack: Stack, token: str, params: dict[str, Any]) -> Any:
     from google.protobuf import json_format
 
     stub = apb_grpc.AnalyticsServiceStub(stack.channel())
-    reply = stub.GetSessionHistogram(apb.HistogramRequest(**params), metadata=auth_md(three))
+    reply = stub.GetSessionHistogram(apb.HistogramRequest(**params), metadata=auth_md(token))
     expected = json_format.MessageToDict(
         reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
@@ -665,7 +690,7 @@ def test_the_rest_histogram_is_the_grpc_answer_as_json(
         for bucket in expected["body"]["buckets"]:
             assert bucket.pop("values") == []
     rest = {k.replace("bin_size", "bin-size"): v for k, v in params.items()}
-    r = stack.rest("GET", HISTOGRAM, three, params=rest)
+    r = stack.rest("GET", HISTOGRAM, token, params=rest)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "application/json"
     got = r.json()
@@ -673,6 +698,7 @@ def test_the_rest_histogram_is_the_grpc_answer_as_json(
         assert 0 < answer["meta"].pop("remaining_seconds") <= 60
     assert got == expected
     assert list(got) == ["key", "body", "meta"]
+    return got
 
 
 def test_a_q_pinned_to_one_user_id_counts_ends_of_long_sessions(stack: Stack) -> None:

@@ -51,6 +51,8 @@ PROTOCOLS = ["postgres", "ssh", "rdp"]
 EMAILS = ["ana@x.example", "ANA@x.example", "bo@x.example", "cy@x.example"]
 REVIEWS = [None, None, "APPROVED", "PENDING", "REJECTED"]
 INFO_TYPES = ["EMAIL_ADDRESS", "PHONE_NUMBER", "IBAN_CODE"]
+ROLES = ["dba", "dev", "ops-1", "ops-2"]
+RESOURCES = [None, "", "db-a", "db-b", "web"]  # None: not sent (NULL)
 VIEWER = "ana@x.example"
 
 
@@ -99,9 +101,48 @@ def sessions(draw: st.DrawFn, anchor: datetime) -> Spec:
         review_status=draw(st.sampled_from(REVIEWS)),
         redactions=tuple(reds),
         exit_code=draw(st.sampled_from([0, 0, 1, 2, 137])),
+        role=draw(st.sampled_from(ROLES)),
+        resource=draw(st.sampled_from(RESOURCES)),
         user_id=draw(st.sampled_from(["sub-1", "sub-2"])),
         correlation_id=draw(st.sampled_from([None, "c-1", "c-2"])),
     )
+
+
+@st.composite
+def name_leaves(draw: st.DrawFn) -> list[tuple[str, Pred]]:
+    """Role and resource terms (rollup_names answers them alone); a resource never sent, or
+    sent empty, is no value."""
+    leaves: list[tuple[str, Pred]] = []
+    ro = draw(st.sampled_from(["dba", "ops-*", "d?v", "*"]))
+    if ro == "*":
+        leaves.append(("role:*", lambda s: s.role_name != ""))
+    else:
+        leaves.append((f"role:{ro}", lambda s: fnmatch.fnmatchcase(s.role_name, ro)))
+    leaves.append(("role:(dba OR ops-2)", lambda s: s.role_name in ("dba", "ops-2")))
+    rs = draw(st.sampled_from(["db-a", "db-*", "*", '"web"']))
+    if rs == "*":
+        leaves.append(("resource:*", lambda s: bool(s.resource)))
+    else:
+        leaves.append(
+            (f"resource:{rs}", lambda s: fnmatch.fnmatchcase(s.resource or "", rs.strip('"')))
+        )
+    return leaves
+
+
+@st.composite
+def one_name_terms(draw: st.DrawFn, field: str | None = None, depth: int = 0) -> tuple[str, Pred]:
+    """A q on role only or on resource only: what rollup_names answers (without size)."""
+    field = field or draw(st.sampled_from(["role", "resource"]))
+    text, pred = draw(st.sampled_from([x for x in draw(name_leaves()) if x[0].startswith(field)]))
+    if depth >= 2 or draw(st.booleans()):
+        return text, pred
+    op = draw(st.sampled_from(["AND", "OR", "NOT"]))
+    if op == "NOT":
+        return f"NOT ({text})", lambda s: not pred(s)
+    other_text, other = draw(one_name_terms(field, depth + 1))
+    if op == "AND":
+        return f"({text}) AND ({other_text})", lambda s: pred(s) and other(s)
+    return f"({text}) OR ({other_text})", lambda s: pred(s) or other(s)
 
 
 @st.composite
@@ -154,6 +195,7 @@ def q_terms(draw: st.DrawFn, anchor: datetime, depth: int = 0) -> tuple[str, Pre
     x = draw(st.sampled_from([0, 1, 137]))
     leaves.append((f"exit_code:{x}", lambda s: s.end is not None and s.exit_code == x))
     leaves.append(("exit_code:>=1", lambda s: s.end is not None and s.exit_code >= 1))
+    leaves += draw(name_leaves())
     text, pred = draw(st.sampled_from(leaves))
     if depth >= 2 or draw(st.booleans()):
         return text, pred
@@ -182,10 +224,12 @@ def worlds(draw: st.DrawFn) -> World:
     # Some sessions were first reported open, on another connection and by another protocol,
     # then closed with their final values: their contributions must move.
     # Some drafts of sessions that end had already ended, with another duration and exit code.
+    # Drafts name another role and resource (a resource not sent later keeps the stored one).
     drafts = [
         replace(s, end=None if s.end is None or draw(st.booleans()) else s.start + timedelta(hours=1),
                 exit_code=7, redactions=(), review_status=None, connection="pg-prod",
-                type="database", subtype="postgres")
+                type="database", subtype="postgres", role="draft",
+                resource=None if s.resource is None else "db-draft")
         for s in specs
         if draw(st.booleans())
     ]  # fmt: skip
@@ -268,7 +312,9 @@ def asks(draw: st.DrawFn, world: World) -> Ask:
     choices = ["hour", "day", "week", "month"] + (
         ["minute"] if length <= timedelta(hours=3) else []
     )
-    q, pred = draw(st.one_of(st.just(("", lambda s: True)), q_terms(world.anchor)))
+    q, pred = draw(
+        st.one_of(st.just(("", lambda s: True)), q_terms(world.anchor), one_name_terms())
+    )
     spec = draw(st.sampled_from(world.specs))
     filters: dict[str, Any] = draw(
         st.fixed_dictionaries(

@@ -17,6 +17,8 @@ Kind = Literal["text", "ci_text", "enum", "time", "number", "uuid"]
 BASE, CUBE, USER = "base", "cube", "user"
 # rollup_values: one field at a time (its name in `r.field`), no `q`; see store.plan.
 VALUES = "values"
+# rollup_names: role and resource, one field at a time (its name in `r.field`), migration 0055.
+NAMES = "names"
 # rollup_outcomes: how sessions ended: duration bucket and exit code (migration 0052).
 OUTCOMES = "outcomes"
 # Duration buckets of rollup_outcomes, in seconds: bucket i (1-based, width_bucket's numbering)
@@ -76,8 +78,9 @@ FIELDS: dict[str, Field] = {
            values=REVIEW_STATUSES, groupable=True, doc="the review's status, e.g. APPROVED"),
         _f("id", "uuid", "s.id", doc="session id"),
         _f("user_id", "text", "s.user_id", doc="the user's subject id"),
-        _f("role", "text", "s.role_name", doc="role name"),
-        _f("resource", "text", "coalesce(s.resource_name, '')", doc="resource name"),
+        _f("role", "text", "s.role_name", {NAMES: "r.value"}, doc="role name"),
+        _f("resource", "text", "coalesce(s.resource_name, '')", {NAMES: "r.value"},
+           doc="resource name"),
         _f("correlation_id", "text", "coalesce(s.correlation_id, '')", doc="correlation id"),
         _f("start", "time", "s.start_date", doc="start time"),
         _f("end", "time", "s.end_date", doc="end time (open sessions have none)"),

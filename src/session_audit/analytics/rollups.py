@@ -1,7 +1,7 @@
 """Rollups: per org, time bucket and dimensions, kept current by ingest.
 
-Seven tables (migrations 0010, 0050, 0052, 0054), with UTC buckets at the grains that pay for
-themselves:
+Eight tables (migrations 0010, 0050, 0052, 0054, 0055), with UTC buckets at the grains that pay
+for themselves:
 
     rollup_sessions         day, month   starts/ends per connection, type, protocol, verb,
                                          status, review status
@@ -15,6 +15,8 @@ themselves:
     rollup_values           day, month   starts/ends per (field, value) of each cube field
                                          alone: what a top-N or one-field statistic ranks
     rollup_outcomes         day, month   starts/ends per duration bucket and exit code
+    rollup_names            day, month   starts/ends per (field, value) of role and resource,
+                                         each alone: a `q` on one of them
 
 Rows with dimensions barely compress within an hour (about one row per session or two), so
 only the dimension-less totals keep hours: they answer histograms that filter and group
@@ -75,10 +77,20 @@ class Family:
     where: str
     # Grains kept, finest first.
     grains: tuple[int, ...] = (DAY, MONTH)
+    # The primary key's column order when it is not `key`'s (ingest upserts in this order).
+    pk: tuple[str, ...] = ()
+    # Captured only (no table of its name): the delta table's columns, instead of LIKE table.
+    delta_columns: str = ""
 
     @property
     def key(self) -> tuple[str, ...]:
         return ("org_id", "grain", "bucket", *(c for c, _ in self.dims))
+
+    @property
+    def order(self) -> str:
+        """ORDER BY positions (in `key`) of the primary key's columns: the order in which
+        every writer locks this table's rows."""
+        return ", ".join(str(self.key.index(c) + 1) for c in (self.pk or self.key))
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -208,12 +220,51 @@ OUTCOMES = Family(
     lateral=_START_END,
     where="t.at IS NOT NULL",
 )
-FAMILIES = (SESSIONS, SESSIONS_TOTAL, SESSIONS_USER, REDACTIONS, REDACTIONS_USER, VALUES, OUTCOMES)
+# Role and resource names (migration 0055): one row per (org, bucket, field, value), like
+# rollup_values, for the fields no other rollup carries, so a `q` on `role` alone or on
+# `resource` alone (store.plan) reads a few rows per day. Values exactly as the base table
+# compares them (fields.FIELDS[...].sql[BASE]: a NULL resource is '', which `resource:*` does
+# not match there either). Captured per session (the cube has neither field to derive them
+# from: ingest captures (role, resource) pairs, NAME_PAIRS below). Rows per org and day:
+# distinct roles + distinct resources that day — at most two per session, whatever the
+# cardinality. The key puts `field` before `bucket`, so reading one field's days skips the
+# other field's rows (many resources must not slow `q=role:…`).
+NAME_FIELDS = ("role", "resource")
+NAMES = Family(
+    table="rollup_names",
+    dims=(("field", "f.field"), ("value", "f.value")),
+    measures=(("starts", "t.st"), ("ends", "t.en")),
+    lateral=_START_END
+    + " CROSS JOIN LATERAL (VALUES "
+    + ", ".join(f"('{name}', {FIELDS[name].sql[BASE]})" for name in NAME_FIELDS)
+    + ") f(field, value)",
+    where="t.at IS NOT NULL",
+    pk=("org_id", "grain", "field", "bucket", "value"),
+)
+# What ingest captures for rollup_names: starts/ends per (role, resource) pair and day, one
+# row per session and time, unpivoted into NAMES' (field, value) rows when applied (capturing
+# the unpivoted rows, two per session and time, cost twice as much: 4.4 against 2.4 µs per
+# session, docs/benchmarks.md). No table: deltas only.
+NAME_PAIRS = Family(
+    table="rollup_names_pairs",
+    dims=tuple((name, FIELDS[name].sql[BASE]) for name in NAME_FIELDS),
+    measures=(("starts", "t.st"), ("ends", "t.en")),
+    lateral=_START_END,
+    where="t.at IS NOT NULL",
+    delta_columns="org_id uuid, grain smallint, bucket timestamptz, "
+    + ", ".join(f"{name} text" for name in NAME_FIELDS)
+    + ", starts integer, ends integer",
+)
+FAMILIES = (
+    SESSIONS, SESSIONS_TOTAL, SESSIONS_USER, REDACTIONS, REDACTIONS_USER, VALUES, OUTCOMES, NAMES
+)  # fmt: skip
 # What ingest captures per chunk. VALUES is derived from the cube's deltas when they are
 # applied (each field's totals are sums over the cube's rows): unpivoting every session into
 # six (field, value) rows per chunk cost ingest a tenth of its rate, the aggregated deltas
-# almost nothing.
-CAPTURED = (SESSIONS, SESSIONS_TOTAL, SESSIONS_USER, REDACTIONS, REDACTIONS_USER, OUTCOMES)
+# almost nothing. NAMES likewise from NAME_PAIRS.
+CAPTURED = (
+    SESSIONS, SESSIONS_TOTAL, SESSIONS_USER, REDACTIONS, REDACTIONS_USER, OUTCOMES, NAME_PAIRS
+)  # fmt: skip
 
 
 def _delta_table(f: Family) -> str:
@@ -221,7 +272,8 @@ def _delta_table(f: Family) -> str:
 
 
 CREATE_DELTAS = "; ".join(
-    f"CREATE TEMP TABLE IF NOT EXISTS delta_{f.table} (LIKE {f.table}) ON COMMIT DELETE ROWS"
+    f"CREATE TEMP TABLE IF NOT EXISTS delta_{f.table} ({f.delta_columns or f'LIKE {f.table}'})"
+    " ON COMMIT DELETE ROWS"
     for f in CAPTURED
 )
 
@@ -231,7 +283,8 @@ SOURCE_COLUMNS = (
     ("org_id", "uuid"), ("start_date", "timestamptz"), ("end_date", "timestamptz"),
     ("connection", "text"), ("connection_type", "text"), ("connection_subtype", "text"),
     ("verb", "text"), ("status", "text"), ("review_status", "text"), ("user_email", "text"),
-    ("redactions", "jsonb"), ("exit_code", "integer"),
+    ("redactions", "jsonb"), ("exit_code", "integer"), ("role_name", "text"),
+    ("resource_name", "text"),
 )  # fmt: skip
 _NAMES = ", ".join(c for c, _ in SOURCE_COLUMNS)
 # Where each source column sits in an ingest record (core.schema.INGEST_COLUMNS order).
@@ -290,7 +343,7 @@ def _apply_sql(f: Family) -> str:
     return (
         f"INSERT INTO {f.table} AS r ({', '.join(f.columns)})"
         f" SELECT {select}, {sums} FROM {_delta_table(f)} d CROSS JOIN {grains_sql(f.grains)}"
-        f" GROUP BY {positions} HAVING {nonzero} ORDER BY {positions}"
+        f" GROUP BY {positions} HAVING {nonzero} ORDER BY {f.order}"
         f" ON CONFLICT ({key}) DO UPDATE SET {updates}"
     )
 
@@ -315,8 +368,33 @@ def _apply_values_sql() -> str:
     )
 
 
+def _apply_names_sql() -> str:
+    """rollup_names from the (role, resource) deltas (finest grain) → every grain, unpivoted,
+    upserted in primary-key order (field before bucket)."""
+    f = NAMES
+    unpivot = ", ".join(f"('{name}', x.{name})" for name in NAME_FIELDS)
+    pairs = ", ".join(f"d.{name}" for name in NAME_FIELDS)
+    positions = ", ".join(str(i) for i in range(1, len(f.key) + 1))
+    updates = ", ".join(f"{c} = r.{c} + EXCLUDED.{c}" for c, _ in f.measures)
+    return (
+        f"INSERT INTO {f.table} AS r ({', '.join(f.columns)})"
+        f" SELECT x.org_id, x.grain, x.bucket, v.field, v.value, sum(x.starts), sum(x.ends)"
+        f" FROM (SELECT d.org_id, g.grain, {_bucket_sql(NAME_PAIRS)} AS bucket, {pairs},"
+        f" d.starts, d.ends FROM {_delta_table(NAME_PAIRS)} d"
+        f" CROSS JOIN {grains_sql(f.grains)} OFFSET 0) x"
+        f" CROSS JOIN LATERAL (VALUES {unpivot}) v(field, value)"
+        f" GROUP BY {positions} HAVING sum(x.starts) <> 0 OR sum(x.ends) <> 0"
+        f" ORDER BY {f.order} ON CONFLICT ({', '.join(f.key)}) DO UPDATE SET {updates}"
+    )
+
+
 assert SESSIONS.finest == VALUES.finest and VALUES.grains == SESSIONS.grains
-APPLY = (*(_apply_sql(f) for f in CAPTURED), _apply_values_sql())
+assert NAME_PAIRS.grains == NAMES.grains
+APPLY = (
+    *(_apply_sql(f) for f in CAPTURED if f is not NAME_PAIRS),
+    _apply_values_sql(),
+    _apply_names_sql(),
+)
 MARK_STALE = "INSERT INTO rollup_stale_orgs (org_id) VALUES ($1) ON CONFLICT DO NOTHING"
 IS_STALE = "SELECT EXISTS (SELECT 1 FROM rollup_stale_orgs WHERE org_id = $1)"
 

@@ -33,7 +33,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from session_audit.analytics import rollups
-from session_audit.analytics.fields import BASE, CUBE, FIELDS, OUTCOMES, USER, VALUES
+from session_audit.analytics.fields import BASE, CUBE, FIELDS, NAMES, OUTCOMES, USER, VALUES
 from session_audit.analytics.q import (
     Query,
     buckets_of,
@@ -63,6 +63,7 @@ ROLLUP_TABLES = {
     USER: "rollup_sessions_user",
     VALUES: "rollup_values",
     OUTCOMES: "rollup_outcomes",
+    NAMES: "rollup_names",
 }
 # Dimension-less counters: every piece of a count that filters and groups nothing.
 TOTAL_TABLE = "rollup_sessions_total"
@@ -83,6 +84,7 @@ FINEST = {
     USER: rollups.SESSIONS_USER.finest,
     VALUES: rollups.VALUES.finest,
     OUTCOMES: rollups.OUTCOMES.finest,
+    NAMES: rollups.NAMES.finest,
 }
 # Sources whose rollup also keeps UTC weeks (read where a whole week lies in a piece and that
 # reads fewer rows than days and months: timebins.cheapest).
@@ -181,8 +183,9 @@ def _filters(spec: CountSpec, src: str, *, per_value: bool = False) -> Sql:
     partial = _partial(spec)
     if partial:
         cond += q(f" AND {DURATION_BUCKET[src]} <> all($partial::int[])", partial=list(partial))
-    if src == VALUES:
-        # rollup_values holds every field's values: keep the one field this count is about.
+    if src in (VALUES, NAMES):
+        # rollup_values/rollup_names hold several fields' values: keep the one this count is
+        # about.
         (name,) = _needed(spec.q, *spec.groups)
         cond += q(" AND r.field = $field::text", field=name)
     if spec.top is not None:
@@ -524,6 +527,9 @@ def plan(who: Principal, needed: set[str], rollups_ok: bool, query: Query | None
     # One field only (grouped by and/or searched): its per-value totals, a few rows per day.
     if len(needed) == 1 and VALUES in FIELDS[next(iter(needed))].sql:
         return VALUES
+    # `role` alone or `resource` alone (searched only: neither is groupable): rollup_names.
+    if len(needed) == 1 and NAMES in FIELDS[next(iter(needed))].sql:
+        return NAMES
     for source in (CUBE, USER, OUTCOMES):
         if all(source in FIELDS[name].sql for name in needed) and exact_on(query, source):
             return source
