@@ -7,8 +7,10 @@ round, alternating: a raw asyncpg binary COPY of prebuilt records into a copy of
 table (same indexes: the baseline), then the same sessions (new ids, a fresh org) through the
 servicer's write path (`IngestBatch.on_pool`, as a stream uses it: chunks, the writer task,
 per-chunk transactions, rollups, retention hook, trail) on a connection that times every
-statement. It prints rows/s of both, and the time per kind of statement and the Python time
-(validation, folding, encoding) per session.
+statement; and, the baseline of issue 14 goal 6 ("a raw COPY into the same table with rollups
+on"), the same sessions COPYed into `sessions` itself for an org of their own, then that org's
+rollups computed in SQL (`rollups.rebuild`). It prints rows/s of the three, and the time per
+kind of statement and the Python time (validation, folding, encoding) per session.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from session_audit.analytics import rollups
 from session_audit.core import auth, db, migrate
 from session_audit.core.schema import INGEST_COLUMNS
 from session_audit.embedded import EmbeddedPostgres
@@ -196,6 +199,7 @@ async def main() -> None:
     print(f"data     {n:,} sessions per round over {args.days} days ({order}), one org per round; "
           f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     copy_rates: list[float] = []
+    rolled_rates: list[float] = []
     rates: list[float] = []
     times: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
@@ -211,7 +215,20 @@ async def main() -> None:
                 "copy_baseline", records=records, columns=INGEST_COLUMNS
             )
             copy_rates.append(n / (time.perf_counter() - t))
+            # Issue 14 goal 6's baseline, "a raw COPY into the same table with rollups on": the
+            # same rows COPYed into `sessions` itself (every index) for an org of their own,
+            # then that org's rollups computed from them in SQL (rollups.rebuild), no Python.
+            copy_org = await auth.ensure_org(conn, f"bench-steps-copy-{uuid.uuid4().hex[:8]}")
+            for s in sessions:
+                s.id = str(uuid.uuid4())
+            records = [item_from_proto(s, copy_org, now).record() for s in sessions]
+            t = time.perf_counter()
+            await raw.copy_records_to_table("sessions", records=records, columns=INGEST_COLUMNS)
+            await rollups.rebuild(raw, copy_org)
+            rolled_rates.append(n / (time.perf_counter() - t))
             del records
+            for s in sessions:
+                s.id = str(uuid.uuid4())
 
             @contextlib.asynccontextmanager
             async def opener() -> AsyncIterator[Any]:
@@ -237,11 +254,16 @@ async def main() -> None:
             walls.append(wall)
             assert result.written == n, result
             rates.append(n / wall)
-            print(f"  round {r + 1}: raw COPY {copy_rates[-1]:>8,.0f}/s   ingest {rates[-1]:>8,.0f}/s"
-                  f"  ({rates[-1] / copy_rates[-1]:.0%})   load {os.getloadavg()[0]:.2f}")  # fmt: skip
+            of_copy, of_rolled = rates[-1] / copy_rates[-1], rates[-1] / rolled_rates[-1]
+            print(f"  round {r + 1}: raw COPY {copy_rates[-1]:>8,.0f}/s   COPY + rollups "
+                  f"{rolled_rates[-1]:>8,.0f}/s   ingest {rates[-1]:>8,.0f}/s  ({of_copy:.0%} / "
+                  f"{of_rolled:.0%})   load {os.getloadavg()[0]:.2f}")  # fmt: skip
             sys.stdout.flush()
         c, i = statistics.median(copy_rates), statistics.median(rates)
-        print(f"median   raw COPY {c:,.0f}/s, ingest {i:,.0f}/s = {i / c:.0%} of raw COPY")
+        cr = statistics.median(rolled_rates)
+        print(f"median   raw COPY {c:,.0f}/s, raw COPY into sessions + rollups (SQL) {cr:,.0f}/s, "
+              f"ingest {i:,.0f}/s = {i / c:.0%} of raw COPY, {i / cr:.0%} of COPY + rollups "
+              "(goal 6: ≥ 90%)")  # fmt: skip
         steps = sorted(slow.steps, reverse=True)
         print(f"event-loop steps over {args.step_ms:g} ms of CPU during ingest, all rounds: "
               f"{len(steps)}" + (f", longest {steps[0][0]:.1f} ms" if steps else ""))  # fmt: skip
