@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from session_audit.analytics.fields import BASE, CUBE, USER
-from session_audit.analytics.q import ContentSearch, compile_q, parse_q, sources_for
+from session_audit.analytics.q import ContentSearch, compile_q, parse_q, pinned_by, sources_for
 from session_audit.core.errors import InvalidArgument
 
 UTCZ = ZoneInfo("Etc/UTC")
@@ -63,6 +63,28 @@ def test_comparisons_with_null_are_false_only_under_not() -> None:
         "((s.connection_subtype = $1::text) OR (NOT (((coalesce(s.exit_code = $2::float8, false))"
         " AND (coalesce(s.end_date IS NOT NULL, false))))))"
     )
+
+
+@pytest.mark.parametrize(
+    ("q", "pinned"),
+    [
+        ("user_id:sub-1", True),
+        ("user_id:sub-1 AND protocol:ssh", True),
+        ("user_id:(sub-1 OR sub-2)", True),
+        ("id:00000000-0000-0000-0000-000000000001 OR correlation_id:c", True),
+        ("(user_id:a OR user_id:b) AND NOT exit_code:0", True),
+        ("user_id:sub-1*", False),
+        ("user_id:*", False),
+        ("user_id:sub-1 OR protocol:ssh", False),
+        ("NOT user_id:sub-1", False),
+        ("protocol:ssh", False),
+    ],
+)
+def test_which_queries_pin_a_key(q: str, pinned: bool) -> None:
+    """A pinned query matches only sessions with one of a few values of an indexed key, so
+    store.count may read them through that key's index (store.PINNED)."""
+    keys = frozenset({"id", "user_id", "correlation_id"})
+    assert pinned_by(parse_q(q, UTCZ), keys) is pinned
 
 
 def test_boolean_structure_and_field_groups() -> None:

@@ -502,15 +502,18 @@ def exact_on(query: Query | None, source: str) -> bool:
 
 
 def pinned_by(query: Query | None, names: frozenset[str]) -> bool:
-    """Whether every match of `query` must have one of a few given values of a field in
-    `names`: the query is, or is an AND of, an equality (or a list of values) on that field."""
-    if query is None:
-        return False
-    items = query.root.items if isinstance(query.root, BoolOp) and query.root.op == "and" else ()
-    return any(
-        isinstance(n, Match) and n.op in ("eq", "in") and n.field.name in names
-        for n in (query.root, *items)
-    )
+    """Whether every match of `query` has one of a few given values of fields in `names`: an
+    equality (or a list of values) on such a field, an AND with such a part, or an OR all of
+    whose parts are such (`user_id:(a OR b)`)."""
+
+    def pinned(n: Node) -> bool:
+        if isinstance(n, Match):
+            return n.op in ("eq", "in") and n.field.name in names
+        if n.op == "and":
+            return any(pinned(i) for i in n.items)
+        return n.op == "or" and all(pinned(i) for i in n.items)
+
+    return query is not None and pinned(query.root)
 
 
 def compile_q(query: Query | None, source: str) -> Sql:
