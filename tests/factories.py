@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from session_audit.analytics import requests
+from session_audit.analytics.q import parse_q
+from session_audit.analytics.timebins import bin_starts
+from session_audit.core.validation import parse_zone
+from session_audit.sessions.ingest import IngestBatch
 from session_audit.v1 import sessions_pb2 as pb
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -113,3 +118,29 @@ def reference_list(specs: list[Spec], params: dict[str, Any]) -> list[str]:
 
 def minutes(n: float) -> timedelta:
     return timedelta(minutes=n)
+
+
+async def ingest_specs(conn: Any, org: uuid.UUID, specs: list[Spec]) -> None:
+    """Ingest `specs` into `org` through the write path (IngestBatch), in one transaction; none
+    may be rejected."""
+    async with conn.transaction():
+        async with IngestBatch(conn, org, 60) as b:
+            for s in specs:
+                await b.add(s.to_proto())
+            result = await b.finish()
+    assert result.rejected == 0, result.rejections
+
+
+def histogram_query(
+    q: str | None, zone_name: str, start: datetime, days: int, bins: str = "day"
+) -> requests.HistogramQuery:
+    """A histogram of `protocol` over `days` from `start` (a naive start is read in the zone),
+    as the service parses one."""
+    _, zone = parse_zone(zone_name)
+    start = start.replace(tzinfo=zone) if start.tzinfo is None else start
+    end = start + timedelta(days=days)
+    edges = tuple(bin_starts(start, end, bins, zone, 1000))
+    query = parse_q(q, zone) if q else None
+    return requests.HistogramQuery(
+        "protocol", bins, start, end, zone_name, zone, None, query, edges
+    )

@@ -19,17 +19,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from session_audit.analytics import requests, rollups, store
+from session_audit.analytics import rollups, store
 from session_audit.analytics.fields import BASE, DURATION_EDGES, OUTCOMES
 from session_audit.analytics.q import exact_on, parse_q, partial_buckets
-from session_audit.analytics.timebins import bin_starts
 from session_audit.core import auth, db
 from session_audit.core.validation import parse_zone
 from tests import analytics_reference as ref
 from tests.analytics_reference import Pred
-from tests.factories import Spec
+from tests.factories import Spec, histogram_query, ingest_specs
 from tests.support import Stack, run
-from tests.test_analytics_outcomes import _ingest
 from tests.test_analytics_rollups import consistent
 
 MIGRATION = (
@@ -83,16 +81,6 @@ def test_a_field_rollup_outcomes_lacks_still_goes_to_the_base_table() -> None:
     assert not exact_on(parse_q("duration:>3600 AND verb:exec", UTC_ZONE), OUTCOMES)
 
 
-def _hq(q: str, zone_name: str, start: datetime, days: int, bins: str = "day") -> Any:
-    _, zone = parse_zone(zone_name)
-    start = start.replace(tzinfo=zone) if start.tzinfo is None else start
-    end = start + timedelta(days=days)
-    edges = tuple(bin_starts(start, end, bins, zone, 1000))
-    return requests.HistogramQuery(
-        "protocol", bins, start, end, zone_name, zone, None, parse_q(q, zone), edges
-    )
-
-
 async def _both(conn: Any, org: uuid.UUID, hq: Any) -> list[tuple[int, int]]:
     """The rollup-and-split answer, checked equal to the sessions table's."""
     who = auth.Principal(0, org, "auditor", "aud@x.example")
@@ -123,10 +111,10 @@ def test_off_edge_counts_by_hand_in_utc_and_berlin_and_after_updates(stack: Stac
         conn = await db.connect(stack.dsn, json_codec=False)
         try:
             org = await auth.ensure_org(conn, f"split-{uuid.uuid4().hex[:10]}")
-            await _ingest(conn, org, [a, b, c, d, e, f, g, h, i])
+            await ingest_specs(conn, org, [a, b, c, d, e, f, g, h, i])
 
             async def utc(q: str) -> list[tuple[int, int]]:
-                return await _both(conn, org, _hq(q, "Etc/UTC", D1, 3))
+                return await _both(conn, org, histogram_query(q, "Etc/UTC", D1, 3))
 
             # (start_count, active_count) on 6, 7 and 8 April, UTC. > 3600: c e f g h i (the
             # ends on the 7th, i's included, take them out of the 8th).
@@ -139,14 +127,14 @@ def test_off_edge_counts_by_hand_in_utc_and_berlin_and_after_updates(stack: Stac
             assert await utc("duration:>3600 OR exit_code:1") == [(5, 6), (1, 4), (0, 0)]  # + b
             assert await utc("duration:>3600 AND NOT exit_code:137") == [(3, 4), (1, 4), (0, 0)]
             # Berlin days (UTC+2) run 22:00-22:00 UTC: e starts on 6 April there, g, i on the 7th.
-            assert await _both(conn, org, _hq("duration:>3600", "Europe/Berlin",
+            assert await _both(conn, org, histogram_query("duration:>3600", "Europe/Berlin",
                                               datetime(2026, 4, 6), 2)) == [(3, 3), (3, 4)]  # fmt: skip
             # a lasts a second longer (same bucket, now > 3600); d ends after 38 h; c lasts
             # 30 minutes (leaves the query's buckets).
             a2 = replace(a, end=_at(11, s=1))
             d2 = replace(d, end=_at(2, day=1), exit_code=2)
             c2 = replace(c, end=_at(11.5))
-            await _ingest(conn, org, [a2, d2, c2])
+            await ingest_specs(conn, org, [a2, d2, c2])
             assert await utc("duration:>3600") == [(5, 6), (1, 5), (0, 0)]  # a d e f g h i
             assert await utc("duration:3600") == [(0, 0), (0, 0), (0, 0)]
             assert await utc("duration:<=3600") == [(2, 2), (0, 0), (0, 0)]  # b c
@@ -171,17 +159,17 @@ def test_the_last_bucket_a_week_or_more_by_hand(stack: Stack) -> None:
         conn = await db.connect(stack.dsn, json_codec=False)
         try:
             org = await auth.ensure_org(conn, f"split-long-{uuid.uuid4().hex[:10]}")
-            await _ingest(conn, org, [j, k, ll, m, n, p])
+            await ingest_specs(conn, org, [j, k, ll, m, n, p])
 
             async def utc(q: str) -> list[tuple[int, int]]:
-                return await _both(conn, org, _hq(q, "Etc/UTC", D1, 3))
+                return await _both(conn, org, histogram_query(q, "Etc/UTC", D1, 3))
 
             assert await utc("duration:>700000") == [(0, 1), (1, 2), (0, 1)]  # j ll
             assert await utc("duration:[604800 TO 700000]") == [(0, 2), (0, 1), (0, 0)]  # k p
             assert await utc("duration:[605000 TO 650000]") == [(0, 1), (0, 1), (0, 0)]  # p
             assert await utc("NOT duration:>700000") == [(1, 4), (0, 2), (0, 1)]  # k m n p
             assert await utc("duration:>700000 OR exit_code:1") == [(1, 2), (1, 2), (0, 1)]
-            assert await _both(conn, org, _hq("duration:>700000", "Europe/Berlin",
+            assert await _both(conn, org, histogram_query("duration:>700000", "Europe/Berlin",
                                               datetime(2026, 4, 6), 2)) == [(0, 1), (1, 2)]  # fmt: skip
         finally:
             await conn.close()
@@ -319,9 +307,9 @@ def test_split_counts_equal_the_plain_python_count(sdb: Db, data: st.DataObject)
     ]  # fmt: skip
     org = sdb.run(auth.ensure_org(sdb.conn, f"split-prop-{uuid.uuid4().hex[:10]}"))
     draft_ids = {x.id for x in drafts}
-    sdb.run(_ingest(sdb.conn, org, drafts + [s for s in specs if s.id not in draft_ids]))
+    sdb.run(ingest_specs(sdb.conn, org, drafts + [s for s in specs if s.id not in draft_ids]))
     if drafts:
-        sdb.run(_ingest(sdb.conn, org, [s for s in specs if s.id in draft_ids]))
+        sdb.run(ingest_specs(sdb.conn, org, [s for s in specs if s.id in draft_ids]))
     who = auth.Principal(0, org, "auditor", "aud@x.example")
     for _ in range(3):
         text, pred = data.draw(queries())
@@ -330,7 +318,7 @@ def test_split_counts_equal_the_plain_python_count(sdb: Db, data: st.DataObject)
         offset = timedelta(hours=data.draw(st.integers(-30 * 24, 24)))
         _, zone = parse_zone(zone_name)
         start = (ANCHOR + offset).astimezone(zone).replace(minute=0, second=0, microsecond=0)
-        hq = _hq(text, zone_name, start, days, bins)
+        hq = histogram_query(text, zone_name, start, days, bins)
         expected, _, _ = ref.histogram(specs, list(hq.bins), hq.start, hq.end, "protocol",
                                        None, pred)  # fmt: skip
         got = sdb.run(store.histogram(sdb.conn, who, hq, 30))

@@ -17,12 +17,10 @@ import pytest
 from session_audit.analytics import requests, rollups, store
 from session_audit.analytics.fields import BASE, CUBE, NAMES, VALUES
 from session_audit.analytics.q import parse_q
-from session_audit.analytics.timebins import bin_starts
 from session_audit.core import auth, db
 from session_audit.core.validation import parse_zone
 from session_audit.retention import purge
-from session_audit.sessions.ingest import IngestBatch
-from tests.factories import Spec
+from tests.factories import Spec, histogram_query, ingest_specs
 from tests.support import Stack, run
 from tests.test_analytics_rollups import consistent
 
@@ -76,22 +74,7 @@ def test_the_planner_reads_role_or_resource_alone_from_rollup_names(
 
 
 def _hq(q: str, zone_name: str, days: int = 2) -> requests.HistogramQuery:
-    _, zone = parse_zone(zone_name)
-    start = datetime(2026, 4, 6, tzinfo=zone)
-    end = start + timedelta(days=days)
-    bins = tuple(bin_starts(start, end, "day", zone, 1000))
-    return requests.HistogramQuery(
-        "protocol", "day", start, end, zone_name, zone, None, parse_q(q, zone), bins
-    )
-
-
-async def _ingest(conn: Any, org: uuid.UUID, specs: list[Spec]) -> None:
-    async with conn.transaction():
-        async with IngestBatch(conn, org, 60) as b:
-            for s in specs:
-                await b.add(s.to_proto())
-            result = await b.finish()
-    assert result.rejected == 0, result.rejections
+    return histogram_query(q, zone_name, D1.replace(tzinfo=None), days)
 
 
 def _at(h: float, day: int = 0) -> datetime:
@@ -116,7 +99,7 @@ def test_role_and_resource_counts_by_hand_after_an_update_and_a_purge(stack: Sta
         conn = await db.connect(stack.dsn, json_codec=False)
         try:
             org = await auth.ensure_org(conn, f"names-{uuid.uuid4().hex[:10]}")
-            await _ingest(conn, org, [a, b, c, d, e])
+            await ingest_specs(conn, org, [a, b, c, d, e])
             # (start_count, active_count) per UTC day, 6 and 7 April.
             utc = "Etc/UTC"
             assert await answers(conn, org, "role:ssh-1*", utc) == [(2, 2), (0, 0)]
@@ -133,7 +116,7 @@ def test_role_and_resource_counts_by_hand_after_an_update_and_a_purge(stack: Sta
             a2 = Spec(id=a.id, start=a.start, end=a.end, role="dba", resource="web")
             c2 = Spec(id=c.id, start=c.start, end=c.end, role="dba", resource="db-a")
             d2 = Spec(id=d.id, start=d.start, end=_at(3, day=1), role="ssh-2", resource="db-b")
-            await _ingest(conn, org, [a2, c2, d2])
+            await ingest_specs(conn, org, [a2, c2, d2])
             assert await answers(conn, org, "role:ssh-1*", utc) == [(1, 1), (0, 0)]
             assert await answers(conn, org, "role:dba", utc) == [(2, 3), (0, 1)]
             assert await answers(conn, org, "resource:db-*", utc) == [(2, 2), (0, 2)]

@@ -15,12 +15,8 @@ from typing import Any
 
 from session_audit.analytics import requests, rollups, store
 from session_audit.analytics.fields import BASE, OUTCOMES
-from session_audit.analytics.q import parse_q
-from session_audit.analytics.timebins import bin_starts
 from session_audit.core import auth, db
-from session_audit.core.validation import parse_zone
-from session_audit.sessions.ingest import IngestBatch
-from tests.factories import Spec
+from tests.factories import Spec, histogram_query, ingest_specs
 from tests.support import Stack, run
 from tests.test_analytics_rollups import consistent
 
@@ -40,22 +36,7 @@ def test_the_migration_backfills_with_the_rollup_definition() -> None:
 
 
 def _hq(q: str, zone_name: str, days: int = 2) -> requests.HistogramQuery:
-    _, zone = parse_zone(zone_name)
-    start = datetime(2026, 4, 6, tzinfo=zone)
-    end = start + timedelta(days=days)
-    bins = tuple(bin_starts(start, end, "day", zone, 1000))
-    return requests.HistogramQuery(
-        "protocol", "day", start, end, zone_name, zone, None, parse_q(q, zone), bins
-    )
-
-
-async def _ingest(conn: Any, org: uuid.UUID, specs: list[Spec]) -> None:
-    async with conn.transaction():
-        async with IngestBatch(conn, org, 60) as b:
-            for s in specs:
-                await b.add(s.to_proto())
-            result = await b.finish()
-    assert result.rejected == 0, result.rejections
+    return histogram_query(q, zone_name, D1.replace(tzinfo=None), days)
 
 
 def _at(h: float, day: int = 0) -> datetime:
@@ -81,7 +62,7 @@ def test_duration_and_exit_code_counts_by_hand_and_after_an_update(stack: Stack)
         conn = await db.connect(stack.dsn, json_codec=False)
         try:
             org = await auth.ensure_org(conn, f"outcomes-{uuid.uuid4().hex[:10]}")
-            await _ingest(conn, org, [a, b, c, d, e])
+            await ingest_specs(conn, org, [a, b, c, d, e])
             # (start_count, active_count) per UTC day, 6 and 7 April.
             assert await answers(conn, org, "duration:>=3600", "Etc/UTC") == [(2, 3), (0, 0)]
             assert await answers(conn, org, "duration:<3600", "Etc/UTC") == [(1, 1), (0, 0)]
@@ -90,7 +71,7 @@ def test_duration_and_exit_code_counts_by_hand_and_after_an_update(stack: Stack)
             # A reports it lasted a minute after all; D ends on 7 April 02:00 after 38 h, exit 2.
             a2 = Spec(id=a.id, start=a.start, end=_at(10) + timedelta(minutes=1))
             d2 = Spec(id=d.id, start=d.start, end=_at(2, day=1), exit_code=2)
-            await _ingest(conn, org, [a2, d2])
+            await ingest_specs(conn, org, [a2, d2])
             assert await answers(conn, org, "duration:>=3600", "Etc/UTC") == [(2, 3), (0, 1)]
             assert await answers(conn, org, "duration:<3600", "Etc/UTC") == [(2, 2), (0, 0)]
             assert await answers(conn, org, "exit_code:>=1", "Etc/UTC") == [(3, 3), (0, 1)]

@@ -23,8 +23,7 @@ from session_audit.analytics.fields import BASE, USER
 from session_audit.analytics.timebins import DAY, MONTH, WEEK, bin_starts
 from session_audit.core import auth, db
 from session_audit.core.validation import parse_zone
-from session_audit.sessions.ingest import IngestBatch
-from tests.factories import Spec
+from tests.factories import Spec, ingest_specs
 from tests.support import Stack, run
 from tests.test_analytics_properties import ZONES, Ask, Db, check_histogram, load, worlds
 
@@ -41,15 +40,6 @@ def test_the_per_user_rollup_keeps_weeks() -> None:
 
 def _at(day: int, hour: float = 0) -> datetime:
     return MONDAY + timedelta(days=day, hours=hour)
-
-
-async def _ingest(conn: Any, org: uuid.UUID, specs: list[Spec]) -> None:
-    async with conn.transaction():
-        async with IngestBatch(conn, org, 60) as b:
-            for s in specs:
-                await b.add(s.to_proto())
-            result = await b.finish()
-    assert result.rejected == 0, result.rejections
 
 
 def _hq(zone_name: str, start: datetime, end: datetime, size: int) -> requests.HistogramQuery:
@@ -104,7 +94,7 @@ def test_weekly_top_users_by_hand_in_utc_and_berlin_and_the_week_rows_are_read(
         conn = await db.connect(stack.dsn, json_codec=False)
         try:
             org = await auth.ensure_org(conn, f"weeks-{uuid.uuid4().hex[:10]}")
-            await _ingest(conn, org, FIXTURE)
+            await ingest_specs(conn, org, FIXTURE)
             # UTC weeks of 16, 23, 30 March. Started in the window: ana 2, bo 2, cy 2 → ties
             # ranked by value: ana, bo. Active: ana week 1 (2), week 2 (the long one ends on
             # the 25th); bo: the Sunday one in week 1, the open one from week 2 on.
@@ -163,10 +153,10 @@ def test_the_migration_backfills_weeks_as_ingest_and_rebuild_write_them(stack: S
         conn = await db.connect(stack.dsn, json_codec=False)
         try:
             org = await auth.ensure_org(conn, f"weeks-{uuid.uuid4().hex[:10]}")
-            await _ingest(conn, org, FIXTURE)
+            await ingest_specs(conn, org, FIXTURE)
             # A session moves (its user and times change): ingest subtracts and adds.
             moved = Spec(id=FIXTURE[1].id, email="bo@x.example", start=_at(4), end=_at(20))
-            await _ingest(conn, org, [moved])
+            await ingest_specs(conn, org, [moved])
             written = sorted(tuple(r) for r in await conn.fetch(weeks, org))
             backfilled = sorted(tuple(r) for r in await conn.fetch(select, org))
             await rollups.rebuild(conn, org)
