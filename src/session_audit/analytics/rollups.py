@@ -189,14 +189,19 @@ REDACTIONS_USER = Family(
 # a one-field statistic ranks, without summing every dimension combination of rollup_sessions.
 # The fields and their SQL are analytics.fields' (values as the cube stores them).
 VALUE_FIELDS = ("protocol", "connection", "connection_type", "verb", "status", "review_status")
+
+
+def _unpivot(names: tuple[str, ...]) -> str:
+    """Each session's starts and ends once per field of `names`, as (field, value) rows."""
+    pairs = ", ".join(f"('{name}', {FIELDS[name].sql[BASE]})" for name in names)
+    return f"{_START_END} CROSS JOIN LATERAL (VALUES {pairs}) f(field, value)"
+
+
 VALUES = Family(
     table="rollup_values",
     dims=(("field", "f.field"), ("value", "f.value")),
     measures=(("starts", "t.st"), ("ends", "t.en")),
-    lateral=_START_END
-    + " CROSS JOIN LATERAL (VALUES "
-    + ", ".join(f"('{name}', {FIELDS[name].sql[BASE]})" for name in VALUE_FIELDS)
-    + ") f(field, value)",
+    lateral=_unpivot(VALUE_FIELDS),
     where="t.at IS NOT NULL",
 )
 # How sessions ended (migration 0052): starts/ends per duration bucket (fields.DURATION_EDGES;
@@ -234,10 +239,7 @@ NAMES = Family(
     table="rollup_names",
     dims=(("field", "f.field"), ("value", "f.value")),
     measures=(("starts", "t.st"), ("ends", "t.en")),
-    lateral=_START_END
-    + " CROSS JOIN LATERAL (VALUES "
-    + ", ".join(f"('{name}', {FIELDS[name].sql[BASE]})" for name in NAME_FIELDS)
-    + ") f(field, value)",
+    lateral=_unpivot(NAME_FIELDS),
     where="t.at IS NOT NULL",
     pk=("org_id", "grain", "field", "bucket", "value"),
 )
