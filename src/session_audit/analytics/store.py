@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import pairwise
 from typing import Any
 
 from session_audit.analytics import rollups
@@ -480,6 +481,74 @@ class Counts:
     ends: dict[Key, int] = field(default_factory=lambda: defaultdict(int))
 
 
+# A count on the sessions table alone over contiguous bins, with the sessions open at their
+# start (a histogram answered from the base table): every session is read once, from one range
+# of sessions_org_start (its start in the window or in the look-back before it) plus the long
+# ones from sessions_org_long, and PostgreSQL groups them by the bin of their start, the bin
+# of their end and whether they were open at the start (width_bucket over the bins' edges).
+# Reading the starts and the ends by two ranges, one per piece each, read every session of the
+# window twice (`event_size:>1000` at 10M: 111 -> 76 ms). Exact for the same reason as the
+# open-at count: a session that ended in the window or was open at its start either started
+# less than LOOK_BACK before it or lasted longer (end_date >= start_date is a constraint).
+ONE_PASS = Template(f"""
+SELECT width_bucket(x.start_date, $edges::timestamptz[]),
+       CASE WHEN x.end_date IS NULL THEN 0 ELSE width_bucket(x.end_date, $edges) END,
+       x.start_date < $first AND (x.end_date IS NULL OR x.end_date >= $first)$cols, count(*)
+  FROM (SELECT s.start_date, s.end_date$inner FROM sessions s
+         WHERE $scope AND s.start_date >= $since AND s.start_date < $last AND $filters
+        UNION ALL
+        SELECT s.start_date, s.end_date$inner FROM sessions s
+         WHERE $scope AND {LONG} AND s.start_date < $since
+           AND (s.end_date IS NULL OR s.end_date >= $first) AND $filters) x
+ GROUP BY $positions""")
+
+
+def _one_pass_fits(
+    spec: CountSpec, intervals: list[tuple[datetime, datetime, int]], open_at: datetime | None
+) -> bool:
+    """Whether `_count_one_pass` answers: the sessions table alone, starts and ends of
+    contiguous bins and the sessions open at the first one's start, and no key that pins the
+    query to a few sessions (those read the key's index instead, PINNED)."""
+    return (
+        spec.source == BASE
+        and spec.ends
+        and bool(intervals)
+        and open_at == intervals[0][0]
+        and all(a[1] == b[0] for a, b in pairwise(intervals))
+        and not pinned_by(spec.q, PINNED)
+    )
+
+
+async def _count_one_pass(
+    conn: Conn,
+    spec: CountSpec,
+    intervals: list[tuple[datetime, datetime, int]],
+    timeout: float,
+) -> Counts:
+    values = _values_sql(spec, BASE)
+    inner = Sql("".join(f", {v} AS v{i}" for i, v in enumerate(values)))
+    cols = Sql("".join(f", x.v{i}" for i in range(len(values))))
+    positions = Sql(", ".join(str(i) for i in range(1, len(values) + 4)))
+    first, last = intervals[0][0], intervals[-1][1]
+    sql, args = ONE_PASS(
+        edges=[lo for lo, _, _ in intervals] + [last], first=param(first), last=param(last),
+        since=param(first - LOOK_BACK), cols=cols, inner=inner, positions=positions,
+        scope=spec.who.scope(Where(), "s").sql(), filters=_filters(spec, BASE),
+    ).render()  # fmt: skip
+    # width_bucket: 0 before the first edge, k + 1 in bin k, len(intervals) + 1 from the end on.
+    bins = {k + 1: b for k, (_, _, b) in enumerate(intervals)}
+    out = Counts()
+    for row in await conn.fetch(sql, *args, timeout=timeout):
+        started, ended, was_open, *group, n = tuple(row)
+        if started in bins:
+            out.starts[(bins[started], *group)] += n
+        if ended in bins:
+            out.ends[(bins[ended], *group)] += n
+        if was_open:
+            out.starts[(BASELINE, *group)] += n
+    return out
+
+
 async def count(
     conn: Conn,
     spec: CountSpec,
@@ -495,6 +564,8 @@ async def count(
     weeks = finest != HOUR and spec.source in WEEKLY
     pieces: list[Piece] = []
     intervals = list(intervals)
+    if _one_pass_fits(spec, intervals, open_at):
+        return await _count_one_pass(conn, spec, intervals, timeout)
     for lo, hi, b in intervals:
         pieces += cheapest(lo, hi, b, finest, weeks)
     if open_at is not None and use_rollups:
