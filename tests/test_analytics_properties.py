@@ -133,16 +133,8 @@ def name_leaves(draw: st.DrawFn) -> list[tuple[str, Pred]]:
 def one_name_terms(draw: st.DrawFn, field: str | None = None, depth: int = 0) -> tuple[str, Pred]:
     """A q on role only or on resource only: what rollup_names answers (without size)."""
     field = field or draw(st.sampled_from(["role", "resource"]))
-    text, pred = draw(st.sampled_from([x for x in draw(name_leaves()) if x[0].startswith(field)]))
-    if depth >= 2 or draw(st.booleans()):
-        return text, pred
-    op = draw(st.sampled_from(["AND", "OR", "NOT"]))
-    if op == "NOT":
-        return f"NOT ({text})", lambda s: not pred(s)
-    other_text, other = draw(one_name_terms(field, depth + 1))
-    if op == "AND":
-        return f"({text}) AND ({other_text})", lambda s: pred(s) and other(s)
-    return f"({text}) OR ({other_text})", lambda s: pred(s) or other(s)
+    leaf = draw(st.sampled_from([x for x in draw(name_leaves()) if x[0].startswith(field)]))
+    return _combined(draw, leaf, depth, lambda: one_name_terms(field, depth + 1))
 
 
 @st.composite
@@ -196,13 +188,24 @@ def q_terms(draw: st.DrawFn, anchor: datetime, depth: int = 0) -> tuple[str, Pre
     leaves.append((f"exit_code:{x}", lambda s: s.end is not None and s.exit_code == x))
     leaves.append(("exit_code:>=1", lambda s: s.end is not None and s.exit_code >= 1))
     leaves += draw(name_leaves())
-    text, pred = draw(st.sampled_from(leaves))
+    return _combined(draw, draw(st.sampled_from(leaves)), depth,
+                     lambda: q_terms(anchor, depth + 1))  # fmt: skip
+
+
+def _combined(
+    draw: st.DrawFn,
+    leaf: tuple[str, Pred],
+    depth: int,
+    more: Callable[[], st.SearchStrategy[tuple[str, Pred]]],
+) -> tuple[str, Pred]:
+    """`leaf` alone, or negated, or ANDed/ORed with a term drawn from `more()` (to depth 2)."""
+    text, pred = leaf
     if depth >= 2 or draw(st.booleans()):
         return text, pred
     op = draw(st.sampled_from(["AND", "OR", "NOT"]))
     if op == "NOT":
         return f"NOT ({text})", lambda s: not pred(s)
-    other_text, other = draw(q_terms(anchor, depth + 1))
+    other_text, other = draw(more())
     if op == "AND":
         return f"({text}) AND ({other_text})", lambda s: pred(s) and other(s)
     return f"({text}) OR ({other_text})", lambda s: pred(s) or other(s)

@@ -350,44 +350,35 @@ def _apply_sql(f: Family) -> str:
     )
 
 
-def _apply_values_sql() -> str:
-    """rollup_values from the cube's deltas (finest grain) → every grain, in key order. Each
-    delta row is bucketed once per grain (a fenced subquery), then unpivoted into its fields."""
-    cols = [FIELDS[name].sql[CUBE].removeprefix("r.") for name in VALUE_FIELDS]
-    unpivot = ", ".join(f"('{name}', x.{c})" for name, c in zip(VALUE_FIELDS, cols, strict=True))
-    f = VALUES
+def _apply_unpivoted_sql(f: Family, deltas: Family, fields: list[tuple[str, str]]) -> str:
+    """Rows of `f` (field, value) from `deltas`' rows at the finest grain → every grain, in
+    primary-key order. Each delta row is bucketed once per grain (a fenced subquery), then
+    unpivoted into one row per (field name, delta column) of `fields`."""
+    unpivot = ", ".join(f"('{name}', x.{col})" for name, col in fields)
+    inner = ", ".join(sorted({f"d.{col}" for _, col in fields}))
     positions = ", ".join(str(i) for i in range(1, len(f.key) + 1))
     updates = ", ".join(f"{c} = r.{c} + EXCLUDED.{c}" for c, _ in f.measures)
-    inner = ", ".join(sorted({f"d.{c}" for c in cols}))
     return (
         f"INSERT INTO {f.table} AS r ({', '.join(f.columns)})"
         f" SELECT x.org_id, x.grain, x.bucket, v.field, v.value, sum(x.starts), sum(x.ends)"
-        f" FROM (SELECT d.org_id, g.grain, {_bucket_sql(SESSIONS)} AS bucket, {inner},"
-        f" d.starts, d.ends FROM {_delta_table(SESSIONS)} d CROSS JOIN {grains_sql(f.grains)}"
+        f" FROM (SELECT d.org_id, g.grain, {_bucket_sql(deltas)} AS bucket, {inner},"
+        f" d.starts, d.ends FROM {_delta_table(deltas)} d CROSS JOIN {grains_sql(f.grains)}"
         f" OFFSET 0) x CROSS JOIN LATERAL (VALUES {unpivot}) v(field, value)"
-        f" GROUP BY {positions} HAVING sum(x.starts) <> 0 OR sum(x.ends) <> 0"
-        f" ORDER BY {positions} ON CONFLICT ({', '.join(f.key)}) DO UPDATE SET {updates}"
-    )
-
-
-def _apply_names_sql() -> str:
-    """rollup_names from the (role, resource) deltas (finest grain) → every grain, unpivoted,
-    upserted in primary-key order (field before bucket)."""
-    f = NAMES
-    unpivot = ", ".join(f"('{name}', x.{name})" for name in NAME_FIELDS)
-    pairs = ", ".join(f"d.{name}" for name in NAME_FIELDS)
-    positions = ", ".join(str(i) for i in range(1, len(f.key) + 1))
-    updates = ", ".join(f"{c} = r.{c} + EXCLUDED.{c}" for c, _ in f.measures)
-    return (
-        f"INSERT INTO {f.table} AS r ({', '.join(f.columns)})"
-        f" SELECT x.org_id, x.grain, x.bucket, v.field, v.value, sum(x.starts), sum(x.ends)"
-        f" FROM (SELECT d.org_id, g.grain, {_bucket_sql(NAME_PAIRS)} AS bucket, {pairs},"
-        f" d.starts, d.ends FROM {_delta_table(NAME_PAIRS)} d"
-        f" CROSS JOIN {grains_sql(f.grains)} OFFSET 0) x"
-        f" CROSS JOIN LATERAL (VALUES {unpivot}) v(field, value)"
         f" GROUP BY {positions} HAVING sum(x.starts) <> 0 OR sum(x.ends) <> 0"
         f" ORDER BY {f.order} ON CONFLICT ({', '.join(f.key)}) DO UPDATE SET {updates}"
     )
+
+
+def _apply_values_sql() -> str:
+    """rollup_values from the cube's deltas (each field's totals are sums over the cube)."""
+    return _apply_unpivoted_sql(VALUES, SESSIONS, [
+        (name, FIELDS[name].sql[CUBE].removeprefix("r.")) for name in VALUE_FIELDS
+    ])  # fmt: skip
+
+
+def _apply_names_sql() -> str:
+    """rollup_names from the (role, resource) deltas, field before bucket in its key."""
+    return _apply_unpivoted_sql(NAMES, NAME_PAIRS, [(name, name) for name in NAME_FIELDS])
 
 
 assert SESSIONS.finest == VALUES.finest and VALUES.grains == SESSIONS.grains
