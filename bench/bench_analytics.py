@@ -419,12 +419,18 @@ def build_cases(ctx: Ctx, today: date) -> list[Case]:
         ("histogram day/30d q=user AND protocol (base)", None, {"field": "protocol", "bin_size": "day", "q": "user:user-007@org1.example AND protocol:ssh", **month}),
         ("histogram day/30d q=event_size:>1000 (base)", None, {"field": "protocol", "bin_size": "day", "q": "event_size:>1000", **month}),
         ("histogram day/30d q=start:[2 weeks ago TO *] (base)", None, {"field": "protocol", "bin_size": "day", "q": f"start:[{two_weeks} TO *]", **month}),
+        ("histogram day/30d q=user_id:sub-1* (base)", None, {"field": "protocol", "bin_size": "day", "q": "user_id:sub-1*", **month}),
+        ("histogram day/30d q=correlation_id:* (base)", None, {"field": "protocol", "bin_size": "day", "q": "correlation_id:*", **month}),
+        ("histogram day/30d q=protocol:ssh OR role:ssh-1* (base)", None, {"field": "protocol", "bin_size": "day", "q": "protocol:ssh OR role:ssh-1*", **month}),
         ("histogram day/30d time_zone=Europe/Berlin", None, {"field": "protocol", "bin_size": "day", "time_zone": "Europe/Berlin", **month}),
     ):  # fmt: skip
         cases.append(histogram_case(ctx, name, target, params))
     cases.append(stats_case(ctx, "stats 30d protocol by connection",
                             {"field": "protocol", "sub_fields": "connection", "size": 10, **month}))  # fmt: skip
     cases.append(stats_case(ctx, "stats 30d user", {"field": "user", "size": 10, **month}))
+    for q in ("duration:>=3600", "user_id:sub-1*", "event_size:>1000"):
+        cases.append(stats_case(ctx, f"stats 30d protocol q={q} (base)",
+                                {"field": "protocol", "q": q, **month}))  # fmt: skip
     return cases
 
 
