@@ -4,14 +4,25 @@ reference in test_analytics_properties.py)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import math
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from session_audit.analytics.fields import BASE, CUBE, USER
-from session_audit.analytics.q import ContentSearch, compile_q, parse_q, pinned_by, sources_for
+from session_audit.analytics.q import (
+    SPAN_LIMIT,
+    ContentSearch,
+    compile_q,
+    parse_q,
+    pinned_by,
+    sources_for,
+    span_bound,
+)
 from session_audit.core.errors import InvalidArgument
 
 UTCZ = ZoneInfo("Etc/UTC")
@@ -95,13 +106,47 @@ def test_boolean_structure_and_field_groups() -> None:
 
 def test_ranges_on_times_and_numbers() -> None:
     text, args = sql("start:[2026-03-01 TO 2026-04-01} AND duration:>=60 AND exit_code:<2")
-    assert args == [datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC), 60.0, 2.0]
+    start, end = datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC)
+    assert args == [start, end, timedelta(seconds=60), 2.0]
     assert "s.start_date >= $1::timestamptz AND s.start_date < $2::timestamptz" in text
-    assert ">= $3::float8" in text and "s.exit_code < $4::float8" in text
+    assert "(s.end_date - s.start_date) >= $3::interval" in text
+    assert "s.exit_code < $4::float8" in text
     berlin = parse_q("start:[2026-03-01 TO *]", ZoneInfo("Europe/Berlin"))
     assert berlin is not None
     assert compile_q(berlin, BASE).render()[1] == [datetime(2026, 2, 28, 23, tzinfo=UTC)]
     assert sql("end:[* TO *]")[0] == "s.end_date IS NOT NULL"
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize(
+    "t", [0.0, 0.1, 1e-7, -0.1, 59.9999995, 3600.0, 3600.0000005, 86400.1, 2.0**40 + 0.3, 1e12]
+)
+def test_a_duration_bound_is_the_first_microsecond_the_float_comparison_takes(
+    t: float, strict: bool
+) -> None:
+    """`duration >= t` on the base table is `end - start >= span_bound(t)` microseconds: the
+    same sessions as comparing their seconds as a float8 (what the rollup's buckets and the
+    plain-Python reference do). Reference here: decimal division (correctly rounded to a
+    double by another path), scanning the microseconds around t * 10^6. Near 2^40 s a double
+    is 244 µs wide, so the answer is not simply ceil(t * 10^6)."""
+
+    def holds(d: int) -> bool:
+        x = float(Decimal(d) / Decimal(10**6))
+        return x > t if strict else x >= t
+
+    c = math.ceil(Fraction(t) * 10**6)
+    first = next(d for d in range(c - 5000, c + 5000) if holds(d))
+    assert not holds(c - 5000)
+    assert span_bound(t, strict=strict) == first
+    if t == 2.0**40 + 0.3:
+        assert abs(first - c) > 100
+
+
+def test_a_duration_bound_past_any_span_matches_all_or_nothing() -> None:
+    assert span_bound(1e15, strict=False) == SPAN_LIMIT + 1
+    assert span_bound(-1e15, strict=True) == -SPAN_LIMIT - 1
+    # PostgreSQL's timestamptz runs from 4714 BC to 294276 AD: under 298,991 years of 366 days.
+    assert SPAN_LIMIT > 298_991 * 366 * 86_400 * 10**6
 
 
 def test_sources_that_can_answer() -> None:

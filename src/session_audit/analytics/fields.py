@@ -46,6 +46,9 @@ class Field:
     doc: str = ""
     # Sources whose SQL for this field is a bucket number over these edges (not the value).
     edges: tuple[float, ...] = ()
+    # The value as an interval on the base table, if it is one: a comparison of the field is
+    # then made on it, in whole microseconds (q.span_bound), instead of on `sql[BASE]`.
+    span: str = ""
 
 
 def _f(
@@ -86,6 +89,7 @@ FIELDS: dict[str, Field] = {
         _f("end", "time", "s.end_date", doc="end time (open sessions have none)"),
         _f("duration", "number", "extract(epoch FROM s.end_date - s.start_date)",
            {OUTCOMES: "r.duration_bucket"}, edges=DURATION_EDGES,
+           span="(s.end_date - s.start_date)",
            doc="seconds from start to end (open sessions have none)"),
         _f("exit_code", "number", "s.exit_code", {OUTCOMES: "nullif(r.exit_code, '')::integer"},
            doc="exit code"),
