@@ -7,7 +7,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
+import orjson
 import pytest
+from google.protobuf import json_format
 
 from session_audit.v1 import analytics_pb2 as apb
 from session_audit.v1 import analytics_pb2_grpc as apb_grpc
@@ -734,3 +736,97 @@ def test_a_q_pinned_to_one_user_id_counts_ends_of_long_sessions(stack: Stack) ->
     assert buckets("user_id:(sub-9 OR sub-7)") == expected
     # Only ssh (A, B, E): 11th 2+1-0, 12th 2+1-0, 13th 2+1-2, 14th 2+1-3.
     assert buckets("user_id:sub-9 AND protocol:ssh") == [(1, 3), (0, 3), (0, 1), (0, 0)]
+
+
+# -- REST answers the service renders: byte for byte what the transcoder prints ----------------
+
+# Text and numbers the transcoder prints its own way: protobuf's JSON writer escapes `<`, `>`,
+# DEL, C1 controls and invisible characters (JSON requires none of that), and prints a double
+# with %.15g, or %.17g when that does not read back.
+ODD_NAME = 'a<b>&"q"\\ \t\x01\x7f\x85\xad\u2028\u202e\ufeff é 漢 \U0001d173 \U000e0041'
+ODD_BYTES = (2**53 - 1, 10**15, 1234567890123456, 123456789012345, 0)
+# As protobuf prints them, worked out by hand from that rule: 2^53 - 1 and 1234567890123456
+# have 16 digits (%.15g rounds them, so %.17g), 10^15 is 1e+15 under %.15g; the total,
+# 11365223933876792 (a double exactly: even, under 2^54), has 17 digits.
+ODD_BYTES_TEXT = (b"9007199254740991", b"1e+15", b"1234567890123456", b"123456789012345", b"0")
+ODD_TOTAL_TEXT = b"11365223933876792"
+
+
+@pytest.fixture(scope="module")
+def odd(stack: Stack) -> tuple[str, str]:
+    token = stack.token(stack.new_org("odd"), "admin")
+    spec = Spec(start=at(3, 10), end=at(3, 11), connection=ODD_NAME,
+                redactions=tuple((f"T{k}", 1, b) for k, b in enumerate(ODD_BYTES)))  # fmt: skip
+    assert not stack.ingest(token, [spec.to_proto()]).rejections
+    return token, spec.id
+
+
+def test_service_rendered_json_is_what_the_transcoder_prints(
+    stack: Stack, odd: tuple[str, str]
+) -> None:
+    """GetSession is transcoded by Envoy: its raw body is the reference for how a string and a
+    double print. The report and the histogram, rendered by the service (…Json RPCs), print
+    the same name and numbers with the same bytes, and parse to the gRPC answers."""
+    from session_audit.analytics.rows import proto_double, proto_json
+
+    token, session_id = odd
+    name = proto_json({"connection": ODD_NAME})[1:-1]  # "connection":"…"
+    assert b"\\u003c" in name and b"\\u2028" in name and b"\\udb40\\udc41" in name
+    envoy = stack.rest("GET", f"/api/sessions/{session_id}", token)
+    assert envoy.status_code == 200, envoy.text
+    assert name in envoy.content
+    for size, text in zip(ODD_BYTES, ODD_BYTES_TEXT, strict=True):
+        assert orjson.dumps(proto_double(float(size))) == text
+        assert b'"transformed_bytes":' + text in envoy.content
+
+    window = {"start_date": "2026-03-03", "end_date": "2026-03-04", "group_by": "connection"}
+    report = stack.rest("GET", REPORT, token, params=window)
+    assert report.status_code == 200, report.text
+    assert report.headers["content-type"] == "application/json"
+    resource = name.replace(b'"connection":', b'"resource":')
+    assert report.content.count(resource) == len(ODD_BYTES)
+    for text in ODD_BYTES_TEXT:
+        assert b'"transformed_bytes":' + text in report.content
+    assert b'"total_transformed_bytes":' + ODD_TOTAL_TEXT + b"}" in report.content
+    stub = apb_grpc.AnalyticsServiceStub(stack.channel())
+    reply = stub.GetSessionReport(apb.SessionReportRequest(**window), metadata=auth_md(token))
+    assert report.json() == json_format.MessageToDict(
+        reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+    histogram = stack.rest("GET", HISTOGRAM, token, params={
+        "field": "connection", "bin-size": "day", "size": 1,
+        "start": "2026-03-03T00:00:00Z", "end": "2026-03-04T00:00:00Z",
+    })  # fmt: skip
+    assert histogram.status_code == 200, histogram.text
+    assert name.replace(b'"connection":', b'"value":') in histogram.content
+
+
+REPORTS_REST_VS_GRPC = [
+    {"start_date": "2026-03-01", "end_date": "2026-03-05", "group_by": group}
+    for group in ("connection", "connection_type", "user_email", "id")
+] + [
+    # Nothing in the window: `items` is printed empty, the totals as 0.
+    {"start_date": "2025-03-01", "end_date": "2025-03-05", "group_by": "connection"},
+]
+
+
+@pytest.mark.parametrize("params", REPORTS_REST_VS_GRPC, ids=range(len(REPORTS_REST_VS_GRPC)))
+def test_the_rest_report_is_the_grpc_answer_as_json(
+    stack: Stack, odd: tuple[str, str], params: dict[str, Any]
+) -> None:
+    token, _ = odd
+    stub = apb_grpc.AnalyticsServiceStub(stack.channel())
+    reply = stub.GetSessionReport(apb.SessionReportRequest(**params), metadata=auth_md(token))
+    expected = json_format.MessageToDict(
+        reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    r = stack.rest("GET", REPORT, token, params=params)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got == expected
+    assert list(got) == ["items", "total_redact_count", "total_transformed_bytes"]
+    if params["start_date"].startswith("2025"):
+        assert r.content == b'{"items":[],"total_redact_count":0,"total_transformed_bytes":0}'
+    else:
+        assert len(got["items"]) == len(ODD_BYTES)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 import orjson
@@ -31,10 +33,73 @@ def report_to_proto(result: ReportResult) -> pb.SessionReport:
             for resource, info_type, redacted, transformed in result.items
         ]
     )
-    # Totals are the sums of the items, computed here from the same numbers.
-    reply.total_redact_count = float(sum(i[2] for i in result.items))
-    reply.total_transformed_bytes = float(sum(i[3] for i in result.items))
+    redacted, transformed = _report_totals(result)
+    reply.total_redact_count = redacted
+    reply.total_transformed_bytes = transformed
     return reply
+
+
+def _report_totals(result: ReportResult) -> tuple[float, float]:
+    """Totals are the sums of the items, computed here from the same numbers."""
+    return float(sum(i[2] for i in result.items)), float(sum(i[3] for i in result.items))
+
+
+def report_to_json(result: ReportResult) -> bytes:
+    """report_to_proto's message as the transcoder prints it (GetSessionReportJson): proto
+    field names in field-number order, every field present, doubles and strings as
+    protobuf's JSON writer prints them."""
+    redacted, transformed = _report_totals(result)
+    return proto_json({
+        "items": [
+            {"info_type": info_type, "redact_total": proto_double(float(r)), "resource": resource,
+             "transformed_bytes": proto_double(float(b))}
+            for resource, info_type, r, b in result.items
+        ],
+        "total_redact_count": proto_double(redacted),
+        "total_transformed_bytes": proto_double(transformed),
+    })  # fmt: skip
+
+
+def proto_double(x: float) -> int | orjson.Fragment:
+    """A double as protobuf's JSON writer prints it (io::SimpleDtoa: `%.15g`, or `%.17g` when
+    that does not read back as x; non-finite values as quoted names). Whole numbers under
+    10^15 print as their digits, the same text as the int, which orjson writes fastest."""
+    if x.is_integer() and abs(x) < 1e15 and (x != 0 or math.copysign(1.0, x) > 0):
+        return int(x)
+    if not math.isfinite(x):
+        return orjson.Fragment('"NaN"' if x != x else '"Infinity"' if x > 0 else '"-Infinity"')
+    text = f"{x:.15g}"
+    if float(text) != x:
+        text = f"{x:.17g}"
+    return orjson.Fragment(text)
+
+
+# What protobuf's JSON writer escapes beyond JSON's own escapes (which orjson writes the same
+# way): `<` and `>`, DEL and the C1 controls, and invisible or direction-changing characters
+# (json/internal/writer.cc, MustEscape), "to prevent security bugs in JavaScript".
+_PROTO_ESCAPED = re.compile(
+    "[<>\x7f-\x9f\xad\u0600-\u0603\u06dd\u070f\u17b4\u17b5\u200b-\u200f"
+    "\u2028-\u202e\u2060-\u2064\u206a-\u206f\ufeff\ufff9-\ufffb"
+    "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]"
+)
+
+
+def _u_escape(m: re.Match[str]) -> str:
+    c = ord(m.group())
+    if c < 0x10000:
+        return f"\\u{c:04x}"
+    c -= 0x10000
+    return f"\\u{0xD800 + (c >> 10):04x}\\u{0xDC00 + (c & 0x3FF):04x}"
+
+
+def proto_json(doc: Document) -> bytes:
+    """`doc` as JSON with the escapes protobuf's JSON writer adds (Envoy's transcoder prints
+    strings that way): the characters only ever occur inside strings, so they are replaced in
+    the serialized text."""
+    out = orjson.dumps(doc)
+    if out.isascii() and b"<" not in out and b">" not in out and b"\x7f" not in out:
+        return out
+    return _PROTO_ESCAPED.sub(_u_escape, out.decode()).encode()
 
 
 def histogram_document(hq: HistogramQuery, result: HistogramResult, remaining: float) -> Document:
@@ -77,7 +142,7 @@ def histogram_to_proto(
 
 
 def histogram_to_json(hq: HistogramQuery, result: HistogramResult, remaining: float) -> bytes:
-    return orjson.dumps(histogram_document(hq, result, remaining))
+    return proto_json(histogram_document(hq, result, remaining))
 
 
 def _percent(part: int, whole: int) -> float:

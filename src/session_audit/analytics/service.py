@@ -18,10 +18,11 @@ from session_audit.v1 import analytics_pb2 as pb
 from session_audit.v1 import analytics_pb2_grpc as pb_grpc
 
 JSON = "application/json"
-# A histogram answer with at least this many counts (bins × (1 + top values)) is built in a
-# worker thread: the largest (1,000 bins × 100 values) takes 30-60 ms of CPU, which on the
-# event loop would hold every other call that long (issue 11: ~20 ms at most); a worker
-# thread gives the GIL back to the loop at least every 5 ms (sys.getswitchinterval()).
+# A histogram answer with at least this many counts (bins × (1 + top values)), or a report
+# with this many items, is built in a worker thread: the largest histogram (1,000 bins × 100
+# values) takes 30-60 ms of CPU, which on the event loop would hold every other call that long
+# (issue 11: ~20 ms at most); a worker thread gives the GIL back to the loop at least every
+# 5 ms (sys.getswitchinterval()).
 OFF_LOOP_COUNTS = 5_000
 R = TypeVar("R")
 
@@ -34,13 +35,31 @@ class AnalyticsService(pb_grpc.AnalyticsServiceServicer):
     async def GetSessionReport(
         self, request: pb.SessionReportRequest, context: grpc.aio.ServicerContext
     ) -> pb.SessionReport:
+        return await self._report(request, context, rows.report_to_proto)
+
+    @roles(READERS, "read session reports")
+    async def GetSessionReportJson(
+        self, request: pb.SessionReportRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        data = await self._report(request, context, rows.report_to_json)
+        return httpbody_pb2.HttpBody(content_type=JSON, data=data)
+
+    async def _report(
+        self,
+        request: pb.SessionReportRequest,
+        context: grpc.aio.ServicerContext,
+        render: Callable[[store.ReportResult], R],
+    ) -> R:
+        """The answer, rendered by `render` (in a worker thread when large: OFF_LOOP_COUNTS)."""
         who = caller()
         query = requests.parse_report(request, datetime.now(UTC))
         timeout = self.app.timeout(context)
         result = await self.app.read(
             who.token_id, lambda conn: store.report(conn, who, query, timeout)
         )
-        return rows.report_to_proto(result)
+        if len(result.items) < OFF_LOOP_COUNTS:
+            return render(result)
+        return await asyncio.to_thread(render, result)
 
     @roles(READERS, "read session histograms")
     async def GetSessionHistogram(

@@ -42,7 +42,15 @@ class AnalyticsServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AnalyticsServiceAsyncStub: ...
     GetSessionReport: _grpc.UnaryUnaryMultiCallable[_analytics_pb2.SessionReportRequest, _analytics_pb2.SessionReport]
     """Redactions and transformed bytes per info type, grouped by `group_by`, over the sessions
-    that ENDED in [start_date, end_date) (days in time_zone).
+    that ENDED in [start_date, end_date) (days in time_zone). gRPC; REST callers get the same
+    answer from GetSessionReportJson.
+    """
+    GetSessionReportJson: _grpc.UnaryUnaryMultiCallable[_analytics_pb2.SessionReportRequest, _httpbody_pb2.HttpBody]
+    """Redactions and transformed bytes per info type (REST).
+    GetSessionReport's answer as the JSON form of SessionReport, rendered by the service the
+    way the transcoder prints it (proto field names, numbers as protobuf prints a double,
+    protobuf's escapes) and passed through by Envoy: a report of many groups costs no
+    transcoding (group_by=user_email at 10M sessions: ~4 ms of Envoy's time per call).
       curl -H "authorization: Bearer $TOKEN" \\
         'http://127.0.0.1:8080/api/reports/sessions?start_date=2026-03-01&end_date=2026-04-01&group_by=connection'
     """
@@ -74,7 +82,15 @@ class AnalyticsServiceAsyncStub(AnalyticsServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetSessionReport: _aio.UnaryUnaryMultiCallable[_analytics_pb2.SessionReportRequest, _analytics_pb2.SessionReport]  # type: ignore[assignment]
     """Redactions and transformed bytes per info type, grouped by `group_by`, over the sessions
-    that ENDED in [start_date, end_date) (days in time_zone).
+    that ENDED in [start_date, end_date) (days in time_zone). gRPC; REST callers get the same
+    answer from GetSessionReportJson.
+    """
+    GetSessionReportJson: _aio.UnaryUnaryMultiCallable[_analytics_pb2.SessionReportRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """Redactions and transformed bytes per info type (REST).
+    GetSessionReport's answer as the JSON form of SessionReport, rendered by the service the
+    way the transcoder prints it (proto field names, numbers as protobuf prints a double,
+    protobuf's escapes) and passed through by Envoy: a report of many groups costs no
+    transcoding (group_by=user_email at 10M sessions: ~4 ms of Envoy's time per call).
       curl -H "authorization: Bearer $TOKEN" \\
         'http://127.0.0.1:8080/api/reports/sessions?start_date=2026-03-01&end_date=2026-04-01&group_by=connection'
     """
@@ -109,7 +125,21 @@ class AnalyticsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_analytics_pb2.SessionReport, _abc.Awaitable[_analytics_pb2.SessionReport]]:
         """Redactions and transformed bytes per info type, grouped by `group_by`, over the sessions
-        that ENDED in [start_date, end_date) (days in time_zone).
+        that ENDED in [start_date, end_date) (days in time_zone). gRPC; REST callers get the same
+        answer from GetSessionReportJson.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSessionReportJson(
+        self,
+        request: _analytics_pb2.SessionReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
+        """Redactions and transformed bytes per info type (REST).
+        GetSessionReport's answer as the JSON form of SessionReport, rendered by the service the
+        way the transcoder prints it (proto field names, numbers as protobuf prints a double,
+        protobuf's escapes) and passed through by Envoy: a report of many groups costs no
+        transcoding (group_by=user_email at 10M sessions: ~4 ms of Envoy's time per call).
           curl -H "authorization: Bearer $TOKEN" \\
             'http://127.0.0.1:8080/api/reports/sessions?start_date=2026-03-01&end_date=2026-04-01&group_by=connection'
         """
