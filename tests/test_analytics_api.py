@@ -738,6 +738,35 @@ def test_a_q_pinned_to_one_user_id_counts_ends_of_long_sessions(stack: Stack) ->
     assert buckets("user_id:sub-9 AND protocol:ssh") == [(1, 3), (0, 3), (0, 1), (0, 0)]
 
 
+# The two ssh sessions of `three` lasted 6,000 s (14:30-16:10) and 900 s (16:05-16:20); the rdp
+# one is open (no duration). Thresholds at the ends of what `q` accepts (|x| <= 2^53) and a
+# microsecond either side of a duration.
+EXTREME_DURATIONS = [
+    ('duration:>"-9007199254740992"', 2),  # a negative number is quoted (Lucene's "-")
+    ("duration:>=9007199254740992", 0),
+    ("duration:<9007199254740992", 2),
+    ("duration:[0.000001 TO *]", 2),
+    ("duration:6000", 1),
+    ("duration:{5999.999999 TO 6000.000001}", 1),
+    ("duration:{6000 TO 6000.000001}", 0),
+    ("duration:>899.999999 AND duration:<900.000001", 1),
+    ("NOT duration:>=9007199254740992", 3),  # the open session has no duration: NOT matches it
+]
+
+
+@pytest.mark.parametrize(("q", "started"), EXTREME_DURATIONS)
+def test_duration_thresholds_at_the_extremes_and_the_microsecond(
+    stack: Stack, three: str, q: str, started: int
+) -> None:
+    """Counted by hand; the base table compares `end - start` in whole microseconds
+    (q.span_bound), the rollup by buckets: both must agree with the seconds."""
+    window = {"start": "2026-03-02T14:00:00Z", "end": "2026-03-02T17:00:00Z"}
+    body = get(stack, HISTOGRAM, three, field="protocol", q=q, **{"bin-size": "hour"}, **window)
+    assert sum(b["start_count"] for b in body["body"]["buckets"]) == started
+    stats = get(stack, STATS, three, field="protocol", q=q, **window)
+    assert stats["body"]["total"] == started, stats
+
+
 # -- REST answers the service renders: byte for byte what the transcoder prints ----------------
 
 # Text and numbers the transcoder prints its own way: protobuf's JSON writer escapes `<`, `>`,
