@@ -17,6 +17,7 @@ from session_audit.analytics.fields import BASE, CUBE, USER
 from session_audit.analytics.q import (
     SPAN_LIMIT,
     ContentSearch,
+    Match,
     compile_q,
     parse_q,
     pinned_by,
@@ -175,6 +176,8 @@ def test_sources_that_can_answer() -> None:
         ("exit_code:1*", "wildcards do not apply"),
         ("duration:[a TO 5]", "expected a number"),
         ("duration:[1 TO 1e400]", "expected a finite number"),
+        ("exit_code:-1", 'a negative number goes in quotes: exit_code:"-1"'),
+        ("duration:[-5 TO 5]", "range bounds must be plain values (a negative number goes in"),
         ("protocol:(connection:x)", "a field inside another field's group"),
         ("connection:" + "x" * 300, "values are at most 256 characters"),
     ],
@@ -183,6 +186,16 @@ def test_refused_with_the_term_named(q: str, message: str) -> None:
     with pytest.raises(InvalidArgument) as err:
         parse_q(q, UTCZ)
     assert err.value.message.startswith("q: ") and message in err.value.message
+
+
+def test_a_quoted_negative_number_is_a_number() -> None:
+    """What the refusal of `exit_code:-1` (Lucene's NOT) tells the caller to write instead."""
+    eq = parse_q('exit_code:"-1"', UTCZ)
+    assert eq is not None and isinstance(eq.root, Match)
+    assert (eq.root.op, eq.root.value) == ("eq", -1.0)
+    rng = parse_q('duration:["-5" TO 5]', UTCZ)
+    assert rng is not None and isinstance(rng.root, Match)
+    assert rng.root.bounds == (-5.0, 5.0, True, True)
 
 
 @pytest.mark.parametrize("q", ["content:x", "screen.content:*", "script:DROP*", "event_stream:x"])

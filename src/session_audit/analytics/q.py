@@ -41,6 +41,8 @@ MAX_DEPTH = 32
 MAX_TERMS = 128
 MAX_WILDCARDS = 16
 NOT_SUPPORTED_CONTENT = "NotSupportedContentOption"
+# Lucene reads a leading "-" as NOT: a negative number is written in quotes.
+NEGATIVE_HINT = ' (a negative number goes in quotes: exit_code:"-1", duration:["-5" TO 5])'
 
 
 class ContentSearch(InvalidArgument):
@@ -186,7 +188,7 @@ class _Converter:
         if isinstance(item, tree.UnknownOperation):
             raise self.bad(item, "write AND or OR between terms (&& and || are not supported)")
         if isinstance(item, tree.Prohibit | tree.Plus):
-            raise self.bad(item, "+ and - are not supported; use AND / NOT")
+            raise self.bad(item, f"+ and - are not supported; use AND / NOT{NEGATIVE_HINT}")
         if isinstance(item, tree.Fuzzy | tree.Proximity):
             raise self.bad(item, "fuzzy and proximity search (~) are not supported")
         if isinstance(item, tree.Boost):
@@ -265,7 +267,7 @@ class _Converter:
             if b is None or (isinstance(b, tree.Word) and b.value == "*"):
                 return None
             if not isinstance(b, tree.Word | tree.Phrase):
-                raise self.bad(item, "range bounds must be plain values", f)
+                raise self.bad(item, f"range bounds must be plain values{NEGATIVE_HINT}", f)
             text = b.value[1:-1] if isinstance(b, tree.Phrase) else _unescape(b.value)
             if f.kind == "time":
                 return parse_instant(f"{self.param}: {f.name}", text, self.zone)
