@@ -859,3 +859,33 @@ def test_the_rest_report_is_the_grpc_answer_as_json(
         assert r.content == b'{"items":[],"total_redact_count":0,"total_transformed_bytes":0}'
     else:
         assert len(got["items"]) == len(ODD_BYTES)
+
+
+def test_a_large_report_built_off_the_loop_is_the_same_answer(stack: Stack) -> None:
+    """5,000 sessions with group_by=id: 5,000 items, over analytics.service.OFF_LOOP_COUNTS,
+    so both answers are rendered in a worker thread. Sums by hand: session k redacted k + 1
+    items of one info type and 10 bytes each."""
+    from session_audit.analytics.service import OFF_LOOP_COUNTS
+
+    n = 5_000
+    assert n >= OFF_LOOP_COUNTS
+    token = stack.token(stack.new_org("large-report"), "admin")
+    specs = [Spec(start=at(4, 1), end=at(4, 2), redactions=(("EMAIL", k + 1, 10),))
+             for k in range(n)]  # fmt: skip
+    for chunk in range(0, n, 1000):
+        assert not stack.ingest(
+            token, [s.to_proto() for s in specs[chunk : chunk + 1000]]
+        ).rejections
+    params = {"start_date": "2026-03-04", "end_date": "2026-03-05", "group_by": "id"}
+    r = stack.rest("GET", REPORT, token, params=params)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["items"]) == n
+    assert body["total_redact_count"] == n * (n + 1) // 2
+    assert body["total_transformed_bytes"] == 10 * n
+    assert [i["resource"] for i in body["items"]] == sorted(s.id for s in specs)
+    stub = apb_grpc.AnalyticsServiceStub(stack.channel())
+    reply = stub.GetSessionReport(apb.SessionReportRequest(**params), metadata=auth_md(token))
+    assert body == json_format.MessageToDict(
+        reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
 import grpc
 from google.api import httpbody_pb2
@@ -25,6 +25,15 @@ JSON = "application/json"
 # 5 ms (sys.getswitchinterval()).
 OFF_LOOP_COUNTS = 5_000
 R = TypeVar("R")
+P = ParamSpec("P")
+
+
+async def _rendered(size: int, render: Callable[P, R], *args: P.args, **kw: P.kwargs) -> R:
+    """`render(*args)`: on the event loop, or in a worker thread when the answer is large (`size`
+    counts or items, at least OFF_LOOP_COUNTS)."""
+    if size < OFF_LOOP_COUNTS:
+        return render(*args, **kw)
+    return await asyncio.to_thread(render, *args, **kw)
 
 
 class AnalyticsService(pb_grpc.AnalyticsServiceServicer):
@@ -57,9 +66,7 @@ class AnalyticsService(pb_grpc.AnalyticsServiceServicer):
         result = await self.app.read(
             who.token_id, lambda conn: store.report(conn, who, query, timeout)
         )
-        if len(result.items) < OFF_LOOP_COUNTS:
-            return render(result)
-        return await asyncio.to_thread(render, result)
+        return await _rendered(len(result.items), render, result)
 
     @roles(READERS, "read session histograms")
     async def GetSessionHistogram(
@@ -88,9 +95,8 @@ class AnalyticsService(pb_grpc.AnalyticsServiceServicer):
             who.token_id, lambda conn: store.histogram(conn, who, query, timeout)
         )
         remaining = self.app.remaining(context)
-        if len(query.bins) * (1 + len(result.top)) < OFF_LOOP_COUNTS:
-            return render(query, result, remaining)
-        return await asyncio.to_thread(render, query, result, remaining)
+        counts = len(query.bins) * (1 + len(result.top))
+        return await _rendered(counts, render, query, result, remaining)
 
     @roles(READERS, "read session statistics")
     async def GetSessionStats(
