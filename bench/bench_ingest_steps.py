@@ -10,7 +10,8 @@ per-chunk transactions, rollups, retention hook, trail) on a connection that tim
 statement; and, the baseline of issue 14 goal 6 ("a raw COPY into the same table with rollups
 on"), the same sessions COPYed into `sessions` itself for an org of their own, then that org's
 rollups computed in SQL (`rollups.rebuild`). It prints rows/s of the three, and the time per
-kind of statement and the Python time (validation, folding, encoding) per session.
+kind of statement and the Python time (validation, folding, encoding) per session. The
+process runs with the server's garbage-collector settings (`--gc python`: Python's own).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from session_audit.analytics import rollups
 from session_audit.core import auth, db, migrate
+from session_audit.core.config import GC_THRESHOLDS
 from session_audit.core.schema import INGEST_COLUMNS
 from session_audit.embedded import EmbeddedPostgres
 from session_audit.seed import demo_sessions
@@ -172,6 +174,13 @@ async def main() -> None:
         default=5.0,
         help="report event-loop steps of the ingest that held the loop's CPU longer than this",
     )
+    ap.add_argument(
+        "--gc",
+        choices=("server", "python"),
+        default="server",
+        help="the server's garbage-collector settings (freeze after set-up, GC_THRESHOLDS's "
+        "default) or Python's own",
+    )
     args = ap.parse_args()
     slow = SlowSteps()
     collections = Collections()
@@ -196,8 +205,12 @@ async def main() -> None:
     if args.sorted:
         sessions.sort(key=lambda s: s.start_date.ToDatetime())
     order = "start order" if args.sorted else "random order"
+    if args.gc == "server":  # as server.serve does once it is set up
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
     print(f"data     {n:,} sessions per round over {args.days} days ({order}), one org per round; "
-          f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+          f"gc thresholds {gc.get_threshold()}; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     copy_rates: list[float] = []
     rolled_rates: list[float] = []
     rates: list[float] = []

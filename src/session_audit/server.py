@@ -246,6 +246,7 @@ async def serve(
     # of the collector's way, so its full collections no longer walk it on every request burst.
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*config.gc_thresholds)
     await server.start()
     log.info("gRPC listening on %s:%d (pid %d)", config.grpc_host, port, os.getpid())
     for task in background:

@@ -25,6 +25,33 @@ def _int(environ: Mapping[str, str], name: str, default: int, lo: int, hi: int) 
     return value
 
 
+# The server's garbage-collector thresholds (gc.set_threshold) unless GC_THRESHOLDS says
+# otherwise. Python's (700, 10, 10) ran a full collection every ~10,000 sessions of ingest,
+# each walking every live object for 60-100 ms with the event loop held (docs/reliability.md,
+# "The event loop"); these run generation 0 after 10,000 net allocations and the full pass
+# ten times less often. Reference cycles are rare here (objects go by reference counting).
+GC_THRESHOLDS = (10_000, 20, 100)
+
+
+def _thresholds(environ: Mapping[str, str], name: str) -> tuple[int, int, int]:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return GC_THRESHOLDS
+    expected = (
+        f"{name}: expected three integers as gen0,gen1,gen2 such as 10000,20,100 "
+        f"(gen0 1..1000000, gen1 and gen2 1..10000), got {raw!r}"
+    )
+    try:
+        values = tuple(int(part) for part in raw.split(","))
+    except ValueError:
+        raise ConfigError(expected) from None
+    if len(values) != 3 or not 1 <= values[0] <= 1_000_000:
+        raise ConfigError(expected)
+    if not all(1 <= v <= 10_000 for v in values[1:]):
+        raise ConfigError(expected)
+    return values[0], values[1], values[2]
+
+
 def project_root() -> Path:
     """The checkout holding pyproject.toml (the package is installed editable)."""
     here = Path(__file__).resolve()
@@ -76,6 +103,8 @@ class Config:
     # Log event-loop stalls longer than this many ms, with what held the loop (0: off;
     # loopwatch.py).
     loop_stall_ms: int = 0
+    # gc.set_threshold once the server is set up (GC_THRESHOLDS above).
+    gc_thresholds: tuple[int, int, int] = GC_THRESHOLDS
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -104,4 +133,5 @@ class Config:
             metrics_port=_int(env, "METRICS_PORT", 9464, 0, 65535),
             envoy_metrics_port=_int(env, "ENVOY_METRICS_PORT", 9465, 0, 65535),
             loop_stall_ms=_int(env, "LOOP_STALL_MS", 0, 0, 60000),
+            gc_thresholds=_thresholds(env, "GC_THRESHOLDS"),
         )
