@@ -411,7 +411,7 @@ class IngestBatch:
             out.labelled = [sid for sid, r in zip(ids, records, strict=True)
                             if r[_LABELS] is not None and _LOCK_LABEL in r[_LABELS]]  # fmt: skip
             if self.maintain_rollups:
-                await deltas.add_records(records)
+                await deltas.add(ids)
             return out
         while True:
             # Lock what is stored (in id order); insert the rest by COPY (in id order). If a
@@ -428,7 +428,7 @@ class IngestBatch:
         for _item, changed in fresh.values():
             self._count(out, changed, True)
         if self.maintain_rollups:
-            await deltas.add_records(records)
+            await deltas.add(_in_id_order(fresh))
         if known:
             known_ids = _in_id_order(known)
             # Several reports of a stored session: which of them changed it is told by
