@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -103,6 +104,26 @@ STEPS = (
     ("WITH d AS MATERIALIZED ( SELECT s.id", "trail: digest rows + items"),
     ("WITH e AS", "trail: entry"),
 )  # fmt: skip
+
+
+def server_cpu(data_dir: Path | None) -> float:
+    """CPU seconds so far of the embedded PostgreSQL: the postmaster and every process it
+    started (backends, WAL writer, checkpointer); 0 with DATABASE_URL's server."""
+    if data_dir is None:
+        return 0.0
+    pid_file = data_dir / "pgdata" / "postmaster.pid"
+    if not pid_file.exists():
+        pid_file = next(data_dir.rglob("postmaster.pid"), pid_file)
+    try:
+        main = psutil.Process(int(pid_file.read_text().split()[0]))
+        total = 0.0
+        for p in [main, *main.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+    except (OSError, ValueError, psutil.Error):
+        return 0.0
 
 
 def step_of(sql: str) -> str:
@@ -217,6 +238,7 @@ async def main() -> None:
     times: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     walls: list[float] = []
+    cpu_pg = cpu_py = 0.0
     try:
         for r in range(args.rounds):
             org_id = await auth.ensure_org(conn, f"bench-steps-{uuid.uuid4().hex[:8]}")
@@ -254,6 +276,7 @@ async def main() -> None:
             if watch is not None:
                 watch.start()
             gc.callbacks.append(collections)
+            pg0, py0 = server_cpu(args.data_dir if embedded else None), time.process_time()
             t = time.perf_counter()
             batch = IngestBatch.on_pool(opener, org_id, 600, actor="bench")
             async with batch:
@@ -261,6 +284,8 @@ async def main() -> None:
                     await batch.add(s)
                 result = await batch.finish()
             wall = time.perf_counter() - t
+            cpu_py += time.process_time() - py0
+            cpu_pg += server_cpu(args.data_dir if embedded else None) - pg0
             gc.callbacks.remove(collections)
             if watch is not None:
                 await watch.stop()
@@ -290,6 +315,10 @@ async def main() -> None:
         per = 1e6 / (n * args.rounds)
         print(f"time per session (µs), all rounds: wall {wall * per:.1f}, SQL {total_sql * per:.1f} "
               f"(the writer overlaps Python's validation of the next chunk)")  # fmt: skip
+        if embedded:  # which side bounds the pipeline: busy µs per session of each
+            print(f"CPU per session (µs), all rounds: PostgreSQL {cpu_pg * per:.1f} "
+                  f"({cpu_pg / wall:.0%} of the wall), this process {cpu_py * per:.1f} "
+                  f"({cpu_py / wall:.0%})")  # fmt: skip
         t = time.perf_counter()
         items = [item_from_proto(s, org_id, now) for s in sessions]
         validate = time.perf_counter() - t
