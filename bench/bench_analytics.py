@@ -247,7 +247,7 @@ async def main() -> None:
     user_token = await auth.create_token(conn, "bench-org-1", "user", "user-007@org1.example")
     srv = ServerProcess(url, data_dir).start()
     http_port = envoy.free_port()
-    proxy = envoy.start(http_port, srv.port, data_dir)
+    proxy = srv.start_envoy(http_port, data_dir)
     pool = await db.create_pool(url, 2, 4)
     channel = grpc.aio.insecure_channel(
         srv.target, options=[("grpc.max_receive_message_length", 256 << 20)]

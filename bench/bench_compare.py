@@ -117,7 +117,7 @@ async def throughput(url: str, args: argparse.Namespace) -> dict[str, Any]:
     srv = ServerProcess(url, work, env_extra={"WORKERS": "2"})
     srv.start(envoy.free_port())
     http_port = envoy.free_port()
-    proxy = envoy.start(http_port, srv.port, work)
+    proxy = srv.start_envoy(http_port, work)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as client:
             for p in paths:  # warm both workers' caches and pools
@@ -186,7 +186,7 @@ async def latency(url: str, args: argparse.Namespace) -> dict[str, Any]:
     srv = ServerProcess(url, work, env_extra={"WORKERS": "1"})
     srv.start(envoy.free_port())
     http_port = envoy.free_port()
-    proxy = envoy.start(http_port, srv.port, work)
+    proxy = srv.start_envoy(http_port, work)
     out: dict[str, Any] = {}
     try:
         who = auth.Principal(0, org_id, "admin", "bench@bench.example")
@@ -302,7 +302,7 @@ async def latency_ab(url: str, args: argparse.Namespace) -> dict[str, Any]:
             )
             srv.start(envoy.free_port())
             http_port = envoy.free_port()
-            servers.append((srv, envoy.start(http_port, srv.port, work), http_port))
+            servers.append((srv, srv.start_envoy(http_port, work), http_port))
         who = auth.Principal(0, org_id, "admin", "bench@bench.example")
         pool = await db.create_pool(url, 2, 4)
         md = (("authorization", f"Bearer {token}"),)

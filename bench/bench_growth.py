@@ -63,7 +63,7 @@ async def start(stack: AsyncExitStack, data_dir: Path) -> tuple[int, list[Case]]
     srv = ServerProcess(url, data_dir).start()
     stack.callback(srv.stop)
     port = envoy.free_port()
-    proxy = envoy.start(port, srv.port, data_dir)
+    proxy = srv.start_envoy(port, data_dir)
     stack.callback(envoy.stop, proxy)
     pool = await db.create_pool(url, 2, 4)
     stack.push_async_callback(pool.close)

@@ -10,7 +10,9 @@ per-chunk transactions, rollups, retention hook, trail) on a connection that tim
 statement; and, the baseline of issue 14 goal 6 ("a raw COPY into the same table with rollups
 on"), the same sessions COPYed into `sessions` itself for an org of their own, then that org's
 rollups computed in SQL (`rollups.rebuild`). It prints rows/s of the three, and the time per
-kind of statement and the Python time (validation, folding, encoding) per session. The
+kind of statement, the Python time (validation, folding, encoding) per session, and the CPU
+per session of the embedded PostgreSQL and of this process during the ingest (which side
+bounds the pipeline: the busier one). The
 process runs with the server's garbage-collector settings (`--gc python`: Python's own).
 """
 

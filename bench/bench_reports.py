@@ -199,7 +199,7 @@ async def main() -> None:
            "REPORT_POLL_INTERVAL_MS": "100", "QUERY_TIMEOUT_SECONDS": "3600"}  # fmt: skip
     srv = ServerProcess(url, data_dir, env_extra=env).start()
     http_port = envoy.free_port()
-    proxy = envoy.start(http_port, srv.port, data_dir)
+    proxy = srv.start_envoy(http_port, data_dir)
     assert srv.proc is not None
     sampler = RssSampler(srv.proc.pid)
     rows: list[Row] = []

@@ -139,6 +139,17 @@ async def main() -> None:
         shutil.rmtree(data_dir, ignore_errors=True)
         embedded = EmbeddedPostgres(data_dir)
         url = embedded.start()
+    try:
+        await bench(args, url, data_dir)
+    finally:  # whatever failed, the embedded server started here is stopped
+        if embedded is not None:
+            embedded.stop()
+            if not args.keep:
+                shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def bench(args: argparse.Namespace, url: str, data_dir: Path) -> None:
+    n = args.sessions
     conn = await db.connect(url)
     await migrate.migrate(conn)
     org = f"bench-{uuid.uuid4().hex[:6]}"
@@ -159,7 +170,7 @@ async def main() -> None:
     srv = ServerProcess(url, data_dir, env_extra={"WORKERS": str(args.workers)})
     srv.start(envoy.free_port() if args.workers > 1 else None)
     http_port = envoy.free_port()
-    proxy = envoy.start(http_port, srv.port, data_dir)
+    proxy = srv.start_envoy(http_port, data_dir)
     md = (("authorization", f"Bearer {token}"),)
     try:
         channel = grpc.aio.insecure_channel(
@@ -297,10 +308,6 @@ async def main() -> None:
         envoy.stop(proxy)
         srv.stop()
         await conn.close()
-        if embedded is not None:
-            embedded.stop()
-            if not args.keep:
-                shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

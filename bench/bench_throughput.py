@@ -267,7 +267,7 @@ def main() -> None:
             srv = ServerProcess(url, args.data_dir, env_extra={"WORKERS": str(workers)})
             srv.start(envoy.free_port())
             http_port = envoy.free_port()
-            proxy = envoy.start(http_port, srv.port, args.data_dir)
+            proxy = srv.start_envoy(http_port, args.data_dir)
             try:
                 for p in paths:  # warm every worker's caches and pools a little
                     for _ in range(20 * workers):

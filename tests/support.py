@@ -110,8 +110,21 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_grpc(self.target)
+        try:
+            wait_grpc(self.target)
+        except BaseException:
+            self.stop()  # not ready in time: no orphan server left behind
+            raise
         return self
+
+    def start_envoy(self, http_port: int, workdir: Path, **kw: Any) -> subprocess.Popen[bytes]:
+        """Envoy in front of this server (envoy.start's keywords); if Envoy cannot start, the
+        server is stopped too, so a failed set-up leaves no orphan process."""
+        try:
+            return envoy.start(http_port, self.port, workdir, **kw)
+        except BaseException:
+            self.stop()
+            raise
 
     def children(self) -> list[int]:
         """PIDs of worker processes (when started with WORKERS > 1)."""
@@ -198,7 +211,7 @@ def start_stack(dsn: str, workdir: Path) -> Stack:
     metrics_port, envoy_metrics_port = envoy.free_port(), envoy.free_port()
     server = ServerProcess(dsn, workdir, {"METRICS_PORT": str(metrics_port)}).start()
     http_port = envoy.free_port()
-    proxy = envoy.start(http_port, server.port, workdir, metrics_port=envoy_metrics_port)
+    proxy = server.start_envoy(http_port, workdir, metrics_port=envoy_metrics_port)
     return Stack(dsn, server, http_port, proxy, metrics_port, envoy_metrics_port)
 
 

@@ -159,7 +159,7 @@ def test_every_statement_for_one_org_is_a_router_query(stack: Stack, workdir: Pa
         _logged_dsn(stack.dsn), workdir, {"REPORT_GENERATORS": "1"}
     ).start()  # fmt: skip
     http_port = envoy.free_port()
-    proxy = envoy.start(http_port, server.port, workdir)
+    proxy = server.start_envoy(http_port, workdir)
     one = Stack(stack.dsn, server, http_port, proxy)
     try:
         _drive_one_org(one)

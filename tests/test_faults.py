@@ -89,7 +89,7 @@ def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faulty]:
         "REPORT_POLL_INTERVAL_MS": "200",
     }).start()  # fmt: skip
     http_port = envoy.free_port()
-    proxy = envoy.start(http_port, server.port, work)
+    proxy = server.start_envoy(http_port, work)
     stack = Stack(dsn, server, http_port, proxy)
     token = stack.token(stack.new_org("faulty"), "admin")
     try:
