@@ -140,6 +140,53 @@ def test_a_session_inserted_concurrently_is_merged_not_double_counted(stack: Sta
     run(go())
 
 
+@pytest.mark.parametrize("read_back", [True, False], ids=["read back", "values sent"])
+def test_copied_sessions_count_the_same_read_back_or_sent(stack: Stack, read_back: bool) -> None:
+    """Sessions copied in are counted into the rollups either by reading the copied rows back
+    (one node) or from the values sent (Citus): both equal a rebuild, on the fast path (all
+    new) and on the careful path (new ones beside stored ones), and a hand count."""
+
+    async def go() -> None:
+        conn = await db.connect(stack.dsn, json_codec=False)
+        admin = await db.connect(stack.dsn)
+        org = await _org(admin)
+        first = [
+            Spec(start=DAY + timedelta(minutes=7 * i), subtype=("postgres", "ssh", "rdp")[i % 3],
+                 end=None if i % 4 == 0 else DAY + timedelta(minutes=7 * i + 95),
+                 redactions=(("EMAIL_ADDRESS", 1, 4),) if i % 5 == 0 else (),
+                 exit_code=i % 3, role=f"role-{i % 2}", resource=f"db-{i % 3}" if i % 2 else None)
+            for i in range(40)
+        ]  # fmt: skip
+        # The careful path: ten stored sessions (now ended) beside thirty new ones.
+        second = [
+            Spec(id=s.id, start=s.start, end=s.start + timedelta(hours=2), subtype="ssh")
+            for s in first[:10]
+        ] + [Spec(start=DAY + timedelta(hours=5, minutes=i), subtype="mysql") for i in range(30)]
+        for batch_specs in (first, second):
+            async with conn.transaction():
+                batch = IngestBatch(conn, org, 30, read_back=read_back)
+                for s in batch_specs:
+                    await batch.add(s.to_proto())
+                result = await batch.finish()
+            assert result.rejected == 0 and result.written == len(batch_specs)
+        await consistent(admin, org)
+        who = auth.Principal(0, org, "admin", "a@x")
+        got = await store.histogram(admin, who, hq(size=5), 30)
+        # By hand: 70 sessions, each started once in the two days.
+        assert sum(s for s, _ in got.buckets) == 70
+        # By hand: mysql 30; ssh 10 moved + 10 of i = 10…39 with i % 3 == 1; postgres and rdp
+        # 10 each (i % 3 == 0 and 2 among the 30 not reported again).
+        starts = {
+            v: sum(s for s, _ in series) for v, series in zip(got.top, got.by_value, strict=True)
+        }
+        assert starts == {"mysql": 30, "ssh": 20, "postgres": 10, "rdp": 10}
+        assert got.source == "values"  # answered from a rollup (rollup_values), not the table
+        await conn.close()
+        await admin.close()
+
+    run(go())
+
+
 def test_ingest_without_maintenance_marks_the_org_stale_until_a_rebuild(stack: Stack) -> None:
     org_name = stack.new_org("stale")
 

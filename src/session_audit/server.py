@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from session_audit import loopwatch, observability
 from session_audit.analytics.service import AnalyticsService
-from session_audit.core import db, logs
+from session_audit.core import db, logs, migrate
 from session_audit.core.app import App
 from session_audit.core.auth import TokenCache
 from session_audit.core.config import Config
@@ -212,7 +212,10 @@ async def serve(
             idle_in_transaction=idle,
         )  # fmt: skip
     reads = Reads(pool, standby, config.read_max_lag)
-    app = App(config, pool, ingest_pool, report_pool=report_pool, reads=reads)
+    distributed = bool(await pool.fetchval(migrate.HAS_CITUS, timeout=config.default_query_timeout))
+    app = App(
+        config, pool, ingest_pool, report_pool=report_pool, reads=reads, distributed=distributed
+    )
     guard = Guard(app)
     server = grpc.aio.server(
         # Observer first: outermost, so it sees the status the Guard settled on; DecodeGuard

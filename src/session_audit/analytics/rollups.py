@@ -47,10 +47,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from session_audit.analytics.fields import BASE, CUBE, DURATION_EDGES, FIELDS
 from session_audit.analytics.timebins import DAY, HOUR, MONTH, WEEK
 from session_audit.core.db import Conn
+from session_audit.core.schema import INGEST_COLUMNS
 
 # Grain numbers as stored (timebins.HOUR/DAY/MONTH); the unit is date_trunc's.
 UNITS = {HOUR: "hour", DAY: "day", MONTH: "month", WEEK: "week"}
@@ -278,12 +280,17 @@ CREATE_DELTAS = "; ".join(
 )
 
 
-# Session columns any family reads.
-_NAMES = ", ".join((
-    "org_id", "start_date", "end_date", "connection", "connection_type", "connection_subtype",
-    "verb", "status", "review_status", "user_email", "redactions", "exit_code", "role_name",
-    "resource_name",
-))  # fmt: skip
+# Session columns any family reads, with their types.
+SOURCE_COLUMNS = (
+    ("org_id", "uuid"), ("start_date", "timestamptz"), ("end_date", "timestamptz"),
+    ("connection", "text"), ("connection_type", "text"), ("connection_subtype", "text"),
+    ("verb", "text"), ("status", "text"), ("review_status", "text"), ("user_email", "text"),
+    ("redactions", "jsonb"), ("exit_code", "integer"), ("role_name", "text"),
+    ("resource_name", "text"),
+)  # fmt: skip
+_NAMES = ", ".join(c for c, _ in SOURCE_COLUMNS)
+# Where each source column sits in an ingest record (core.schema.INGEST_COLUMNS order).
+_RECORD_INDEX = tuple(INGEST_COLUMNS.index(c) for c, _ in SOURCE_COLUMNS)
 
 
 def _capture_sql(src: str) -> str:
@@ -304,10 +311,19 @@ def _capture_sql(src: str) -> str:
 
 
 # The stored rows of org $3's ids $2: sessions being overwritten, just merged, or just copied
-# in. Reading the copied rows back (in the chunk's transaction, so from shared buffers) costs
-# PostgreSQL less than the values sent as 14 arrays cost Python to encode, and holds the event
-# loop a third as long (docs/benchmarks.md, session 6).
+# in (on one node: see Deltas.add_copied).
 CAPTURE = _capture_sql(f"SELECT {_NAMES} FROM sessions WHERE org_id = $3 AND id = any($2::uuid[])")
+# Rows given as one array per column ($2…): sessions just copied in, whose stored values are
+# exactly what was sent, so they need not be read back (on Citus: see Deltas.add_copied).
+CAPTURE_VALUES = _capture_sql(
+    "SELECT "
+    + ", ".join(f"{c}::jsonb" if t == "jsonb" else c for c, t in SOURCE_COLUMNS)
+    + " FROM unnest("
+    + ", ".join(
+        f"${i}::{'text' if t == 'jsonb' else t}[]" for i, (_, t) in enumerate(SOURCE_COLUMNS, 2)
+    )
+    + f") AS v({_NAMES})"
+)
 
 
 def _bucket_sql(f: Family) -> str:
@@ -380,10 +396,13 @@ IS_STALE = "SELECT EXISTS (SELECT 1 FROM rollup_stale_orgs WHERE org_id = $1)"
 class Deltas:
     """The rollup changes of one ingest batch, held in temporary tables until `apply`."""
 
-    def __init__(self, conn: Conn, org_id: uuid.UUID, timeout: float) -> None:
+    def __init__(
+        self, conn: Conn, org_id: uuid.UUID, timeout: float, *, read_back: bool = True
+    ) -> None:
         self.conn = conn
         self.org_id = org_id
         self.timeout = timeout
+        self.read_back = read_back
         self.pending = False
         self._ready = False
 
@@ -395,6 +414,25 @@ class Deltas:
     async def add(self, ids: Sequence[uuid.UUID]) -> None:
         """Count the stored rows of `ids` in (after they were written or copied in)."""
         await self._capture(ids, 1)
+
+    async def add_copied(
+        self, ids: Sequence[uuid.UUID], records: Sequence[tuple[Any, ...]]
+    ) -> None:
+        """Count in sessions just copied in as these ingest records (`ids`: theirs, in order).
+        On one node they are read back (`read_back`): the rows of the chunk's own transaction
+        come from shared buffers, cheaper for PostgreSQL than decoding the values sent as 14
+        arrays, which also cost Python ~10 µs a session to encode on the event loop. On Citus
+        the rows are on a worker and reading them back means pulling them to the coordinator,
+        which costs more than the arrays (docs/benchmarks.md, session 6): the values are sent."""
+        if self.read_back:
+            await self.add(ids)
+            return
+        if not records:
+            return
+        await self._prepare()
+        columns = [[r[i] for r in records] for i in _RECORD_INDEX]
+        await self.conn.execute(CAPTURE_VALUES, 1, *columns, timeout=self.timeout)
+        self.pending = True
 
     async def subtract(self, ids: Sequence[uuid.UUID]) -> None:
         """Take the stored rows of `ids` out (before they are overwritten; they must be locked)."""

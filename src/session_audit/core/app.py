@@ -30,6 +30,9 @@ class App:
     report_pool: asyncpg.Pool | None = None
     # Where read-only calls run (a standby when DATABASE_READ_URL is set); see core/reads.py.
     reads: Reads | None = None
+    # The database is a Citus coordinator (sessions distributed by org): ingest then sends the
+    # rollups the values of copied-in sessions instead of reading them back (rollups.Deltas).
+    distributed: bool = False
 
     async def read(self, token_id: int, fn: Callable[[Conn], Awaitable[T]]) -> T:
         """A read-only call of the caller with this token: on the standby when it may serve

@@ -210,6 +210,7 @@ class IngestBatch:
         timeout: float | Callable[[], float],
         *,
         maintain_rollups: bool = True,
+        read_back: bool = True,
         opener: Opener | None = None,
         check: Check | None = None,
         actor: str = "ingest",
@@ -224,9 +225,16 @@ class IngestBatch:
         self.org_id = org_id
         self._timeout = timeout
         self.maintain_rollups = maintain_rollups
+        # How the rollups count copied-in sessions (rollups.Deltas.add_copied): read back on
+        # one node, sent as values on Citus.
+        self.read_back = read_back
         self._opener = opener
         self._check = check
-        self._deltas = rollups.Deltas(conn, org_id, self.timeout) if conn is not None else None
+        self._deltas = (
+            rollups.Deltas(conn, org_id, self.timeout, read_back=read_back)
+            if conn is not None
+            else None
+        )
         self.now = datetime.now(UTC)
         self.result = IngestResult()
         self._next_index = 0
@@ -248,6 +256,7 @@ class IngestBatch:
         timeout: float | Callable[[], float],
         *,
         maintain_rollups: bool = True,
+        read_back: bool = True,
         check: Check | None = None,
         actor: str = "ingest",
     ) -> IngestBatch:
@@ -256,6 +265,7 @@ class IngestBatch:
             org_id,
             timeout,
             maintain_rollups=maintain_rollups,
+            read_back=read_back,
             opener=opener,
             check=check,
             actor=actor,
@@ -380,7 +390,9 @@ class IngestBatch:
                 async with self._opener() as conn:
                     if not durable:
                         await conn.execute(ASYNC_COMMIT, timeout=self.timeout)
-                    deltas = rollups.Deltas(conn, self.org_id, self.timeout)
+                    deltas = rollups.Deltas(
+                        conn, self.org_id, self.timeout, read_back=self.read_back
+                    )
                     out = await self._write(conn, deltas, chunk)
                     await self._before_commit(conn, deltas, [out], chunk.ids)
             except RETRYABLE_DB as exc:
@@ -434,7 +446,7 @@ class IngestBatch:
             out.labelled = [sid for sid, r in zip(ids, records, strict=True)
                             if r[_LABELS] is not None and _LOCK_LABEL in r[_LABELS]]  # fmt: skip
             if self.maintain_rollups:
-                await deltas.add(ids)
+                await deltas.add_copied(ids, records)
             return out
         while True:
             # Lock what is stored (in id order); insert the rest by COPY (in id order). If a
@@ -451,7 +463,7 @@ class IngestBatch:
         for _item, changed in fresh.values():
             self._count(out, changed, True)
         if self.maintain_rollups:
-            await deltas.add(_in_id_order(fresh))
+            await deltas.add_copied(_in_id_order(fresh), records)
         if known:
             known_ids = _in_id_order(known)
             # Several reports of a stored session: which of them changed it is told by

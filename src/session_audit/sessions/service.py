@@ -136,6 +136,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
             transaction,
             who.org_id,
             lambda: self.app.timeout(context),
+            read_back=not self.app.distributed,
             check=check,
             actor=who.email,
         )
