@@ -20,13 +20,15 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# Distinct ports for the nodes: the kernel may hand the same free port to two binds in a row.
+from session_audit.envoy import free_port
 
 DATABASE = "session_audit"
 SYSTEM_USER = "pgserver"
@@ -73,13 +75,6 @@ def citus_bin() -> Path:
 
 def available() -> bool:
     return bool(os.environ.get("CITUS_PG_BIN")) or BUILD_SCRIPT.exists()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _as_root() -> bool:

@@ -240,8 +240,18 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+# Ports this process has handed out: the kernel may give the same free port to two binds in a
+# row (the first socket is closed before the port is used), and two listeners of one set-up
+# (a server's /metrics and Envoy's) then collide.
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A loopback port free now and not handed out before by this process."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _given:
+            _given.add(port)
+            return port
